@@ -1,0 +1,217 @@
+"""Fit the rank-1 adapter's input side A so that A·x reproduces the per-token scalar the steering needs.
+
+Pre-norm writers: the adapter adds (A·x) v, which is the steering when A·x = 1 for every token.
+Post-norm writers (Gemma 2/3): the adapter adds (A·x) (v ⊘ g) before the norm N, which gives N's output + v
+(shrunk by one scalar per token) when A·x = rms(W x) (math.md). No adapter is exact there.
+
+The fit is ridge regression from sufficient statistics (XᵀX, Xᵀy) accumulated batch by batch, so memory does not grow
+with calibration tokens. The penalty is chosen by two-fold validation on those same statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from steer_core import corpus
+from steer_core.activations import forward_until, recording
+from steer_core.constants import DEFAULT_CALIBRATION_TOKENS, DEFAULT_MAX_DOC_TOKENS
+from steer_core.sites import Architecture, HookPoint, architecture_for
+from steer_core.steer import steering
+from steer_core.vector import SteeringVector
+
+RIDGE_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class WriterFit:
+    """One writer module's rank-1 update: the adapter adds (A·x) B to the writer's output."""
+
+    point: HookPoint
+    module: str
+    A: Tensor  # Float[Tensor, "d_in"]
+    B: Tensor  # Float[Tensor, "d_out"]
+    target: str  # "one" (pre-norm) or "rms(Wx)" (post-norm)
+    ridge: float  # the chosen penalty, relative to mean(diag(XᵀX))
+    tokens: int
+    cv_rel_rmse: float  # two-fold validation RMSE of A·x against its target, over the target's RMS
+    b_unscaled_norm: float  # |B| before balance(): u·x = (A·x) · |B| / b_unscaled_norm
+
+
+@dataclass(frozen=True)
+class Calibration:
+    fits: list[WriterFit]
+    tokens: int
+    seconds: float
+    skip_bos: bool
+    corpus: dict[str, str] = field(default_factory=dict)
+
+
+class _Stats:
+    """XᵀX, Xᵀy, yᵀy for two folds, in float64."""
+
+    def __init__(self, d: int, device: torch.device) -> None:
+        self.xtx = torch.zeros(2, d, d, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(2, d, dtype=torch.float64, device=device)
+        self.yty = torch.zeros(2, dtype=torch.float64, device=device)
+        self.n = [0, 0]
+
+    def add(self, fold: int, x: Tensor, y: Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.xtx[fold] += x.T @ x
+        self.xty[fold] += x.T @ y
+        self.yty[fold] += y @ y
+        self.n[fold] += len(y)
+
+
+def _ridge_path(xtx: Tensor, xty: Tensor, lambdas: list[float]) -> list[Tensor]:
+    s, vecs = torch.linalg.eigh(xtx)
+    proj = vecs.T @ xty
+    return [vecs @ (proj / (s + lam)) for lam in lambdas]
+
+
+def _sse(stats: _Stats, fold: int, u: Tensor) -> float:
+    return float(stats.yty[fold] - 2 * u @ stats.xty[fold] + u @ stats.xtx[fold] @ u)
+
+
+def fit_ridge(stats: _Stats) -> tuple[Tensor, float, float]:
+    """(u, chosen relative penalty, validation RMSE / RMS target) from two-fold statistics."""
+    if min(stats.n) == 0:
+        raise ValueError("calibration produced too few tokens to validate the fit; raise --calibration-tokens")
+    total_xtx, total_xty = stats.xtx.sum(0), stats.xty.sum(0)
+    scale = float(torch.diagonal(total_xtx).mean()) / sum(stats.n)
+    lambdas = [r * scale for r in RIDGE_GRID]
+    val = torch.zeros(len(lambdas), dtype=torch.float64)
+    for fold in (0, 1):
+        other = 1 - fold
+        # Penalties scale with token count so one relative value means the same for a fold and for the whole.
+        for i, u in enumerate(_ridge_path(stats.xtx[fold], stats.xty[fold], [lam * stats.n[fold] for lam in lambdas])):
+            val[i] += _sse(stats, other, u)
+    best = int(torch.argmin(val))
+    u = _ridge_path(total_xtx, total_xty, [lambdas[best] * sum(stats.n)])[0]
+    rel = math.sqrt(max(float(val[best]), 0.0) / max(float(stats.yty.sum()), 1e-30))
+    return u, RIDGE_GRID[best], rel
+
+
+def _norm_gain(model: nn.Module, arch: Architecture, layer: int, kind: str) -> Tensor:
+    """g = 1 + w of a Gemma-style post-norm (its output is z / rms(z) ⊙ g)."""
+    name = arch.post_norm_name(layer, kind)  # type: ignore[arg-type]
+    assert name is not None
+    return 1.0 + model.get_submodule(name).weight.detach().float()
+
+
+def _norm_eps(model: nn.Module, arch: Architecture, layer: int, kind: str) -> float:
+    name = arch.post_norm_name(layer, kind)  # type: ignore[arg-type]
+    assert name is not None
+    module = model.get_submodule(name)
+    return float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))
+
+
+def rms_target(z: Tensor, eps: float) -> Tensor:
+    """rms(z) exactly as Gemma's RMSNorm divides by it."""
+    return torch.sqrt(z.float().pow(2).mean(-1) + eps)
+
+
+def balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Rescale so |A| = |B|: same product, better conditioned in low-precision serving."""
+    s = math.sqrt(float(b.norm()) / max(float(a.norm()), 1e-30))
+    return a * s, b / s
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer: Any,
+    vector: SteeringVector,
+    *,
+    tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    skip_bos: bool = False,
+    max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Fit one rank-1 update per steering site on the held-in split, with all the steering applied by hooks.
+
+    Running with the hooks on means each writer sees the inputs it will see once the earlier sites are steered.
+    """
+    start = time.perf_counter()
+    arch = architecture_for(model)
+    device = next(model.parameters()).device
+    writers: dict[str, tuple[HookPoint, int, str]] = {}
+    for point in vector.points:
+        layer, kind = point.writer()
+        name = arch.writer_name(layer, kind)
+        if name in writers:
+            raise ValueError(
+                f"{point.tl_name} and {writers[name][0].tl_name} are both written by {name}; "
+                "add their vectors into one site instead"
+            )
+        writers[name] = (point, layer, kind)
+    stats = {name: None for name in writers}  # type: dict[str, _Stats | None]
+    state: dict[str, Tensor] = {}
+    bos_id = getattr(model.config, "bos_token_id", None)
+
+    def on(name: str, x: Tensor) -> None:
+        _point, layer, kind = writers[name]
+        keep = state["mask"]
+        xs = x[keep].float()
+        if arch.post_norm:
+            weight = model.get_submodule(name).weight.float()
+            y = rms_target(xs @ weight.T, _norm_eps(model, arch, layer, kind))
+        else:
+            y = torch.ones(len(xs), device=xs.device)
+        # A hook that leaves the BOS alone asks the adapter for 0 there.
+        y = y * state["steered"][keep]
+        if stats[name] is None:
+            stats[name] = _Stats(xs.shape[-1], xs.device)
+        fold = state["fold"][keep]
+        for f in (0, 1):
+            stats[name].add(f, xs[fold == f], y[fold == f])  # type: ignore[union-attr]
+
+    last = max(layer for _, layer, _ in writers.values())
+    seen = 0
+    with steering(model, vector, skip_bos=skip_bos), recording(model, list(writers), on, what="input"):
+        for batch in corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens):
+            mask = batch.attention_mask.bool()
+            steered = torch.ones_like(mask, dtype=torch.float32)
+            if skip_bos and bos_id is not None:
+                steered[:, 0] = (batch.input_ids[:, 0] != bos_id).float()
+            state["mask"] = mask.to(device)
+            state["steered"] = steered.to(device)
+            state["fold"] = (batch.doc_index % 2).unsqueeze(1).expand_as(mask).to(device)
+            forward_until(
+                model, last, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+            )
+            seen += int(mask.sum())
+            if progress:
+                progress(min(seen / tokens, 1.0), f"calibrating: {seen}/{tokens} tokens")
+
+    fits = []
+    for name, (point, layer, kind) in writers.items():
+        s = stats[name]
+        if s is None:
+            raise ValueError("no calibration tokens reached the writers; check the tokenizer and corpus")
+        u, ridge, rel = fit_ridge(s)
+        v = vector.directions[point].float().to(device)
+        b = v / _norm_gain(model, arch, layer, kind).to(device) if arch.post_norm else v
+        b_norm = float(b.norm())
+        a, b = balance(u.float(), b)
+        fits.append(
+            WriterFit(
+                point=point,
+                module=name,
+                A=a.cpu(),
+                B=b.cpu(),
+                target="rms(Wx)" if arch.post_norm else "one",
+                ridge=ridge,
+                tokens=sum(s.n),
+                cv_rel_rmse=rel,
+                b_unscaled_norm=b_norm,
+            )
+        )
+    return Calibration(fits, seen, time.perf_counter() - start, skip_bos, corpus.corpus_info())

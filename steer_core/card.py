@@ -1,0 +1,106 @@
+"""The adapter's model card (README.md): how to load and serve it, what it steers, and how faithful it measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODE_WHERE = {
+    "portable": "a plain rank-1 LoRA: loads in PEFT, vLLM and LoRA-upload services",
+    "exact": "uses PEFT's lora_bias: exact, but loads only in PEFT/transformers (vLLM removed LoRA bias)",
+    "ablate": "a rank-1 LoRA on every writer module that removes one direction: loads in PEFT and vLLM",
+}
+
+
+def _what(meta: dict[str, Any]) -> list[str]:
+    prov = meta.get("vector", {}).get("provenance", {})
+    lines = []
+    if prov.get("source") == "sae":
+        sae = prov["sae"]
+        where = f"`{sae.get('release')}` / `{sae.get('sae_id')}`" if sae.get("release") else f"`{sae.get('path')}`"
+        lines.append(f"- SAE: {where} at `{sae['hook_name']}` (trained on `{sae.get('model_name')}`)")
+        for f in prov.get("features", []):
+            link = f" ([Neuronpedia]({f['url']}))" if f.get("url") else ""
+            lines.append(f"- feature {f['index']}, strength {f['strength']:g}{link}")
+    elif prov.get("source") == "file":
+        lines.append(f"- vector file `{prov.get('path')}`, strength {prov.get('strength', 1):g}")
+    elif prov:
+        lines.append(f"- vector: {prov}")
+    for point, norm in meta.get("vector", {}).get("norms", {}).items():
+        lines.append(f"- `{point}`: vector norm {norm:.4g}")
+    return lines
+
+
+def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
+    base = meta["base_model"]
+    mode = meta["mode"]
+    rep = meta.get("fidelity", {})
+    name = repo_id or "path/to/this/adapter"
+    front = "\n".join(
+        [
+            "---",
+            "library_name: peft",
+            f"base_model: {base}",
+            "tags:",
+            "- steering",
+            "- sparse-autoencoder",
+            "- lora",
+            "- steer-core",
+            "---",
+        ]
+    )
+    fidelity = (
+        "\n".join(
+            [
+                "| measure | value |",
+                "|---|---|",
+                f"| top-1 next-token agreement with hook steering | {rep['top1_agreement']:.2%} |",
+                f"| KL(hook ‖ adapter), nats/token | {rep['kl_hook_adapter']:.4g} |",
+                f"| KL(hook ‖ unsteered base), nats/token | {rep['kl_hook_base']:.4g} |",
+                f"| KL ratio (0 = identical to hook, 1 = no steering) | {rep['kl_ratio']:.3g} |",
+                f"| greedy tokens before first divergence (of {rep['greedy_tokens']}) "
+                f"| {rep['greedy_prefix_mean']:.1f} |",
+                f"| held-out tokens | {rep['tokens']} |",
+            ]
+        )
+        if rep
+        else "Not verified."
+    )
+    notes = "\n".join(f"- {n}" for n in meta.get("notes", []))
+    vllm_bias = (
+        "\nThis adapter uses `lora_bias`, which vLLM does not load; serve it with PEFT/transformers.\n"
+        if mode == "exact"
+        else ""
+    )
+    return f"""{front}
+
+# Steering adapter for `{base}`
+
+A rank-{meta.get("rank", 1)} LoRA exported by steer_core that reproduces activation steering, so it can be served
+wherever LoRA adapters are served. Mode `{mode}`: {MODE_WHERE[mode]}.
+
+## What it steers
+{chr(10).join(_what(meta))}
+- target modules: {", ".join(f"`{m}`" for m in meta.get("target_modules", []))}
+
+## Measured fidelity (held-out text, adapter vs. hook steering)
+{fidelity}
+
+{notes}
+
+## Use it
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(model, "{name}")
+```
+
+Serve it with vLLM (any adapter rank up to `--max-lora-rank`; several adapters can share one server):
+```
+vllm serve {base} --enable-lora --max-lora-rank 8 --lora-modules steer={name}
+```
+{vllm_bias}
+`steering.json` holds the provenance and the full fidelity report; `steering_vector.safetensors` holds the hook
+vector, so `python -m steer_core verify --model {base} --adapter DIR` can re-measure it.
+"""

@@ -1,0 +1,214 @@
+"""Command line: `python -m steer_core {export,verify,generate}`. The argument names are a contract; keep them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from steer_core.constants import (
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_VERIFY_TOKENS,
+    MODES,
+    SITES,
+    STRENGTH_UNITS,
+)
+from steer_core.recipe import VectorRecipe
+
+log = logging.getLogger("steer_core")
+
+
+def _steering_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("steering vector (one source)")
+    g.add_argument("--vector", help="a .safetensors (one 1-D tensor), .pt or .npy file of length d_model")
+    g.add_argument("--layer", type=int, help="with --vector: the block index (0-based, as in model.layers.L)")
+    g.add_argument("--site", choices=SITES, default="resid_post", help="with --vector (default resid_post)")
+    g.add_argument("--sae-release", help="sae_lens registry release, e.g. gemma-scope-2b-pt-res-canonical")
+    g.add_argument("--sae-id", help="with --sae-release: the SAE id within the release")
+    g.add_argument("--sae-path", help="a local SAE Lens folder (cfg.json + sae_weights.safetensors)")
+    g.add_argument("--feature", type=int, nargs="+", default=[], help="SAE feature index(es)")
+    g.add_argument("--strength", type=float, nargs="+", default=[1.0], help="one, or one per feature")
+    g.add_argument(
+        "--strength-unit",
+        choices=STRENGTH_UNITS,
+        default="abs",
+        help="abs: coefficient on the decoder row / multiplier of --vector (Neuronpedia convention); resid: the "
+        "vector's norm as a multiple of the site's median residual norm; writer: of the median norm of what the "
+        "site's writer adds (better for Gemma, whose residual norm is dominated by a few massive dimensions)",
+    )
+    g.add_argument("--skip-bos", action="store_true", help="leave the leading BOS token unsteered")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m steer_core", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="calibrate, build, verify and save (optionally push) a LoRA adapter")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, Hub id, local folder or .gguf file")
+    e.add_argument("--out", required=True, help="the adapter folder to create")
+    e.add_argument("--mode", choices=MODES, default="portable")
+    _steering_args(e)
+    e.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
+    e.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS)
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--push", metavar="USER/REPO", help="push to the Hub after verification (token: HF_TOKEN)")
+    e.add_argument("--private", action="store_true", help="with --push: create a private repo")
+    e.add_argument("--json", action="store_true", help="print the fidelity report as JSON")
+
+    v = sub.add_parser("verify", help="re-measure an adapter folder against hook steering")
+    v.add_argument("--model", default=DEFAULT_MODEL)
+    v.add_argument("--adapter", required=True)
+    v.add_argument("--tokens", type=int, default=DEFAULT_VERIFY_TOKENS)
+    v.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    g = sub.add_parser("generate", help="generate with an adapter or with hook steering, next to the unsteered")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--adapter", help="an adapter folder (loaded with PEFT)")
+    _steering_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-baseline", action="store_true", help="skip the unsteered generation")
+    return parser
+
+
+def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespace, required: bool) -> bool:
+    sources = [
+        args.vector is not None,
+        args.sae_release is not None or args.sae_id is not None,
+        args.sae_path is not None,
+    ]
+    if sum(sources) > 1:
+        parser.error("give one vector source: --vector, --sae-release/--sae-id, or --sae-path")
+    if sum(sources) == 0:
+        if required:
+            parser.error(
+                "give a vector source: --vector FILE --layer L, --sae-release R --sae-id ID, or --sae-path DIR"
+            )
+        return False
+    if args.vector is not None and args.layer is None:
+        parser.error("--vector needs --layer L")
+    if (args.sae_release is None) != (args.sae_id is None):
+        parser.error("--sae-release and --sae-id go together")
+    if (args.sae_release or args.sae_path) and not args.feature:
+        parser.error("an SAE source needs --feature N [N ...]")
+    bad = [s for s in args.strength if not math.isfinite(s)]
+    if bad:
+        parser.error(f"--strength must be finite numbers, got {bad}")
+    return True
+
+
+def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
+    if args.vector is not None:
+        return VectorRecipe(
+            "file", tuple(args.strength), args.strength_unit, path=args.vector, layer=args.layer, site=args.site
+        )
+    return VectorRecipe(
+        "sae",
+        tuple(args.strength),
+        args.strength_unit,
+        path=args.sae_path,
+        sae_release=args.sae_release,
+        sae_id=args.sae_id,
+        features=tuple(args.feature),
+    )
+
+
+def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from steer_core.export import export
+    from steer_core.model import load_model
+
+    _check_steering_args(parser, args, required=True)
+    if args.push:
+        from steer_core.publish import check_repo_id
+
+        check_repo_id(args.push)
+    lm = load_model(args.model)
+    vector = recipe_from_args(args).build(lm)
+    result = export(
+        lm,
+        vector,
+        args.out,
+        mode=args.mode,
+        calibration_tokens=args.calibration_tokens,
+        verify_tokens=args.verify_tokens,
+        skip_bos=args.skip_bos,
+        overwrite=args.overwrite,
+        progress=lambda f, m: log.info("%3.0f%% %s", 100 * f, m),
+    )
+    if args.json:
+        print(json.dumps(result.report.to_dict()))
+    else:
+        print(f"wrote {result.folder}")
+        print(result.report.summary())
+        print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    if args.push:
+        from steer_core.publish import push
+
+        url = push(result.folder, args.push, token=os.environ.get("HF_TOKEN"), private=args.private)
+        print(f"pushed to {url}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from steer_core.model import load_model
+    from steer_core.verify import read_steering_json, verify
+
+    folder = Path(args.adapter)
+    read_steering_json(folder)  # fail before loading the model
+    lm = load_model(args.model)
+    report = verify(lm.model, lm.tokenizer, folder, tokens=args.tokens)
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from steer_core.generate import GenerationConfig, complete
+    from steer_core.model import LoadedModel, load_model
+
+    has_vector = _check_steering_args(parser, args, required=False)
+    if has_vector == bool(args.adapter):
+        parser.error("give either --adapter DIR or a steering vector source")
+    config = GenerationConfig(args.max_new_tokens, args.temperature, args.seed)
+    lm = load_model(args.model)
+    if not args.no_baseline:
+        print("--- unsteered ---")
+        print(complete(lm, args.prompt, config=config))
+    if args.adapter:
+        from steer_core.verify import load_peft
+
+        adapted = LoadedModel(load_peft(lm.model, Path(args.adapter)), lm.tokenizer, lm.name, lm.base_model_id)  # type: ignore[arg-type]
+        print(f"--- with adapter {args.adapter} ---")
+        print(complete(adapted, args.prompt, config=config))
+    else:
+        vector = recipe_from_args(args).build(lm)
+        print(f"--- steered ({', '.join(p.tl_name for p in vector.points)}) ---")
+        print(complete(lm, args.prompt, vector=vector, config=config, skip_bos=args.skip_bos))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "export":
+            return _cmd_export(args, parser)
+        if args.command == "verify":
+            return _cmd_verify(args)
+        return _cmd_generate(args, parser)
+    except (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

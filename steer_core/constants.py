@@ -1,0 +1,32 @@
+"""Names, filenames and defaults, written once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Files of an exported adapter folder. The first two are PEFT's own names.
+ADAPTER_CONFIG_FILENAME = "adapter_config.json"
+ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
+STEERING_JSON_FILENAME = "steering.json"
+# The hook-steering vector travels with the adapter so `verify` can rebuild the reference later.
+STEERING_VECTOR_FILENAME = "steering_vector.safetensors"
+MODEL_CARD_FILENAME = "README.md"
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_CALIBRATION_TOKENS = 16_384
+DEFAULT_VERIFY_TOKENS = 2_048
+DEFAULT_MAX_DOC_TOKENS = 128
+DEFAULT_GREEDY_PROMPTS = 6
+DEFAULT_GREEDY_TOKENS = 20
+MODES = ("portable", "exact", "ablate")
+SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+STRENGTH_UNITS = ("abs", "resid", "writer")
+
+
+def cache_dir() -> Path:
+    """Where dequantized embedded models are cached (override with STEER_CORE_CACHE)."""
+    root = os.environ.get("STEER_CORE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steer_core"

@@ -1,0 +1,151 @@
+"""The whole export: calibrate -> build -> write to a temp dir -> verify -> report -> move into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steer_core import __version__
+from steer_core.adapter import Mode, build_ablate, build_exact, build_portable, write_adapter, write_json
+from steer_core.calibrate import Calibration, Progress, calibrate
+from steer_core.card import model_card
+from steer_core.constants import (
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_VERIFY_TOKENS,
+    MODEL_CARD_FILENAME,
+    MODES,
+    STEERING_JSON_FILENAME,
+)
+from steer_core.model import LoadedModel
+from steer_core.sites import architecture_for, num_layers
+from steer_core.vector import SteeringVector, check_fits_model
+from steer_core.verify import FidelityReport, verify
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    report: FidelityReport
+    meta: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"output {str(out)!r} exists and is not empty; choose another --out or remove it")
+
+
+def export(
+    lm: LoadedModel,
+    vector: SteeringVector,
+    out: str | Path,
+    *,
+    mode: Mode = "portable",
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    verify_tokens: int = DEFAULT_VERIFY_TOKENS,
+    skip_bos: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if calibration_tokens < 256:
+        raise ValueError(f"calibration tokens must be at least 256, got {calibration_tokens}")
+    model = lm.model
+    check_fits_model(vector, int(model.config.get_text_config().hidden_size), num_layers(model))
+    out = Path(out)
+    _check_out(out, overwrite)
+    arch = architecture_for(model)
+    for point in vector.points:
+        point.writer()  # resid_pre 0 has no writer: fail before any work
+    report = progress or (lambda _f, _m: None)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+
+    calibration: Calibration | None = None
+    if mode == "portable":
+        calibration = calibrate(
+            model,
+            lm.tokenizer,
+            vector,
+            tokens=calibration_tokens,
+            skip_bos=skip_bos,
+            progress=lambda f, m: report(0.7 * f, m),
+        )
+        built = build_portable(model, calibration, lm.base_model_id)
+        seconds["calibrate"] = calibration.seconds
+    elif mode == "exact":
+        built = build_exact(model, vector, lm.base_model_id)
+    else:
+        if len(vector.points) != 1:
+            raise ValueError(f"mode 'ablate' removes one direction; this vector has {len(vector.points)} sites")
+        built = build_ablate(model, next(iter(vector.directions.values())), lm.base_model_id)
+
+    report(0.72, "writing adapter")
+    meta: dict[str, Any] = {
+        "steer_core_version": __version__,
+        "mode": mode,
+        "rank": 1,
+        "base_model": lm.base_model_id,
+        "model": lm.name,
+        "architecture": arch.family,
+        "skip_bos": skip_bos if mode != "ablate" else False,
+        "target_modules": built.modules,
+        "vector": {
+            "points": [p.tl_name for p in vector.points],
+            "norms": vector.norms(),
+            "provenance": vector.provenance,
+        },
+        "notes": built.notes,
+    }
+    if calibration is not None:
+        meta["calibration"] = {
+            "tokens": calibration.tokens,
+            "seconds": round(calibration.seconds, 2),
+            "corpus": calibration.corpus,
+        }
+        meta["fits"] = [
+            {
+                "module": f.module,
+                "point": f.point.tl_name,
+                "writer_layer": f.point.writer()[0],
+                "writer_kind": f.point.writer()[1],
+                "target": f.target,
+                "ridge": f.ridge,
+                "tokens": f.tokens,
+                "cv_rel_rmse": f.cv_rel_rmse,
+                "b_unscaled_norm": f.b_unscaled_norm,
+            }
+            for f in calibration.fits
+        ]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the adapter folder's mode
+    try:
+        write_adapter(built, vector, tmp)
+        write_json(tmp / STEERING_JSON_FILENAME, meta)
+        report(0.75, "verifying against hook steering on held-out text")
+        t = time.perf_counter()
+        fidelity = verify(model, lm.tokenizer, tmp, tokens=verify_tokens)
+        seconds["verify"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - start
+        meta["fidelity"] = fidelity.to_dict()
+        meta["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+        write_json(tmp / STEERING_JSON_FILENAME, meta)
+        (tmp / MODEL_CARD_FILENAME).write_text(model_card(meta), encoding="utf-8")
+        _check_out(out, overwrite)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report(1.0, "done")
+    return ExportResult(out, fidelity, meta, seconds)

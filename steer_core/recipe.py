@@ -1,0 +1,105 @@
+"""A steering vector described by its source and strength, built against a loaded model.
+
+The CLI and the app both describe what the user asked for as a VectorRecipe, so both resolve strengths, check
+shapes and record provenance the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from steer_core.activations import median_norm
+from steer_core.constants import SITES, STRENGTH_UNITS
+from steer_core.model import LoadedModel
+from steer_core.sites import HookPoint, Site, num_layers
+from steer_core.vector import SteeringVector, check_fits_model
+
+Source = Literal["file", "sae", "contrastive"]
+
+
+@dataclass(frozen=True)
+class VectorRecipe:
+    """source "file": path + layer + site; "sae": sae_path or (sae_release, sae_id) + features;
+    "contrastive": positive + negative prompts + layer + site.
+
+    strength_unit "abs" multiplies the decoder row (Neuronpedia's convention) or the file's vector as given;
+    "resid" / "writer" set the vector's norm to strength × the median norm of the residual stream / of what the
+    site's writer adds, measured on the shipped calibration text.
+    """
+
+    source: Source
+    strengths: tuple[float, ...] = (1.0,)
+    strength_unit: str = "abs"
+    path: str | None = None
+    layer: int | None = None
+    site: Site = "resid_post"
+    sae_release: str | None = None
+    sae_id: str | None = None
+    features: tuple[int, ...] = ()
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.source not in ("file", "sae", "contrastive"):
+            raise ValueError(f"vector source {self.source!r} is not one of file, sae, contrastive")
+        if self.strength_unit not in STRENGTH_UNITS:
+            raise ValueError(f"strength unit {self.strength_unit!r} is not one of {', '.join(STRENGTH_UNITS)}")
+        if self.site not in SITES:
+            raise ValueError(f"site {self.site!r} is not one of {', '.join(SITES)}")
+        bad = [s for s in self.strengths if not math.isfinite(s)]
+        if bad or not self.strengths:
+            raise ValueError(f"strengths must be finite numbers, got {list(self.strengths)}")
+        if self.source in ("file", "contrastive") and self.layer is None:
+            raise ValueError(f"a {self.source} vector needs a layer")
+        if self.source == "file" and (not self.path or len(self.strengths) != 1):
+            raise ValueError("a file vector needs a path and exactly one strength")
+        if self.source == "sae":
+            if not self.path and not (self.sae_release and self.sae_id):
+                raise ValueError("an SAE vector needs a local SAE folder or a registry release and sae id")
+            if not self.features:
+                raise ValueError("an SAE vector needs at least one feature index")
+            if len(self.strengths) not in (1, len(self.features)):
+                raise ValueError(f"{len(self.features)} features but {len(self.strengths)} strengths")
+
+    def build(self, lm: LoadedModel) -> SteeringVector:
+        model, tokenizer = lm.model, lm.tokenizer
+        d_model, n_layers = int(model.config.get_text_config().hidden_size), num_layers(model)
+        if self.layer is not None and not 0 <= self.layer < n_layers:
+            raise ValueError(f"layer {self.layer} is out of range: this model has layers 0..{n_layers - 1}")
+        if self.source == "sae":
+            return self._build_sae(lm, d_model, n_layers)
+        if self.source == "file":
+            from steer_core.vector import from_file
+
+            raw = from_file(self.path, self.layer, self.site, 1.0)  # type: ignore[arg-type]
+        else:
+            from steer_core.contrastive import mean_difference
+
+            raw = mean_difference(lm, self.positive, self.negative, HookPoint(self.layer, self.site))  # type: ignore[arg-type]
+        check_fits_model(raw, d_model, n_layers)
+        (point, v), strength = next(iter(raw.directions.items())), self.strengths[0]
+        factor = strength
+        if self.strength_unit != "abs":
+            factor *= median_norm(model, tokenizer, point, self.strength_unit) / float(v.norm())  # type: ignore[arg-type]
+        vector = raw.scaled(factor)
+        vector.provenance.update(strength=strength, strength_unit=self.strength_unit)
+        return vector
+
+    def _build_sae(self, lm: LoadedModel, d_model: int, n_layers: int) -> SteeringVector:
+        from steer_core.feature import check_fits, load_sae_from_disk, load_sae_from_registry
+        from steer_core.vector import from_features
+
+        registry = (self.sae_release, self.sae_id)
+        sae = load_sae_from_disk(self.path) if self.path else load_sae_from_registry(*registry)  # type: ignore[arg-type]
+        check_fits(sae.source, d_model, n_layers)
+        strengths = list(self.strengths) * (len(self.features) if len(self.strengths) == 1 else 1)
+        if self.strength_unit != "abs":
+            ref = median_norm(lm.model, lm.tokenizer, sae.source.point, self.strength_unit)  # type: ignore[arg-type]
+            strengths = [
+                s * ref / float(sae.decoder_row(f).norm()) for f, s in zip(self.features, strengths, strict=True)
+            ]
+        vector = from_features(sae, list(self.features), strengths)
+        vector.provenance.update(strength_unit=self.strength_unit, strength_given=list(self.strengths))
+        return vector

@@ -1,0 +1,248 @@
+"""Measure an adapter folder against the hook steering it stands for, on held-out text. Never skipped."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from steer_core import corpus
+from steer_core.activations import recording
+from steer_core.adapter import check_tensors
+from steer_core.calibrate import _norm_eps, rms_target
+from steer_core.constants import (
+    ADAPTER_WEIGHTS_FILENAME,
+    DEFAULT_GREEDY_PROMPTS,
+    DEFAULT_GREEDY_TOKENS,
+    DEFAULT_MAX_DOC_TOKENS,
+    DEFAULT_VERIFY_TOKENS,
+    STEERING_JSON_FILENAME,
+    STEERING_VECTOR_FILENAME,
+)
+from steer_core.sites import architecture_for
+from steer_core.steer import ablation, steering
+from steer_core.vector import SteeringVector
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    """How far the adapter is from hook steering. KLs are mean nats per token; top-1 is a fraction."""
+
+    mode: str
+    tokens: int
+    top1_agreement: float
+    kl_hook_adapter: float
+    kl_hook_base: float
+    kl_ratio: float  # kl_hook_adapter / kl_hook_base: 0 is perfect, 1 is no better than not steering
+    top1_hook_vs_base: float  # how much the steering changes at all
+    greedy_prefix_mean: float  # greedy tokens generated before the adapter first differs from the hook
+    greedy_full_match: float  # fraction of prompts whose whole greedy continuation matched
+    greedy_tokens: int
+    greedy_prompts: int
+    fit_abs_error: dict[str, float] = field(default_factory=dict)  # mean |A·x − target| / mean |target|, per module
+    kl_by_position: list[float] = field(default_factory=list)
+    max_abs_logit_diff: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"top-1 agreement {self.top1_agreement:.1%}, KL(hook‖adapter) {self.kl_hook_adapter:.4g} vs "
+            f"KL(hook‖base) {self.kl_hook_base:.4g} (ratio {self.kl_ratio:.3g}), greedy agreement "
+            f"{self.greedy_prefix_mean:.1f}/{self.greedy_tokens} tokens, on {self.tokens} held-out tokens"
+        )
+
+
+def read_steering_json(folder: Path) -> dict[str, Any]:
+    path = folder / STEERING_JSON_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {STEERING_JSON_FILENAME}: not an adapter exported by steer_core")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def reference(model: nn.Module, vector: SteeringVector, meta: dict[str, Any]) -> AbstractContextManager[None]:
+    """The hook intervention an adapter folder stands for."""
+    if meta["mode"] == "ablate":
+        return ablation(model, next(iter(vector.directions.values())), include_embedding=False)
+    return steering(model, vector, skip_bos=bool(meta.get("skip_bos", False)))
+
+
+def load_peft(model: nn.Module, folder: Path) -> nn.Module:
+    """A PeftModel on a private copy of `model`, so requests using the base model never see the adapter."""
+    base = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(base, str(folder))
+    peft_model.eval()
+    _check_loaded(peft_model, load_file(str(folder / ADAPTER_WEIGHTS_FILENAME)))
+    return peft_model
+
+
+def _check_loaded(peft_model: nn.Module, saved: dict[str, Tensor]) -> None:
+    """Every saved tensor must be in the PeftModel, unchanged: proves the files round-trip through PEFT."""
+    check_tensors(saved)
+    state = peft_model.state_dict()
+    for key, tensor in saved.items():
+        loaded_key = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        if loaded_key not in state:
+            raise ValueError(f"PEFT did not load {key}: the adapter's config does not target that module")
+        if not torch.equal(state[loaded_key].float().cpu(), tensor.float()):
+            raise ValueError(f"PEFT loaded {key} with different values")
+
+
+@contextmanager
+def _fit_error(
+    model: nn.Module, meta: dict[str, Any], saved: dict[str, Tensor], out: dict[str, list[float]]
+) -> Iterator[dict[str, Tensor]]:
+    """Record |A·x − target| at each fitted writer during the hook-steered pass (portable mode only)."""
+    state: dict[str, Tensor] = {}
+    fits = meta.get("fits", []) if meta["mode"] == "portable" else []
+    if not fits:
+        yield state
+        return
+    arch = architecture_for(model)
+    a = {f["module"]: saved[f"base_model.model.{f['module']}.lora_A.weight"].reshape(-1) for f in fits}
+    b_norm = {f["module"]: float(saved[f"base_model.model.{f['module']}.lora_B.weight"].norm()) for f in fits}
+    v_norm = {f["module"]: f["b_unscaled_norm"] for f in fits}
+    layer_kind = {f["module"]: (f["writer_layer"], f["writer_kind"]) for f in fits}
+
+    def on(name: str, x: Tensor) -> None:
+        keep = state["mask"]
+        xs = x[keep].float()
+        # A was rescaled against B (balance); undo that to compare A·x with its target.
+        ax = (xs @ a[name].to(xs)) * b_norm[name] / v_norm[name]
+        if arch.post_norm:
+            weight = model.get_submodule(name).weight.float()
+            target = rms_target(xs @ weight.T, _norm_eps(model, arch, *layer_kind[name]))
+        else:
+            target = torch.ones_like(ax)
+        target = target * state["steered"][keep]
+        out.setdefault(name, [0.0, 0.0])
+        out[name][0] += float((ax - target).abs().sum())
+        out[name][1] += float(target.abs().sum())
+
+    with recording(model, list(a), on, what="input"):
+        yield state
+
+
+def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
+    # KL is never negative; float rounding can make near-identical distributions come out at -1e-9.
+    return (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
+
+
+def verify(
+    model: nn.Module,
+    tokenizer: Any,
+    folder: str | Path,
+    *,
+    tokens: int = DEFAULT_VERIFY_TOKENS,
+    greedy_prompts: int = DEFAULT_GREEDY_PROMPTS,
+    greedy_tokens: int = DEFAULT_GREEDY_TOKENS,
+    peft_model: nn.Module | None = None,
+) -> FidelityReport:
+    """Compare the adapter (reloaded with PeftModel.from_pretrained) with hook steering on held-out text."""
+    folder = Path(folder)
+    meta = read_steering_json(folder)
+    vector = SteeringVector.load(folder / STEERING_VECTOR_FILENAME)
+    saved = load_file(str(folder / ADAPTER_WEIGHTS_FILENAME))
+    adapted = peft_model if peft_model is not None else load_peft(model, folder)
+    device = next(model.parameters()).device
+    vocab = int(model.config.get_text_config().vocab_size)
+    batch_size = max(1, min(8, int(1.5e8 // (vocab * DEFAULT_MAX_DOC_TOKENS))))
+
+    n = agree = agree_base = 0
+    kl_ha = kl_hb = 0.0
+    max_diff = 0.0
+    pos_sum = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
+    pos_n = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
+    fit_acc: dict[str, list[float]] = {}
+    skip_bos = bool(meta.get("skip_bos", False))
+    bos_id = getattr(model.config, "bos_token_id", None)
+    with torch.no_grad(), _fit_error(model, meta, saved, fit_acc) as fit_state:
+        for batch in corpus.batches(tokenizer, "heldout", tokens, batch_size=batch_size):
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            keep = mask.bool()
+            steered = torch.ones_like(keep, dtype=torch.float32)
+            if skip_bos and bos_id is not None:
+                steered[:, 0] = (ids[:, 0] != bos_id).float()
+            fit_state["mask"], fit_state["steered"] = torch.zeros_like(keep), steered
+            base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            fit_state["mask"] = keep  # the fit is measured on the hook-steered pass only
+            with reference(model, vector, meta):
+                hook = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            fit_state["mask"] = torch.zeros_like(keep)
+            adapt = F.log_softmax(adapted(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            kl_a = _kl(hook, adapt)
+            kl_b = _kl(hook, base)
+            top_h = hook.argmax(-1)
+            agree += int((top_h == adapt.argmax(-1))[keep].sum())
+            agree_base += int((top_h == base.argmax(-1))[keep].sum())
+            kl_ha += float(kl_a[keep].sum())
+            kl_hb += float(kl_b[keep].sum())
+            n += int(keep.sum())
+            width = min(kl_a.shape[1], DEFAULT_MAX_DOC_TOKENS)
+            pos_sum[:width] += (kl_a * keep)[:, :width].sum(0).double().cpu()
+            pos_n[:width] += keep[:, :width].sum(0).double().cpu()
+            max_diff = max(max_diff, float((hook - adapt).abs()[keep].max()))
+    prefix, full = _greedy_agreement(model, adapted, tokenizer, vector, meta, greedy_prompts, greedy_tokens)
+    kl_by_pos = (pos_sum / pos_n.clamp(min=1))[pos_n > 0].tolist()
+    return FidelityReport(
+        mode=meta["mode"],
+        tokens=n,
+        top1_agreement=agree / n,
+        kl_hook_adapter=kl_ha / n,
+        kl_hook_base=kl_hb / n,
+        kl_ratio=(kl_ha / kl_hb) if kl_hb > 0 else float("nan"),
+        top1_hook_vs_base=agree_base / n,
+        greedy_prefix_mean=prefix,
+        greedy_full_match=full,
+        greedy_tokens=greedy_tokens,
+        greedy_prompts=greedy_prompts,
+        fit_abs_error={k: v[0] / max(v[1], 1e-30) for k, v in fit_acc.items()},
+        kl_by_position=kl_by_pos,
+        max_abs_logit_diff=max_diff,
+    )
+
+
+def _greedy_agreement(
+    model: nn.Module,
+    adapted: nn.Module,
+    tokenizer: Any,
+    vector: SteeringVector,
+    meta: dict[str, Any],
+    prompts: int,
+    new_tokens: int,
+) -> tuple[float, float]:
+    """Mean tokens before the adapter's greedy continuation first differs from the hook's, and the full-match rate."""
+    if prompts <= 0:
+        return float("nan"), float("nan")
+    device = next(model.parameters()).device
+    texts = corpus.split_texts("heldout")[:prompts]
+    prefixes = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(corpus.prompt_for(tokenizer, text, i), return_tensors="pt").input_ids.to(device)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "do_sample": False,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        with torch.no_grad():
+            with reference(model, vector, meta):
+                hook = model.generate(ids, **kwargs)[0, ids.shape[1] :]
+            adapt = adapted.generate(input_ids=ids, **kwargs)[0, ids.shape[1] :]
+        same = (hook[: len(adapt)] == adapt[: len(hook)]).long()
+        prefixes.append(int(same.cumprod(0).sum()))
+    return sum(prefixes) / len(prefixes), sum(p == new_tokens for p in prefixes) / len(prefixes)

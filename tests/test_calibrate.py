@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from helpers import D_MODEL, tiny_lm
+from steer_core import corpus
+from steer_core.calibrate import _Stats, balance, calibrate, fit_ridge
+from steer_core.sites import HookPoint
+from steer_core.vector import SteeringVector
+
+
+def test_ridge_recovers_an_exact_linear_target() -> None:
+    x = torch.randn(4000, 12, dtype=torch.float64)
+    u_true = torch.randn(12, dtype=torch.float64)
+    stats = _Stats(12, torch.device("cpu"))
+    for i in range(0, 4000, 500):  # batch by batch: sufficient statistics add up
+        stats.add((i // 500) % 2, x[i : i + 500], x[i : i + 500] @ u_true)
+    u, ridge, rel = fit_ridge(stats)
+    torch.testing.assert_close(u, u_true, atol=1e-4, rtol=1e-4)
+    assert ridge == 1e-7 and rel < 1e-4
+
+
+def test_ridge_picks_a_larger_penalty_for_noise() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 40, generator=g, dtype=torch.float64)
+    y = torch.randn(60, generator=g, dtype=torch.float64)  # pure noise: the best fit is heavily shrunk
+    stats = _Stats(40, torch.device("cpu"))
+    stats.add(0, x[:30], y[:30])
+    stats.add(1, x[30:], y[30:])
+    _u, ridge, _rel = fit_ridge(stats)
+    assert ridge >= 1e-2
+
+
+def test_balance_keeps_the_product() -> None:
+    a, b = torch.randn(5) * 100, torch.randn(7) * 0.01
+    a2, b2 = balance(a, b)
+    torch.testing.assert_close(torch.outer(b2, a2), torch.outer(b, a))
+    assert math.isclose(float(a2.norm()), float(b2.norm()), rel_tol=1e-5)
+
+
+def test_corpus_splits_are_disjoint_and_deterministic() -> None:
+    cal, held = corpus.split_texts("calibration"), corpus.split_texts("heldout")
+    assert len(held) > 300 and len(cal) == 4 * len(held)
+    assert not set(cal) & set(held)
+    lm = tiny_lm("llama")
+    first = [b.input_ids for b in corpus.batches(lm.tokenizer, "heldout", 600)]
+    again = [b.input_ids for b in corpus.batches(lm.tokenizer, "heldout", 600)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert sum(int(b.attention_mask.sum()) for b in corpus.batches(lm.tokenizer, "heldout", 600)) == 600
+
+
+def test_chat_models_calibrate_on_chat_format() -> None:
+    chat, plain = tiny_lm("llama", chat=True), tiny_lm("llama", chat=False)
+    text = corpus.split_texts("calibration")[0]
+    assert corpus.format_text(chat.tokenizer, text, 0).startswith("<bos>user: ")
+    assert corpus.format_text(plain.tokenizer, text, 0) == text
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_calibration_fits_its_target(family: str) -> None:
+    lm = tiny_lm(family)
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL)})
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048)
+    (fit,) = cal.fits
+    assert fit.module.endswith(("mlp.down_proj", "mlp.c_proj"))
+    assert fit.target == ("rms(Wx)" if family == "gemma3" else "one")
+    assert cal.tokens == 2048 and fit.tokens == 2048
+    assert fit.cv_rel_rmse < 0.25
+
+
+def test_two_sites_on_one_writer_are_refused() -> None:
+    lm = tiny_lm("llama")
+    vec = SteeringVector(
+        {HookPoint(1, "resid_post"): torch.randn(D_MODEL), HookPoint(2, "resid_pre"): torch.randn(D_MODEL)}
+    )
+    with pytest.raises(ValueError, match="both written by model.layers.1.mlp.down_proj"):
+        calibrate(lm.model, lm.tokenizer, vec, tokens=512)

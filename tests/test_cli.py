@@ -1,0 +1,196 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import D_MODEL, build_sae, tiny_lm
+from steer_core.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "tiny-llama"
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vector_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vec") / "v.safetensors"
+    save_file({"v": torch.randn(D_MODEL)}, str(path))
+    return path
+
+
+def test_export_then_verify_json(
+    model_dir: Path, vector_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "adapter"
+    argv = [
+        "export",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--vector",
+        str(vector_file),
+        "--layer",
+        "1",
+        "--strength",
+        "4",
+        "--calibration-tokens",
+        "1024",
+        "--verify-tokens",
+        "256",
+    ]
+    assert main(argv) == 0
+    assert "top-1 agreement" in capsys.readouterr().out
+    assert main(["verify", "--model", str(model_dir), "--adapter", str(out), "--tokens", "256", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"top1_agreement", "kl_hook_adapter", "kl_hook_base"} <= report.keys()
+    meta = json.loads((out / "steering.json").read_text())
+    assert meta["vector"]["provenance"]["strength"] == 4.0
+
+
+def test_export_from_sae_with_relative_strength(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sae = build_sae(tmp_path / "sae", hook_name="blocks.1.hook_resid_post")
+    out = tmp_path / "adapter"
+    argv = [
+        "export",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--sae-path",
+        str(sae),
+        "--feature",
+        "3",
+        "5",
+        "--strength",
+        "1",
+        "--strength-unit",
+        "resid",
+        "--calibration-tokens",
+        "512",
+        "--verify-tokens",
+        "256",
+        "--mode",
+        "exact",
+        "--json",
+    ]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["top1_agreement"] == 1.0
+    meta = json.loads((out / "steering.json").read_text())
+    assert [f["index"] for f in meta["vector"]["provenance"]["features"]] == [3, 5]
+
+
+def test_generate_with_adapter_and_with_hooks(
+    model_dir: Path, vector_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "adapter"
+    main(
+        [
+            "export",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--vector",
+            str(vector_file),
+            "--layer",
+            "1",
+            "--mode",
+            "exact",
+            "--verify-tokens",
+            "256",
+        ]
+    )
+    capsys.readouterr()
+    assert (
+        main(["generate", "--model", str(model_dir), "--adapter", str(out), "--prompt", "hi", "--max-new-tokens", "5"])
+        == 0
+    )
+    with_adapter = capsys.readouterr().out
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--vector",
+                str(vector_file),
+                "--layer",
+                "1",
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    with_hooks = capsys.readouterr().out
+    assert "--- unsteered ---" in with_adapter
+    # exact mode: the adapter's greedy text equals the hook's
+    assert with_adapter.split("---\n")[-1] == with_hooks.split("---\n")[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["export", "--out", "x"], "give a vector source"),
+        (["export", "--out", "x", "--vector", "v.safetensors"], "--vector needs --layer"),
+        (["export", "--out", "x", "--sae-path", "s"], "needs --feature"),
+        (["export", "--out", "x", "--sae-release", "r"], "go together"),
+        (["export", "--out", "x", "--vector", "v", "--layer", "1", "--sae-path", "s"], "one vector source"),
+        (["export", "--out", "x", "--vector", "v", "--layer", "1", "--strength", "nan"], "finite"),
+        (["export", "--out", "x", "--vector", "v", "--layer", "1", "--mode", "nope"], "invalid choice: 'nope'"),
+        (["export", "--out", "x", "--vector", "v", "--layer", "1", "--site", "resid_mid"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_a_message(argv: list, message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_runtime_errors_are_clear(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [
+        "export",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--vector",
+        str(tmp_path / "missing.npy"),
+        "--layer",
+        "1",
+    ]
+    assert main(argv) == 1
+    assert "missing.npy" in capsys.readouterr().err
+    assert main(["verify", "--model", str(model_dir), "--adapter", str(tmp_path)]) == 1
+    assert "steering.json" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "nope.gguf"), "--out", "o", "--vector", "v", "--layer", "1"]) == 1
+    assert "nope.gguf" in capsys.readouterr().err
+    sae = build_sae(tmp_path / "sae", d_in=16)
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "o"),
+                "--sae-path",
+                str(sae),
+                "--feature",
+                "1",
+            ]
+        )
+        == 1
+    )
+    assert "d_in=16" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""End to end on the embedded real models: load (cached), export, reload through PEFT, verify.
+
+Fidelity floors are the values measured at the time of writing minus noise (see the closing notes); never loosen them
+to pass. The models load once per test run.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from steer_core.activations import median_norm
+from steer_core.export import export
+from steer_core.model import EMBEDDED_MODELS, LoadedModel, load_model, resolve
+from steer_core.sites import HookPoint
+from steer_core.vector import SteeringVector
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma() -> LoadedModel:
+    return load_model("gemma-3-270m")
+
+
+def _random_vector(lm: LoadedModel, point: HookPoint, k: float, unit: str) -> SteeringVector:
+    g = torch.Generator().manual_seed(point.layer)
+    v = torch.randn(lm.model.config.hidden_size, generator=g)
+    norm = median_norm(lm.model, lm.tokenizer, point, unit)  # type: ignore[arg-type]
+    return SteeringVector({point: v / v.norm() * k * norm}, {"source": "random", "k": k, "unit": unit})
+
+
+def test_cached_smollm2_matches_the_gguf_load(smollm2: LoadedModel) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from steer_core.model import _embedded_gguf
+
+    gguf = _embedded_gguf(EMBEDDED_MODELS["smollm2-135m-instruct"])
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, smollm2.model(ids).logits)
+    assert Path(resolve("smollm2-135m-instruct")[0], "model.safetensors").exists()
+    assert smollm2.is_chat and smollm2.model.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize(("layer", "floor"), [(15, 0.99), (25, 0.97)])
+def test_smollm2_portable_at_4x(smollm2: LoadedModel, tmp_path: Path, layer: int, floor: float) -> None:
+    """SmolLM2, vector norm 4× the layer's median residual norm (the issue's bar: top-1 ≥ 95%)."""
+    vec = _random_vector(smollm2, HookPoint(layer, "resid_post"), 4.0, "resid")
+    result = export(smollm2, vec, tmp_path / "a")
+    rep = result.report
+    print(f"smollm2 L{layer} 4x: {rep.summary()}; seconds {result.seconds}")
+    assert rep.top1_agreement >= floor
+    assert rep.kl_ratio <= 0.01
+    assert rep.kl_hook_base > 1.0, "a 4x vector changes the model a lot"
+
+
+def test_smollm2_exact_is_exact(smollm2: LoadedModel, tmp_path: Path) -> None:
+    vec = _random_vector(smollm2, HookPoint(10, "resid_post"), 4.0, "resid")
+    rep = export(smollm2, vec, tmp_path / "a", mode="exact", verify_tokens=512).report
+    assert rep.top1_agreement == 1.0 and rep.kl_hook_adapter < 1e-4
+
+
+def test_gemma_portable_reports_its_fidelity(gemma: LoadedModel, tmp_path: Path) -> None:
+    """Gemma 3 (post-norm): 0.25× the post-normed MLP output norm. No adapter is exact here (math.md)."""
+    assert gemma.arch.post_norm and not gemma.is_chat
+    vec = _random_vector(gemma, HookPoint(9, "resid_post"), 0.25, "writer")
+    result = export(gemma, vec, tmp_path / "a")
+    rep = result.report
+    print(f"gemma L9 0.25x: {rep.summary()}; seconds {result.seconds}")
+    assert result.meta["notes"] and "post-norm" in result.meta["notes"][0]
+    assert rep.top1_agreement >= GEMMA_L9_FLOOR
+    assert rep.kl_ratio < 0.8  # measured 0.747
+
+
+GEMMA_L9_FLOOR = 0.55  # measured 59.5% (2048 held-out tokens); the prototype got 77% on another direction

@@ -1,0 +1,147 @@
+import itertools
+import threading
+
+import pytest
+import torch
+
+from helpers import D_MODEL, tiny_lm, tiny_model
+from steer_core.generate import GenerationConfig, complete, stream
+from steer_core.sites import HookPoint
+from steer_core.steer import ablation, steering
+from steer_core.vector import SteeringVector
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _vec(scale: float = 3.0, layer: int = 1, seed: int = 0) -> SteeringVector:
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVector({HookPoint(layer, "resid_post"): torch.randn(D_MODEL, generator=g) * scale})
+
+
+def test_hooks_removed_on_exit_and_on_exception() -> None:
+    model = tiny_model("llama")
+    before = _hook_count(model)
+    with steering(model, _vec(), skip_bos=True):
+        assert _hook_count(model) > before
+    assert _hook_count(model) == before
+    with pytest.raises(RuntimeError, match="boom"), steering(model, _vec()):
+        raise RuntimeError("boom")
+    assert _hook_count(model) == before
+    with pytest.raises(KeyError), ablation(model, torch.randn(D_MODEL)):
+        raise KeyError("x")
+    assert _hook_count(model) == before
+
+
+def test_every_kv_cached_decode_step_is_steered() -> None:
+    """Greedy steered generation with the KV cache equals the full recomputation without it."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (1, 6))
+    vec = _vec(scale=5.0)
+    kwargs = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with steering(model, vec):
+        cached = model.generate(ids, use_cache=True, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    plain = model.generate(ids, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, plain), "the vector is strong enough to change greedy output"
+
+
+def test_skip_bos_leaves_only_the_leading_bos_alone() -> None:
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 10, 11, 1, 12]])  # BOS at 0 and again at 3: only the leading one is skipped
+    v = _vec()
+    base = model(ids, output_hidden_states=True).hidden_states[2]
+    with steering(model, v, skip_bos=True):
+        steered = model(ids, output_hidden_states=True).hidden_states[2]
+    diff = steered - base
+    torch.testing.assert_close(diff[0, 0], torch.zeros(D_MODEL))
+    torch.testing.assert_close(diff[0, 1:], v.directions[HookPoint(1, "resid_post")].expand(4, D_MODEL))
+
+
+def test_skip_bos_with_left_padding() -> None:
+    model = tiny_model("llama")
+    ids = torch.tensor([[0, 0, 1, 10, 11], [1, 9, 8, 10, 11]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    v = _vec()
+    base = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+    with steering(model, v, skip_bos=True):
+        steered = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+    unchanged = ((steered - base).abs().amax(-1) < 1e-5).tolist()
+    assert unchanged == [[False, False, True, False, False], [True, False, False, False, False]]
+
+
+def test_concurrent_requests_do_not_leak() -> None:
+    """Many threads steering one model with different vectors each get exactly their solo result."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (2, 10))
+    vectors = [None] + [_vec(scale=4.0, seed=s, layer=s % 3) for s in range(1, 8)]
+
+    def run(vec: SteeringVector | None) -> torch.Tensor:
+        if vec is None:
+            return model(ids).logits
+        with steering(model, vec):
+            return model(ids).logits
+
+    solo = [run(v) for v in vectors]
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(vectors))}
+    barrier = threading.Barrier(len(vectors))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            results[i].append(run(vectors[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(vectors))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in results.items():
+        for out in outs:
+            torch.testing.assert_close(out, solo[i], atol=1e-5, rtol=1e-5)
+    assert _hook_count(model) == 0
+
+
+def test_stream_matches_complete_and_leaves_no_hooks() -> None:
+    lm = tiny_lm("llama")
+    vec = _vec(scale=5.0)
+    config = GenerationConfig(max_new_tokens=10)
+    pieces = list(stream(lm, "hello there", vector=vec, config=config))
+    assert pieces and pieces[-1] == complete(lm, "hello there", vector=vec, config=config)
+    assert all(a == b[: len(a)] for a, b in itertools.pairwise(pieces))
+    assert _hook_count(lm.model) == 0
+
+
+def test_cancelled_stream_removes_hooks() -> None:
+    lm = tiny_lm("llama")
+    gen = stream(lm, "hello there", vector=_vec(), config=GenerationConfig(max_new_tokens=200))
+    next(gen)
+    assert _hook_count(lm.model) > 0
+    gen.close()
+    assert _hook_count(lm.model) == 0
+
+
+def test_same_seed_same_sample() -> None:
+    lm = tiny_lm("llama")
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7)
+    assert complete(lm, "abc", config=config) == complete(lm, "abc", config=config)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+    ],
+)
+def test_generation_config_rejects(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GenerationConfig(**kwargs)
+
+
+def test_empty_prompt_rejected() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        complete(tiny_lm("llama"), "   ")

@@ -1,0 +1,117 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import D_MODEL, tiny_lm
+from steer_core.constants import ADAPTER_WEIGHTS_FILENAME
+from steer_core.export import export
+from steer_core.sites import HookPoint
+from steer_core.vector import SteeringVector
+from steer_core.verify import verify
+
+
+def _vec(scale: float = 3.0) -> SteeringVector:
+    return SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * scale}, {"source": "test"})
+
+
+@pytest.mark.parametrize(("family", "mode"), [("llama", "exact"), ("gpt2", "exact"), ("llama", "ablate")])
+def test_exact_modes_roundtrip_through_peft(tmp_path: Path, family: str, mode: str) -> None:
+    lm = tiny_lm(family)
+    result = export(lm, _vec(), tmp_path / "a", mode=mode, verify_tokens=512)  # type: ignore[arg-type]
+    rep = result.report
+    assert rep.top1_agreement == 1.0
+    assert rep.max_abs_logit_diff < 1e-4
+    assert rep.kl_hook_adapter < 1e-6  # float noise; the KL ratio is noisy when ablation changes little
+    assert rep.greedy_full_match == 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_portable_export_writes_a_complete_verified_folder(tmp_path: Path, family: str) -> None:
+    lm = tiny_lm(family)
+    result = export(lm, _vec(), tmp_path / "a", calibration_tokens=2048, verify_tokens=512)
+    names = sorted(p.name for p in result.folder.iterdir())
+    assert names == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "steering.json",
+        "steering_vector.safetensors",
+    ]
+    meta = json.loads((result.folder / "steering.json").read_text())
+    config = json.loads((result.folder / "adapter_config.json").read_text())
+    assert config["r"] == 1 and config["lora_alpha"] == 1 and config["peft_type"] == "LORA"
+    assert meta["fidelity"]["top1_agreement"] == result.report.top1_agreement
+    assert 0 <= result.report.kl_ratio < 0.5
+    card = (result.folder / "README.md").read_text()
+    assert "library_name: peft" in card and "vllm serve" in card and "top-1" in card
+    assert not list(tmp_path.glob(".a-*")), "no temp folder is left behind"
+    # verify() from the folder alone gives the same numbers
+    again = verify(lm.model, lm.tokenizer, result.folder, tokens=512)
+    assert again.top1_agreement == result.report.top1_agreement
+
+
+def test_portable_is_close_on_pre_norm(tmp_path: Path) -> None:
+    lm = tiny_lm("llama")
+    rep = export(lm, _vec(), tmp_path / "a", calibration_tokens=4096, verify_tokens=1024).report
+    assert rep.top1_agreement > 0.9 and rep.kl_ratio < 0.05
+    assert rep.kl_hook_base > 1e-3, "the vector actually steers"
+
+
+def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = tiny_lm("llama")
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise RuntimeError("verification crashed")
+
+    monkeypatch.setattr("steer_core.export.verify", boom)
+    with pytest.raises(RuntimeError, match="crashed"):
+        export(lm, _vec(), tmp_path / "a", calibration_tokens=512)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(tiny_lm("llama"), _vec(), tmp_path / "a", mode="exact")
+    assert (tmp_path / "a" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("vec", "kwargs", "match"),
+    [
+        (SteeringVector({HookPoint(0, "resid_pre"): torch.randn(D_MODEL)}), {}, "embedding output"),
+        (SteeringVector({HookPoint(5, "resid_post"): torch.randn(D_MODEL)}), {}, "layer 5 is out of range"),
+        (SteeringVector({HookPoint(1, "resid_post"): torch.randn(7)}), {}, "length 7.*hidden size is 32"),
+        (None, {"mode": "nope"}, "mode 'nope'"),
+        (None, {"calibration_tokens": 10}, "at least 256"),
+    ],
+)
+def test_bad_export_inputs(tmp_path: Path, vec: SteeringVector | None, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        export(tiny_lm("llama"), vec or _vec(), tmp_path / "a", **kwargs)
+    assert not (tmp_path / "a").exists()
+
+
+def test_verify_refuses_an_all_zero_adapter(tmp_path: Path) -> None:
+    lm = tiny_lm("llama")
+    folder = export(lm, _vec(), tmp_path / "a", mode="exact", verify_tokens=256).folder
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILENAME))
+    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS_FILENAME))
+    with pytest.raises(ValueError, match="zero"):
+        verify(lm.model, lm.tokenizer, folder)
+
+
+def test_verify_detects_a_wrong_adapter(tmp_path: Path) -> None:
+    """Tampering with B must show up in the report: the check can fail."""
+    lm = tiny_lm("llama")
+    folder = export(lm, _vec(), tmp_path / "a", mode="exact", verify_tokens=256).folder
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILENAME))
+    key = next(k for k in tensors if k.endswith("lora_B.bias"))
+    tensors[key] = -tensors[key]
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILENAME))
+    rep = verify(lm.model, lm.tokenizer, folder, tokens=512)
+    assert rep.kl_ratio > 0.5
