@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from steer_core import corpus
+from steer_core.hooks import gated_hooks, untuple
 from steer_core.sites import HookPoint, architecture_for, blocks
-from steer_core.steer import _IDS, _activated, is_active, untuple
 
 Capture = Callable[[str, Tensor], None]
 
@@ -27,54 +27,34 @@ def recording(model: nn.Module, names: list[str], on: Capture, *, what: Literal[
 
     The hooks return None, so they never change what the model computes.
     """
-    gate = next(_IDS)
-    handles = []
 
     def make(name: str) -> Callable[..., None]:
         if what == "input":
+            return lambda _m, args, kwargs: on(name, args[0] if args else kwargs["hidden_states"])
+        return lambda _m, _args, output: on(name, untuple(output))
 
-            def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                if is_active(gate):
-                    on(name, args[0] if args else kwargs["hidden_states"])
-
-            return pre
-
-        def post(_m: nn.Module, _args: Any, output: Any) -> None:
-            if is_active(gate):
-                on(name, untuple(output))
-
-        return post
-
-    try:
+    with gated_hooks() as hooks:
         for name in names:
             module = model.get_submodule(name)
             if what == "input":
-                handles.append(module.register_forward_pre_hook(make(name), with_kwargs=True))
+                hooks.pre(module, make(name))
             else:
-                handles.append(module.register_forward_hook(make(name)))
-        with _activated(gate):
-            yield
-    finally:
-        for h in handles:
-            h.remove()
+                hooks.forward(module, make(name))
+        yield
 
 
 def forward_until(model: nn.Module, last_layer: int, **inputs: Tensor) -> None:
     """Run the model only up to block `last_layer`: calibration needs no later layers and no logits."""
-    gate = next(_IDS)
 
     def stop(_m: nn.Module, _args: Any, _output: Any) -> None:
-        if is_active(gate):
-            raise _StopForward
+        raise _StopForward
 
-    handle = blocks(model)[last_layer].register_forward_hook(stop)
     try:
-        with _activated(gate), torch.no_grad():
+        with gated_hooks() as hooks, torch.no_grad():
+            hooks.forward(blocks(model)[last_layer], stop)
             model(**inputs, use_cache=False)
     except _StopForward:
         pass
-    finally:
-        handle.remove()
 
 
 def site_module_name(model: nn.Module, point: HookPoint, unit: Literal["resid", "writer"]) -> str:
@@ -98,7 +78,7 @@ def median_norm(
     keep: list[Tensor] = []
 
     def on(_name: str, out: Tensor) -> None:
-        norms.extend(out.float().norm(dim=-1)[keep[-1]].tolist())
+        norms.extend(out.float().norm(dim=-1)[keep[-1].to(out.device)].tolist())
 
     device = next(model.parameters()).device
     with recording(model, [name], on, what="output"):

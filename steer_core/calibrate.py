@@ -43,6 +43,7 @@ class WriterFit:
     tokens: int
     cv_rel_rmse: float  # two-fold validation RMSE of A·x against its target, over the target's RMS
     b_unscaled_norm: float  # |B| before balance(): u·x = (A·x) · |B| / b_unscaled_norm
+    refined_steps: int = 0  # end-to-end steps on KL(hook ‖ adapter) after the closed form (refine.py)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Calibration:
     seconds: float
     skip_bos: bool
     corpus: dict[str, str] = field(default_factory=dict)
+    refine: dict[str, float] | None = None
 
 
 class _Stats:
@@ -119,6 +121,26 @@ def rms_target(z: Tensor, eps: float) -> Tensor:
     return torch.sqrt(z.float().pow(2).mean(-1) + eps)
 
 
+def writer_target(model: nn.Module, module: str, layer: int, kind: str, xs: Tensor, steered: Tensor) -> Tensor:
+    """What A·x should be for each token of the writer input `xs`: 1 on pre-norm models, rms(Wx) on post-norm
+    ones, times `steered` (0 where the hook leaves the leading BOS alone, so the adapter should add nothing)."""
+    arch = architecture_for(model)
+    if arch.post_norm:
+        weight = model.get_submodule(module).weight.float()
+        y = rms_target(xs @ weight.T.to(xs.device), _norm_eps(model, arch, layer, kind))
+    else:
+        y = torch.ones(len(xs), device=xs.device)
+    return y * steered
+
+
+def steered_positions(input_ids: Tensor, skip_bos: bool, bos_token_id: int | None) -> Tensor:
+    """Float[Tensor, "batch seq"]: 1 where the hook adds the vector, 0 at a leading BOS that skip_bos leaves alone."""
+    steered = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    if skip_bos and bos_token_id is not None:
+        steered[:, 0] = (input_ids[:, 0] != bos_token_id).float()
+    return steered
+
+
 def balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Rescale so |A| = |B|: same product, better conditioned in low-precision serving."""
     s = math.sqrt(float(b.norm()) / max(float(a.norm()), 1e-30))
@@ -158,18 +180,12 @@ def calibrate(
 
     def on(name: str, x: Tensor) -> None:
         _point, layer, kind = writers[name]
-        keep = state["mask"]
+        keep = state["mask"].to(x.device)
         xs = x[keep].float()
-        if arch.post_norm:
-            weight = model.get_submodule(name).weight.float()
-            y = rms_target(xs @ weight.T, _norm_eps(model, arch, layer, kind))
-        else:
-            y = torch.ones(len(xs), device=xs.device)
-        # A hook that leaves the BOS alone asks the adapter for 0 there.
-        y = y * state["steered"][keep]
+        y = writer_target(model, name, layer, kind, xs, state["steered"].to(x.device)[keep])
         if stats[name] is None:
             stats[name] = _Stats(xs.shape[-1], xs.device)
-        fold = state["fold"][keep]
+        fold = state["fold"].to(x.device)[keep]
         for f in (0, 1):
             stats[name].add(f, xs[fold == f], y[fold == f])  # type: ignore[union-attr]
 
@@ -178,11 +194,8 @@ def calibrate(
     with steering(model, vector, skip_bos=skip_bos), recording(model, list(writers), on, what="input"):
         for batch in corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens):
             mask = batch.attention_mask.bool()
-            steered = torch.ones_like(mask, dtype=torch.float32)
-            if skip_bos and bos_id is not None:
-                steered[:, 0] = (batch.input_ids[:, 0] != bos_id).float()
             state["mask"] = mask.to(device)
-            state["steered"] = steered.to(device)
+            state["steered"] = steered_positions(batch.input_ids, skip_bos, bos_id).to(device)
             state["fold"] = (batch.doc_index % 2).unsqueeze(1).expand_as(mask).to(device)
             forward_until(
                 model, last, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
@@ -197,10 +210,11 @@ def calibrate(
         if s is None:
             raise ValueError("no calibration tokens reached the writers; check the tokenizer and corpus")
         u, ridge, rel = fit_ridge(s)
-        v = vector.directions[point].float().to(device)
-        b = v / _norm_gain(model, arch, layer, kind).to(device) if arch.post_norm else v
+        # The fit's last step runs on the CPU: with device_map="auto" the pieces live on different devices.
+        v = vector.directions[point].float().cpu()
+        b = v / _norm_gain(model, arch, layer, kind).cpu() if arch.post_norm else v
         b_norm = float(b.norm())
-        a, b = balance(u.float(), b)
+        a, b = balance(u.float().cpu(), b)
         fits.append(
             WriterFit(
                 point=point,

@@ -45,31 +45,51 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bos", action="store_true", help="leave the leading BOS token unsteered")
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, Hub id, local folder or .gguf file")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--device-map", choices=["auto"], default=None, help="auto: spread a large model over the available devices"
+    )
+
+
+def _load(args: argparse.Namespace):
+    from steer_core.model import load_model
+
+    return load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m steer_core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="calibrate, build, verify and save (optionally push) a LoRA adapter")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, Hub id, local folder or .gguf file")
+    _model_args(e)
     e.add_argument("--out", required=True, help="the adapter folder to create")
     e.add_argument("--mode", choices=MODES, default="portable")
     _steering_args(e)
     e.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
     e.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS)
+    e.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="portable mode: then train A and B end to end on KL(hook‖adapter) for N steps (slow on CPU; helps Gemma)",
+    )
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--push", metavar="USER/REPO", help="push to the Hub after verification (token: HF_TOKEN)")
     e.add_argument("--private", action="store_true", help="with --push: create a private repo")
     e.add_argument("--json", action="store_true", help="print the fidelity report as JSON")
 
     v = sub.add_parser("verify", help="re-measure an adapter folder against hook steering")
-    v.add_argument("--model", default=DEFAULT_MODEL)
+    _model_args(v)
     v.add_argument("--adapter", required=True)
     v.add_argument("--tokens", type=int, default=DEFAULT_VERIFY_TOKENS)
     v.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     g = sub.add_parser("generate", help="generate with an adapter or with hook steering, next to the unsteered")
-    g.add_argument("--model", default=DEFAULT_MODEL)
+    _model_args(g)
     g.add_argument("--adapter", help="an adapter folder (loaded with PEFT)")
     _steering_args(g)
     g.add_argument("--prompt", required=True)
@@ -124,14 +144,13 @@ def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
 
 def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.export import export
-    from steer_core.model import load_model
 
     _check_steering_args(parser, args, required=True)
     if args.push:
         from steer_core.publish import check_repo_id
 
         check_repo_id(args.push)
-    lm = load_model(args.model)
+    lm = _load(args)
     vector = recipe_from_args(args).build(lm)
     result = export(
         lm,
@@ -141,6 +160,7 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         calibration_tokens=args.calibration_tokens,
         verify_tokens=args.verify_tokens,
         skip_bos=args.skip_bos,
+        refine_steps=args.refine_steps,
         overwrite=args.overwrite,
         progress=lambda f, m: log.info("%3.0f%% %s", 100 * f, m),
     )
@@ -159,12 +179,11 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from steer_core.model import load_model
     from steer_core.verify import read_steering_json, verify
 
     folder = Path(args.adapter)
     read_steering_json(folder)  # fail before loading the model
-    lm = load_model(args.model)
+    lm = _load(args)
     report = verify(lm.model, lm.tokenizer, folder, tokens=args.tokens)
     print(json.dumps(report.to_dict()) if args.json else report.summary())
     return 0
@@ -172,13 +191,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.generate import GenerationConfig, complete
-    from steer_core.model import LoadedModel, load_model
+    from steer_core.model import LoadedModel
 
     has_vector = _check_steering_args(parser, args, required=False)
     if has_vector == bool(args.adapter):
         parser.error("give either --adapter DIR or a steering vector source")
     config = GenerationConfig(args.max_new_tokens, args.temperature, args.seed)
-    lm = load_model(args.model)
+    lm = _load(args)
     if not args.no_baseline:
         print("--- unsteered ---")
         print(complete(lm, args.prompt, config=config))

@@ -22,6 +22,7 @@ from steer_core.constants import (
     STEERING_JSON_FILENAME,
 )
 from steer_core.model import LoadedModel
+from steer_core.refine import refine
 from steer_core.sites import architecture_for, num_layers
 from steer_core.vector import SteeringVector, check_fits_model
 from steer_core.verify import FidelityReport, verify
@@ -49,6 +50,7 @@ def export(
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     verify_tokens: int = DEFAULT_VERIFY_TOKENS,
     skip_bos: bool = False,
+    refine_steps: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -76,8 +78,17 @@ def export(
             vector,
             tokens=calibration_tokens,
             skip_bos=skip_bos,
-            progress=lambda f, m: report(0.7 * f, m),
+            progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
         )
+        if refine_steps:
+            calibration = refine(
+                model,
+                lm.tokenizer,
+                vector,
+                calibration,
+                steps=refine_steps,
+                progress=lambda f, m: report(0.5 + 0.2 * f, m),
+            )
         built = build_portable(model, calibration, lm.base_model_id)
         seconds["calibrate"] = calibration.seconds
     elif mode == "exact":
@@ -109,6 +120,7 @@ def export(
             "tokens": calibration.tokens,
             "seconds": round(calibration.seconds, 2),
             "corpus": calibration.corpus,
+            "refine": calibration.refine,
         }
         meta["fits"] = [
             {
@@ -120,6 +132,7 @@ def export(
                 "ridge": f.ridge,
                 "tokens": f.tokens,
                 "cv_rel_rmse": f.cv_rel_rmse,
+                "refined_steps": f.refined_steps,
                 "b_unscaled_norm": f.b_unscaled_norm,
             }
             for f in calibration.fits

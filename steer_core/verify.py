@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from steer_core import corpus
 from steer_core.activations import recording
 from steer_core.adapter import check_tensors
-from steer_core.calibrate import _norm_eps, rms_target
+from steer_core.calibrate import steered_positions, writer_target
 from steer_core.constants import (
     ADAPTER_WEIGHTS_FILENAME,
     DEFAULT_GREEDY_PROMPTS,
@@ -30,7 +30,6 @@ from steer_core.constants import (
     STEERING_JSON_FILENAME,
     STEERING_VECTOR_FILENAME,
 )
-from steer_core.sites import architecture_for
 from steer_core.steer import ablation, steering
 from steer_core.vector import SteeringVector
 
@@ -112,23 +111,17 @@ def _fit_error(
     if not fits:
         yield state
         return
-    arch = architecture_for(model)
     a = {f["module"]: saved[f"base_model.model.{f['module']}.lora_A.weight"].reshape(-1) for f in fits}
     b_norm = {f["module"]: float(saved[f"base_model.model.{f['module']}.lora_B.weight"].norm()) for f in fits}
     v_norm = {f["module"]: f["b_unscaled_norm"] for f in fits}
     layer_kind = {f["module"]: (f["writer_layer"], f["writer_kind"]) for f in fits}
 
     def on(name: str, x: Tensor) -> None:
-        keep = state["mask"]
+        keep = state["mask"].to(x.device)
         xs = x[keep].float()
         # A was rescaled against B (balance); undo that to compare A·x with its target.
         ax = (xs @ a[name].to(xs)) * b_norm[name] / v_norm[name]
-        if arch.post_norm:
-            weight = model.get_submodule(name).weight.float()
-            target = rms_target(xs @ weight.T, _norm_eps(model, arch, *layer_kind[name]))
-        else:
-            target = torch.ones_like(ax)
-        target = target * state["steered"][keep]
+        target = writer_target(model, name, *layer_kind[name], xs, state["steered"].to(x.device)[keep])
         out.setdefault(name, [0.0, 0.0])
         out[name][0] += float((ax - target).abs().sum())
         out[name][1] += float(target.abs().sum())
@@ -174,10 +167,8 @@ def verify(
         for batch in corpus.batches(tokenizer, "heldout", tokens, batch_size=batch_size):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             keep = mask.bool()
-            steered = torch.ones_like(keep, dtype=torch.float32)
-            if skip_bos and bos_id is not None:
-                steered[:, 0] = (ids[:, 0] != bos_id).float()
-            fit_state["mask"], fit_state["steered"] = torch.zeros_like(keep), steered
+            fit_state["mask"] = torch.zeros_like(keep)
+            fit_state["steered"] = steered_positions(ids, skip_bos, bos_id)
             base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
             fit_state["mask"] = keep  # the fit is measured on the hook-steered pass only
             with reference(model, vector, meta):

@@ -76,3 +76,17 @@ def test_two_sites_on_one_writer_are_refused() -> None:
     )
     with pytest.raises(ValueError, match="both written by model.layers.1.mlp.down_proj"):
         calibrate(lm.model, lm.tokenizer, vec, tokens=512)
+
+
+def test_refine_lowers_kl_on_post_norm() -> None:
+    """End-to-end refinement starts from the closed form and must not end worse on its own objective."""
+    from steer_core.refine import refine
+
+    lm = tiny_lm("gemma3")
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=1024)
+    refined = refine(lm.model, lm.tokenizer, vec, cal, steps=40, lr=1e-2)
+    assert refined.refine is not None and refined.refine["steps"] == 40
+    assert refined.refine["kl_last"] < refined.refine["kl_first"]
+    assert refined.fits[0].refined_steps == 40
+    assert not torch.equal(refined.fits[0].A, cal.fits[0].A)

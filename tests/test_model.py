@@ -35,7 +35,9 @@ def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
         load_model(str(tmp_path / "b"))
 
 
-def test_embedded_models_fall_back_to_the_hub_without_their_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_embedded_models_fall_back_to_the_hub_without_their_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("STEER_CORE_CACHE", str(tmp_path))
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     source, kwargs, base = resolve("smollm2-135m-instruct")
