@@ -59,6 +59,8 @@ def _recipe(source: str, pos: str, neg: str, layer: float, site: str, sae_path: 
                 "sae", (float(strength),), UNITS[unit], path=sae_path.strip() or None,
                 sae_release=release.strip() or None, sae_id=sae_id.strip() or None, features=idx,
             )  # fmt: skip
+        if vec_file and vec_file.lower().endswith(".gguf"):  # a llama.cpp / repeng control vector: layers inside
+            return VectorRecipe("control_vector", (float(strength),), "abs", path=vec_file)
         return VectorRecipe("file", (float(strength),), UNITS[unit], path=vec_file, layer=int(layer), site=site)  # type: ignore[arg-type]
     except ValueError as err:
         raise gr.Error(f"Bad steering settings: {err}") from err
@@ -115,6 +117,19 @@ def run_export(model_name: str, mode: str, tokens: float, *vector_args, progress
     return summary, plot, archive, card, str(result.folder)
 
 
+def run_control_vector(model_name: str, *vector_args: object) -> str:
+    """The same vector as a llama.cpp control vector, for `llama-cli --control-vector`."""
+    from steer_core.controlvector import save_control_vector
+
+    lm = get_model(model_name)
+    vector = _build(lm, _recipe(*vector_args))  # type: ignore[arg-type]
+    path = Path(tempfile.mkdtemp(prefix="steer-cv-")) / "control_vector.gguf"
+    try:
+        return str(save_control_vector(vector, path, model_hint=str(lm.model.config.model_type)))
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+
+
 def run_push(folder: str, repo_id: str, private: bool, token: str, oauth: gr.OAuthToken | None = None) -> str:
     if not folder:
         raise gr.Error("Export an adapter first.")
@@ -149,7 +164,10 @@ with gr.Blocks(title="SAE steering → LoRA") as demo:
         release = gr.Textbox(label="or sae_lens release")
         sae_id = gr.Textbox(label="sae id")
         features = gr.Textbox(label="Feature index(es)")
-    vec_file = gr.File(label="Vector file (.safetensors / .pt / .npy)", type="filepath")
+    vec_file = gr.File(
+        label="Vector file (.safetensors / .pt / .npy at the layer above, or a llama.cpp control vector .gguf)",
+        type="filepath",
+    )
     with gr.Row():
         strength = gr.Number(0.3, label="Strength")
         unit = gr.Radio(list(UNITS), value="× residual norm", label="Strength unit")
@@ -180,6 +198,10 @@ with gr.Blocks(title="SAE steering → LoRA") as demo:
             card = gr.Markdown()
         folder = gr.State("")
         export_btn.click(run_export, [model_name, mode, tokens, *vector_inputs], [report, plot, archive, card, folder])
+        with gr.Row():
+            cv_btn = gr.Button("Also as a llama.cpp control vector (GGUF, exact, no calibration)")
+            cv_file = gr.File(label="control_vector.gguf")
+        cv_btn.click(run_control_vector, [model_name, *vector_inputs], cv_file)
 
     with gr.Tab("Push to the Hub"):
         if os.environ.get("SPACE_ID"):  # OAuth exists on Spaces only; locally use a token or HF_TOKEN

@@ -9,18 +9,18 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from steer_core.contrastive import mean_difference
+from steer_core.contrastive import contrastive_vector, read_pairs
 from steer_core.model import load_model
 from steer_core.sites import HookPoint
 
-POSITIVE = ["I love this, it is wonderful and makes me so happy!", "What a beautiful, joyful day."]
-NEGATIVE = ["I hate this, it is awful and makes me so sad.", "What a miserable, gloomy day."]
-OUT = Path(__file__).resolve().parents[1] / "examples" / "joy_smollm2_L10.safetensors"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+OUT = EXAMPLES / "joy_smollm2_L10.safetensors"
 
 
 def main() -> None:
     lm = load_model("smollm2-135m-instruct")
-    vector = mean_difference(lm, POSITIVE, NEGATIVE, HookPoint(10, "resid_post"))
+    positive, negative = read_pairs(EXAMPLES / "joy_pairs.json")
+    vector = contrastive_vector(lm, positive, negative, HookPoint(10, "resid_post"))
     v = vector.directions[HookPoint(10, "resid_post")]
     save_file({"joy": v.contiguous()}, str(OUT), metadata={"layer": "10", "site": "resid_post", "model": lm.name})
     print(f"wrote {OUT} (norm {float(v.norm()):.2f})")

@@ -21,8 +21,16 @@ def _what(meta: dict[str, Any]) -> list[str]:
         for f in prov.get("features", []):
             link = f" ([Neuronpedia]({f['url']}))" if f.get("url") else ""
             lines.append(f"- feature {f['index']}, strength {f['strength']:g}{link}")
+        if "sae_fvu_on_this_model" in prov:
+            lines.append(f"- SAE fraction of variance unexplained on this model: {prov['sae_fvu_on_this_model']:.3f}")
     elif prov.get("source") == "file":
         lines.append(f"- vector file `{prov.get('path')}`, strength {prov.get('strength', 1):g}")
+    elif prov.get("source") == "contrastive":
+        n_pos, n_neg = len(prov["positive"]), len(prov["negative"])
+        strength = f"{prov.get('strength', 1):g} ({prov.get('strength_unit', 'abs')})"
+        lines.append(f"- contrastive vector, {prov['method']}, {n_pos} positive / {n_neg} negative prompts, {strength}")
+    elif prov.get("source") == "control_vector":
+        lines.append(f"- llama.cpp control vector `{prov.get('path')}`, strength {prov.get('strength', 1):g}")
     elif prov:
         lines.append(f"- vector: {prov}")
     for point, norm in meta.get("vector", {}).get("norms", {}).items():

@@ -27,8 +27,16 @@ log = logging.getLogger("steer_core")
 def _steering_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("steering vector (one source)")
     g.add_argument("--vector", help="a .safetensors (one 1-D tensor), .pt or .npy file of length d_model")
-    g.add_argument("--layer", type=int, help="with --vector: the block index (0-based, as in model.layers.L)")
-    g.add_argument("--site", choices=SITES, default="resid_post", help="with --vector (default resid_post)")
+    g.add_argument("--layer", type=int, help="with --vector/--contrastive: the block (0-based, as in model.layers.L)")
+    g.add_argument("--site", choices=SITES, default="resid_post", help="with --vector/--contrastive")
+    g.add_argument(
+        "--contrastive",
+        metavar="JSON",
+        help='prompts {"positive": [...], "negative": [...]} or [{"positive": .., "negative": ..}]: CAA vector',
+    )
+    g.add_argument("--contrastive-method", choices=["mean", "pca"], default="mean")
+    g.add_argument("--contrastive-position", choices=["last", "mean"], default="last")
+    g.add_argument("--control-vector", metavar="GGUF", help="a llama.cpp / repeng control vector (direction.N)")
     g.add_argument("--sae-release", help="sae_lens registry release, e.g. gemma-scope-2b-pt-res-canonical")
     g.add_argument("--sae-id", help="with --sae-release: the SAE id within the release")
     g.add_argument("--sae-path", help="a local SAE Lens folder (cfg.json + sae_weights.safetensors)")
@@ -97,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-baseline", action="store_true", help="skip the unsteered generation")
+
+    c = sub.add_parser("control-vector", help="write the steering vector as a llama.cpp control vector (GGUF)")
+    _model_args(c)
+    c.add_argument("--out", required=True, help="the .gguf file to write")
+    _steering_args(c)
     return parser
 
 
@@ -105,17 +118,24 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         args.vector is not None,
         args.sae_release is not None or args.sae_id is not None,
         args.sae_path is not None,
+        args.contrastive is not None,
+        args.control_vector is not None,
     ]
     if sum(sources) > 1:
-        parser.error("give one vector source: --vector, --sae-release/--sae-id, or --sae-path")
+        parser.error(
+            "give one vector source: --vector, --sae-release/--sae-id, --sae-path, --contrastive or --control-vector"
+        )
     if sum(sources) == 0:
         if required:
             parser.error(
-                "give a vector source: --vector FILE --layer L, --sae-release R --sae-id ID, or --sae-path DIR"
+                "give a vector source: --vector FILE --layer L, --sae-release R --sae-id ID, --sae-path DIR, "
+                "--contrastive JSON --layer L, or --control-vector GGUF"
             )
         return False
     if args.vector is not None and args.layer is None:
         parser.error("--vector needs --layer L")
+    if args.contrastive is not None and args.layer is None:
+        parser.error("--contrastive needs --layer L")
     if (args.sae_release is None) != (args.sae_id is None):
         parser.error("--sae-release and --sae-id go together")
     if (args.sae_release or args.sae_path) and not args.feature:
@@ -127,6 +147,18 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
+    strengths = tuple(args.strength)
+    if args.control_vector is not None:
+        return VectorRecipe("control_vector", strengths, args.strength_unit, path=args.control_vector)
+    if args.contrastive is not None:
+        from steer_core.contrastive import read_pairs
+
+        positive, negative = read_pairs(args.contrastive)
+        return VectorRecipe(
+            "contrastive", strengths, args.strength_unit, layer=args.layer, site=args.site,
+            positive=tuple(positive), negative=tuple(negative),
+            method=args.contrastive_method, position=args.contrastive_position,
+        )  # fmt: skip
     if args.vector is not None:
         return VectorRecipe(
             "file", tuple(args.strength), args.strength_unit, path=args.vector, layer=args.layer, site=args.site
@@ -150,8 +182,9 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         from steer_core.publish import check_repo_id
 
         check_repo_id(args.push)
+    recipe = recipe_from_args(args)  # bad files and values fail here, before the model loads
     lm = _load(args)
-    vector = recipe_from_args(args).build(lm)
+    vector = recipe.build(lm)
     result = export(
         lm,
         vector,
@@ -197,6 +230,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if has_vector == bool(args.adapter):
         parser.error("give either --adapter DIR or a steering vector source")
     config = GenerationConfig(args.max_new_tokens, args.temperature, args.seed)
+    recipe = recipe_from_args(args) if has_vector else None
     lm = _load(args)
     if not args.no_baseline:
         print("--- unsteered ---")
@@ -208,9 +242,26 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(f"--- with adapter {args.adapter} ---")
         print(complete(adapted, args.prompt, config=config))
     else:
-        vector = recipe_from_args(args).build(lm)
+        assert recipe is not None
+        vector = recipe.build(lm)
         print(f"--- steered ({', '.join(p.tl_name for p in vector.points)}) ---")
         print(complete(lm, args.prompt, vector=vector, config=config, skip_bos=args.skip_bos))
+    return 0
+
+
+def _cmd_control_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from steer_core.controlvector import layer_of, save_control_vector
+
+    _check_steering_args(parser, args, required=True)
+    if args.skip_bos:
+        parser.error("llama.cpp control vectors steer every position; --skip-bos cannot be written into one")
+    recipe = recipe_from_args(args)
+    lm = _load(args)
+    vector = recipe.build(lm)
+    hint = str(getattr(lm.model.config, "model_type", "llama"))
+    path = save_control_vector(vector, args.out, model_hint=hint)
+    layers = ", ".join(f"direction.{layer_of(p)}" for p in vector.points)
+    print(f"wrote {path} ({layers}); use: llama-cli -m MODEL.gguf --control-vector {path}")
     return 0
 
 
@@ -223,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_export(args, parser)
         if args.command == "verify":
             return _cmd_verify(args)
+        if args.command == "control-vector":
+            return _cmd_control_vector(args, parser)
         return _cmd_generate(args, parser)
     except (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -113,7 +113,7 @@ def export(
             "norms": vector.norms(),
             "provenance": vector.provenance,
         },
-        "notes": built.notes,
+        "notes": built.notes + _sae_notes(vector, lm.base_model_id),
     }
     if calibration is not None:
         meta["calibration"] = {
@@ -162,3 +162,14 @@ def export(
         raise
     report(1.0, "done")
     return ExportResult(out, fidelity, meta, seconds)
+
+
+def _sae_notes(vector: SteeringVector, model_id: str) -> list[str]:
+    prov = vector.provenance
+    if prov.get("source") != "sae" or prov.get("sae_model_matches", True):
+        return []
+    fvu = prov.get("sae_fvu_on_this_model", float("nan"))
+    return [
+        f"the SAE was trained on {prov['sae'].get('model_name')!r}, not on {model_id!r}; it reconstructs this "
+        f"model's activations with fraction of variance unexplained {fvu:.3f}"
+    ]

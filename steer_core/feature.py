@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from steer_core.sites import HookPoint, parse_hook_name
@@ -116,3 +117,53 @@ def check_fits(source: SAESource, d_model: int, n_layers: int) -> None:
         raise ValueError(f"{source.describe()} has d_in={source.d_in}, but the model's hidden size is {d_model}")
     if source.point.layer >= n_layers:
         raise ValueError(f"{source.describe()} is at layer {source.point.layer}; the model has 0..{n_layers - 1}")
+
+
+def top_features_by_cosine(sae: LoadedSAE, vector: Tensor, k: int = 10) -> list[tuple[int, float]]:
+    """The SAE features whose decoder directions point most nearly along `vector` (cosine similarity)."""
+    dec = sae.decoder.float()
+    v = vector.float().to(dec.device)
+    cos = (dec @ v) / (dec.norm(dim=-1) * v.norm()).clamp_min(1e-12)
+    top = torch.topk(cos, min(k, len(cos)))
+    return [(int(i), float(c)) for c, i in zip(top.values, top.indices, strict=True)]
+
+
+def same_model(sae_model: str | None, model_id: str) -> bool:
+    """Whether an SAE's metadata model_name names this model (TransformerLens names such as gpt2-small included)."""
+    if not sae_model:
+        return False
+    aliases = {"gpt2-small": "gpt2"}
+    a = aliases.get(sae_model.lower(), sae_model.lower()).rsplit("/", 1)[-1]
+    b = model_id.lower().rsplit("/", 1)[-1]
+    return a == b
+
+
+def reconstruction_fvu(sae: LoadedSAE, model: Any, tokenizer: Any, *, tokens: int = 2048) -> float:
+    """Fraction of variance the SAE leaves unexplained on this model's activations at its hook (held-out text).
+
+    Position 0 is left out: its massive attention-sink activations are not what an SAE is trained on.
+    """
+    from steer_core import corpus
+    from steer_core.activations import forward_until, recording, site_module_name
+
+    point = sae.source.point
+    unit = "resid" if point.site in ("resid_pre", "resid_post") else "writer"
+    name = site_module_name(model, point, unit)
+    acts: list[Tensor] = []
+    keep: list[Tensor] = []
+
+    def on(_name: str, out: Tensor) -> None:
+        acts.append(out.float()[keep[-1].to(out.device)].cpu())
+
+    device = next(model.parameters()).device
+    with recording(model, [name], on, what="output"):
+        for batch in corpus.batches(tokenizer, "heldout", tokens):
+            mask = batch.attention_mask.bool().clone()
+            mask[:, 0] = False
+            keep.append(mask)
+            forward_until(model, point.writer()[0], input_ids=batch.input_ids.to(device),
+                          attention_mask=batch.attention_mask.to(device))  # fmt: skip
+    x = torch.cat(acts)
+    with torch.no_grad():
+        recon = sae.sae(x.to(sae.decoder.device, sae.decoder.dtype)).float().cpu()
+    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())

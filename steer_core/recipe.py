@@ -16,13 +16,14 @@ from steer_core.model import LoadedModel
 from steer_core.sites import HookPoint, Site, num_layers
 from steer_core.vector import SteeringVector, check_fits_model
 
-Source = Literal["file", "sae", "contrastive"]
+Source = Literal["file", "sae", "contrastive", "control_vector"]
 
 
 @dataclass(frozen=True)
 class VectorRecipe:
     """source "file": path + layer + site; "sae": sae_path or (sae_release, sae_id) + features;
-    "contrastive": positive + negative prompts + layer + site.
+    "contrastive": positive + negative prompts + layer + site (+ method, position); "control_vector": path to a
+    llama.cpp / repeng GGUF (its layers are in the file; strength scales it like --control-vector-scaled).
 
     strength_unit "abs" multiplies the decoder row (Neuronpedia's convention) or the file's vector as given;
     "resid" / "writer" set the vector's norm to strength × the median norm of the residual stream / of what the
@@ -40,10 +41,12 @@ class VectorRecipe:
     features: tuple[int, ...] = ()
     positive: tuple[str, ...] = ()
     negative: tuple[str, ...] = ()
+    method: str = "mean"
+    position: str = "last"
 
     def __post_init__(self) -> None:
-        if self.source not in ("file", "sae", "contrastive"):
-            raise ValueError(f"vector source {self.source!r} is not one of file, sae, contrastive")
+        if self.source not in ("file", "sae", "contrastive", "control_vector"):
+            raise ValueError(f"vector source {self.source!r} is not one of file, sae, contrastive, control_vector")
         if self.strength_unit not in STRENGTH_UNITS:
             raise ValueError(f"strength unit {self.strength_unit!r} is not one of {', '.join(STRENGTH_UNITS)}")
         if self.site not in SITES:
@@ -53,8 +56,10 @@ class VectorRecipe:
             raise ValueError(f"strengths must be finite numbers, got {list(self.strengths)}")
         if self.source in ("file", "contrastive") and self.layer is None:
             raise ValueError(f"a {self.source} vector needs a layer")
-        if self.source == "file" and (not self.path or len(self.strengths) != 1):
-            raise ValueError("a file vector needs a path and exactly one strength")
+        if self.source in ("file", "control_vector") and (not self.path or len(self.strengths) != 1):
+            raise ValueError(f"a {self.source} vector needs a path and exactly one strength")
+        if self.source == "control_vector" and self.strength_unit != "abs":
+            raise ValueError("a control vector's strength multiplies it as given; use strength unit 'abs'")
         if self.source == "sae":
             if not self.path and not (self.sae_release and self.sae_id):
                 raise ValueError("an SAE vector needs a local SAE folder or a registry release and sae id")
@@ -70,14 +75,23 @@ class VectorRecipe:
             raise ValueError(f"layer {self.layer} is out of range: this model has layers 0..{n_layers - 1}")
         if self.source == "sae":
             return self._build_sae(lm, d_model, n_layers)
+        if self.source == "control_vector":
+            from steer_core.controlvector import load_control_vector
+
+            vector = load_control_vector(self.path, self.strengths[0])  # type: ignore[arg-type]
+            check_fits_model(vector, d_model, n_layers)
+            return vector
         if self.source == "file":
             from steer_core.vector import from_file
 
             raw = from_file(self.path, self.layer, self.site, 1.0)  # type: ignore[arg-type]
         else:
-            from steer_core.contrastive import mean_difference
+            from steer_core.contrastive import contrastive_vector
 
-            raw = mean_difference(lm, self.positive, self.negative, HookPoint(self.layer, self.site))  # type: ignore[arg-type]
+            point = HookPoint(self.layer, self.site)  # type: ignore[arg-type]
+            raw = contrastive_vector(
+                lm, self.positive, self.negative, point, method=self.method, position=self.position
+            )  # type: ignore[arg-type]
         check_fits_model(raw, d_model, n_layers)
         (point, v), strength = next(iter(raw.directions.items())), self.strengths[0]
         factor = strength
@@ -88,7 +102,13 @@ class VectorRecipe:
         return vector
 
     def _build_sae(self, lm: LoadedModel, d_model: int, n_layers: int) -> SteeringVector:
-        from steer_core.feature import check_fits, load_sae_from_disk, load_sae_from_registry
+        from steer_core.feature import (
+            check_fits,
+            load_sae_from_disk,
+            load_sae_from_registry,
+            reconstruction_fvu,
+            same_model,
+        )
         from steer_core.vector import from_features
 
         registry = (self.sae_release, self.sae_id)
@@ -102,4 +122,8 @@ class VectorRecipe:
             ]
         vector = from_features(sae, list(self.features), strengths)
         vector.provenance.update(strength_unit=self.strength_unit, strength_given=list(self.strengths))
+        # An SAE trained on another model (say the base model of this instruct model) may still steer, but the user
+        # must see how well it describes this model's activations.
+        vector.provenance["sae_model_matches"] = same_model(sae.source.model_name, lm.base_model_id)
+        vector.provenance["sae_fvu_on_this_model"] = reconstruction_fvu(sae, lm.model, lm.tokenizer)
         return vector

@@ -83,7 +83,7 @@ def refine(
         opt.zero_grad(set_to_none=True)
         kl.backward()
         opt.step()
-        losses.append(float(kl))
+        losses.append(float(kl.detach()))
         step += 1
         if progress:
             progress(step / steps, f"refining A and B: step {step}/{steps}, KL {losses[-1]:.4g}")

@@ -194,3 +194,32 @@ def test_runtime_errors_are_clear(model_dir: Path, tmp_path: Path, capsys: pytes
         == 1
     )
     assert "d_in=16" in capsys.readouterr().err
+
+
+def test_contrastive_to_control_vector_and_back(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """CAA prompts -> llama.cpp GGUF -> imported again as a vector source -> exact adapter."""
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps({"positive": ["I love it", "so good"], "negative": ["I hate it", "so bad"]}))
+    gguf_path = tmp_path / "cv.gguf"
+    argv = ["control-vector", "--model", str(model_dir), "--out", str(gguf_path), "--contrastive", str(pairs),
+            "--layer", "1", "--strength", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "direction.1" in capsys.readouterr().out
+    out = tmp_path / "adapter"
+    argv = ["export", "--model", str(model_dir), "--out", str(out), "--control-vector", str(gguf_path),
+            "--mode", "exact", "--verify-tokens", "256", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["top1_agreement"] == 1.0
+    meta = json.loads((out / "steering.json").read_text())
+    assert meta["vector"]["points"] == ["blocks.1.hook_resid_post"]
+    assert meta["vector"]["provenance"]["source"] == "control_vector"
+
+
+def test_control_vector_refuses_unwritable_sites(
+    model_dir: Path, vector_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["control-vector", "--model", str(model_dir), "--out", str(tmp_path / "x.gguf"), "--vector",
+            str(vector_file), "--layer", "0"]  # fmt: skip
+    assert main(argv) == 1
+    assert "direction.0" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()

@@ -67,6 +67,21 @@ def test_smollm2_exact_is_exact(smollm2: LoadedModel, tmp_path: Path) -> None:
     assert rep.top1_agreement == 1.0 and rep.kl_hook_adapter < 1e-4
 
 
+def test_smollm2_contrastive_vector_passes_verify(smollm2: LoadedModel, tmp_path: Path) -> None:
+    """The shipped "joy" contrastive recipe, exported as a portable adapter, matches its hook on held-out text."""
+    from steer_core.recipe import VectorRecipe
+
+    recipe = VectorRecipe(
+        "contrastive", (0.3,), "resid", layer=10,
+        positive=("I love this, it is wonderful and makes me so happy!", "What a beautiful, joyful day."),
+        negative=("I hate this, it is awful and makes me so sad.", "What a miserable, gloomy day."),
+    )  # fmt: skip
+    rep = export(smollm2, recipe.build(smollm2), tmp_path / "a").report
+    print(f"smollm2 joy L10 0.3x: {rep.summary()}")
+    assert rep.top1_agreement >= 0.94  # measured 95.5%
+    assert rep.kl_ratio <= 0.02  # measured 0.0092
+
+
 def test_gemma_portable_reports_its_fidelity(gemma: LoadedModel, tmp_path: Path) -> None:
     """Gemma 3 (post-norm): 0.25× the post-normed MLP output norm. No adapter is exact here (math.md)."""
     assert gemma.arch.post_norm and not gemma.is_chat
