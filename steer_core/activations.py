@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -66,30 +65,41 @@ def site_module_name(model: nn.Module, point: HookPoint, unit: Literal["resid", 
     return f"{arch.layers_path}.{layer}"
 
 
-def median_norm(
-    model: nn.Module, tokenizer: Any, point: HookPoint, unit: Literal["resid", "writer"], *, tokens: int = 2048
-) -> float:
-    """Median per-token L2 norm of the residual stream (or of the writer's addition) at `point`, on held-in text.
+def site_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    point: HookPoint,
+    unit: Literal["resid", "writer"],
+    *,
+    split: corpus.Split,
+    tokens: int = 2048,
+) -> Tensor:
+    """Float[Tensor, "n d_model"]: the residual stream (or the writer's addition) at `point` on the shipped text.
 
-    The first position is excluded: it is an attention sink with massive norms, not a typical token.
+    The first position of each text is left out: it is an attention sink with massive norms, not a typical token.
     """
     name = site_module_name(model, point, unit)
-    norms: list[float] = []
+    rows: list[Tensor] = []
     keep: list[Tensor] = []
 
     def on(_name: str, out: Tensor) -> None:
-        norms.extend(out.float().norm(dim=-1)[keep[-1].to(out.device)].tolist())
+        rows.append(out.float()[keep[-1].to(out.device)].cpu())
 
     device = next(model.parameters()).device
     with recording(model, [name], on, what="output"):
-        for batch in corpus.batches(tokenizer, "calibration", tokens):
+        for batch in corpus.batches(tokenizer, split, tokens):
             mask = batch.attention_mask.bool().clone()
             mask[:, 0] = False
-            keep.append(mask.to(device))
-            forward_until(
-                model,
-                point.writer()[0],
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-            )
-    return statistics.median(norms)
+            keep.append(mask)
+            ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+            forward_until(model, point.writer()[0], input_ids=ids, attention_mask=attention)
+    return torch.cat(rows)
+
+
+def median_norm(
+    model: nn.Module, tokenizer: Any, point: HookPoint, unit: Literal["resid", "writer"], *, tokens: int = 2048
+) -> float:
+    """Median per-token L2 norm of the residual stream (or of the writer's addition) at `point`, on held-in text."""
+    acts = site_activations(model, tokenizer, point, unit, split="calibration", tokens=tokens)
+    # quantile, not median(): the midpoint for an even count, as statistics.median gives
+    return float(torch.quantile(acts.norm(dim=-1).double(), 0.5))

@@ -143,27 +143,11 @@ def reconstruction_fvu(sae: LoadedSAE, model: Any, tokenizer: Any, *, tokens: in
 
     Position 0 is left out: its massive attention-sink activations are not what an SAE is trained on.
     """
-    from steer_core import corpus
-    from steer_core.activations import forward_until, recording, site_module_name
+    from steer_core.activations import site_activations
 
     point = sae.source.point
     unit = "resid" if point.site in ("resid_pre", "resid_post") else "writer"
-    name = site_module_name(model, point, unit)
-    acts: list[Tensor] = []
-    keep: list[Tensor] = []
-
-    def on(_name: str, out: Tensor) -> None:
-        acts.append(out.float()[keep[-1].to(out.device)].cpu())
-
-    device = next(model.parameters()).device
-    with recording(model, [name], on, what="output"):
-        for batch in corpus.batches(tokenizer, "heldout", tokens):
-            mask = batch.attention_mask.bool().clone()
-            mask[:, 0] = False
-            keep.append(mask)
-            forward_until(model, point.writer()[0], input_ids=batch.input_ids.to(device),
-                          attention_mask=batch.attention_mask.to(device))  # fmt: skip
-    x = torch.cat(acts)
+    x = site_activations(model, tokenizer, point, unit, split="heldout", tokens=tokens)
     with torch.no_grad():
         recon = sae.sae(x.to(sae.decoder.device, sae.decoder.dtype)).float().cpu()
     return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())

@@ -216,24 +216,41 @@ def _greedy_agreement(
     prompts: int,
     new_tokens: int,
 ) -> tuple[float, float]:
-    """Mean tokens before the adapter's greedy continuation first differs from the hook's, and the full-match rate."""
+    """Mean tokens before the adapter's greedy continuation first differs from the hook's, and the full-match rate.
+
+    Until the first difference both continuations share their prefix, so the adapter's greedy choice at each step is
+    its argmax on the hook's own continuation: one batched hook generation and one adapter forward pass measure it.
+    """
     if prompts <= 0:
         return float("nan"), float("nan")
     device = next(model.parameters()).device
     texts = corpus.split_texts("heldout")[:prompts]
-    prefixes = []
-    for i, text in enumerate(texts):
-        ids = tokenizer(corpus.prompt_for(tokenizer, text, i), return_tensors="pt").input_ids.to(device)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": new_tokens,
-            "min_new_tokens": new_tokens,
-            "do_sample": False,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        with torch.no_grad():
-            with reference(model, vector, meta):
-                hook = model.generate(ids, **kwargs)[0, ids.shape[1] :]
-            adapt = adapted.generate(input_ids=ids, **kwargs)[0, ids.shape[1] :]
-        same = (hook[: len(adapt)] == adapt[: len(hook)]).long()
-        prefixes.append(int(same.cumprod(0).sum()))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    try:
+        enc = tokenizer(
+            [corpus.prompt_for(tokenizer, t, i) for i, t in enumerate(texts)], return_tensors="pt", padding=True
+        )
+    finally:
+        tokenizer.padding_side = side
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    width = ids.shape[1]
+    with torch.no_grad():
+        with reference(model, vector, meta):
+            seq = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        full_mask = torch.cat([mask, torch.ones_like(seq[:, width:])], dim=1)
+        logits = adapted(input_ids=seq, attention_mask=full_mask).logits[:, width - 1 : -1].float()
+    # min_new_tokens kept the hook from ending early; hold the adapter to the same rule.
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    for token in [eos] if isinstance(eos, int) else eos or []:
+        logits[..., token] = float("-inf")
+    same = (logits.argmax(-1) == seq[:, width:]).long()
+    prefixes = same.cumprod(dim=1).sum(dim=1).tolist()
     return sum(prefixes) / len(prefixes), sum(p == new_tokens for p in prefixes) / len(prefixes)
