@@ -130,6 +130,30 @@ def run_control_vector(model_name: str, *vector_args: object) -> str:
         raise gr.Error(str(err)) from err
 
 
+def run_compare(model_name: str, *vector_args: object) -> str:
+    """The vector's norm against the layer's, and the SAE features (SAE folder field) nearest to it by cosine."""
+    from steer_core.activations import median_norm
+    from steer_core.feature import load_sae_from_disk, top_features_by_cosine
+
+    sae_path = str(vector_args[5]).strip()
+    if not sae_path:
+        raise gr.Error("Fill in the SAE folder to compare the vector with its features.")
+    lm = get_model(model_name)
+    vector = _build(lm, _recipe(*vector_args))  # type: ignore[arg-type]
+    try:
+        sae = load_sae_from_disk(sae_path)
+    except (ValueError, FileNotFoundError) as err:
+        raise gr.Error(str(err)) from err
+    lines = []
+    for point, v in sorted(vector.directions.items()):
+        ref = median_norm(lm.model, lm.tokenizer, point, "resid")
+        lines.append(
+            f"**{point.tl_name}**: norm {float(v.norm()):.4g} = {float(v.norm()) / ref:.3g} × median residual norm"
+        )
+        lines += [f"- feature {i}: cos {c:+.3f}" for i, c in top_features_by_cosine(sae, v, 10)]
+    return "\n".join(lines)
+
+
 def run_push(folder: str, repo_id: str, private: bool, token: str, oauth: gr.OAuthToken | None = None) -> str:
     if not folder:
         raise gr.Error("Export an adapter first.")
@@ -202,6 +226,11 @@ with gr.Blocks(title="SAE steering → LoRA") as demo:
             cv_btn = gr.Button("Also as a llama.cpp control vector (GGUF, exact, no calibration)")
             cv_file = gr.File(label="control_vector.gguf")
         cv_btn.click(run_control_vector, [model_name, *vector_inputs], cv_file)
+
+    with gr.Tab("Compare with SAE features"):
+        compare_btn = gr.Button("Nearest features of the SAE folder above, by cosine")
+        compared = gr.Markdown()
+        compare_btn.click(run_compare, [model_name, *vector_inputs], compared)
 
     with gr.Tab("Push to the Hub"):
         if os.environ.get("SPACE_ID"):  # OAuth exists on Spaces only; locally use a token or HF_TOKEN

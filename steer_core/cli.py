@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     c.add_argument("--out", required=True, help="the .gguf file to write")
     _steering_args(c)
+
+    f = sub.add_parser("features", help="the SAE features nearest (by cosine) to a steering vector, and its norm")
+    _model_args(f)
+    f.add_argument("--compare-sae", required=True, metavar="DIR", help="an SAE Lens folder at the vector's site")
+    f.add_argument("--top", type=int, default=10)
+    _steering_args(f)
     return parser
 
 
@@ -265,6 +271,27 @@ def _cmd_control_vector(args: argparse.Namespace, parser: argparse.ArgumentParse
     return 0
 
 
+def _cmd_features(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from steer_core.activations import median_norm
+    from steer_core.feature import load_sae_from_disk, top_features_by_cosine
+
+    _check_steering_args(parser, args, required=True)
+    recipe = recipe_from_args(args)
+    sae = load_sae_from_disk(args.compare_sae)
+    lm = _load(args)
+    vector = recipe.build(lm)
+    for point, v in sorted(vector.directions.items()):
+        norm = float(v.norm())
+        ref = median_norm(lm.model, lm.tokenizer, point, "resid")
+        print(f"{point.tl_name}: norm {norm:.4g} = {norm / ref:.3g} × the median residual norm ({ref:.4g})")
+        if point != sae.source.point:
+            print(f"  (the SAE reads {sae.source.hook_name}; cosines compare directions across sites)")
+        for index, cos in top_features_by_cosine(sae, v, args.top):
+            url = sae.source.neuronpedia_url(index)
+            print(f"  feature {index:>6}  cos {cos:+.3f}" + (f"  {url}" if url else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -276,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_verify(args)
         if args.command == "control-vector":
             return _cmd_control_vector(args, parser)
+        if args.command == "features":
+            return _cmd_features(args, parser)
         return _cmd_generate(args, parser)
     except (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -61,3 +61,15 @@ def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
 def test_push_refuses_without_an_export() -> None:
     with pytest.raises(gr.Error, match="Export an adapter first"):
         app.run_push("", "me/x", True, "")
+
+
+def test_compare_with_sae_features(tmp_path: Path) -> None:
+    from helpers import build_sae
+
+    sae = build_sae(tmp_path / "sae", hook_name="blocks.1.hook_resid_post")
+    args = _vector_args()
+    args[5] = str(sae)
+    text = app.run_compare("tiny", *args)
+    assert "× median residual norm" in text and text.count("- feature") == 10
+    with pytest.raises(gr.Error, match="SAE folder"):
+        app.run_compare("tiny", *_vector_args())

@@ -223,3 +223,18 @@ def test_control_vector_refuses_unwritable_sites(
     assert main(argv) == 1
     assert "direction.0" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_features_lists_nearest_sae_features(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sae_dir = build_sae(tmp_path / "sae", hook_name="blocks.1.hook_resid_post")
+    from steer_core.feature import load_sae_from_disk
+
+    row = load_sae_from_disk(sae_dir).decoder[4].float()
+    path = tmp_path / "v.safetensors"
+    save_file({"v": row.contiguous()}, str(path))
+    argv = ["features", "--model", str(model_dir), "--compare-sae", str(sae_dir), "--vector", str(path), "--layer", "1",
+            "--top", "3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "× the median residual norm" in out
+    assert out.splitlines()[1].split()[:4] == ["feature", "4", "cos", "+1.000"]
