@@ -89,13 +89,13 @@ def preview(
         raise gr.Error(str(err)) from err
 
 
-def run_export(model_name: str, mode: str, tokens: float, *vector_args, progress=gr.Progress()):
+def run_export(model_name: str, mode: str, tokens: float, refine_steps: float, *vector_args, progress=gr.Progress()):
     lm = get_model(model_name)
     vector = _build(lm, _recipe(*vector_args))
     work = Path(tempfile.mkdtemp(prefix="steer-export-"))
     try:
         result = export(lm, vector, work / "adapter", mode=mode, calibration_tokens=int(tokens),
-                        progress=lambda f, m: progress(f, desc=m))  # fmt: skip
+                        refine_steps=int(refine_steps), progress=lambda f, m: progress(f, desc=m))  # fmt: skip
     except (ValueError, FileExistsError) as err:
         shutil.rmtree(work, ignore_errors=True)
         raise gr.Error(str(err)) from err
@@ -214,6 +214,9 @@ with gr.Blocks(title="SAE steering → LoRA") as demo:
             mode = gr.Radio(list(MODE_WHERE), value="portable", label="Mode",
                             info=" | ".join(f"{k}: {v}" for k, v in MODE_WHERE.items()))  # fmt: skip
             tokens = gr.Slider(1024, 65536, value=16384, step=1024, label="Calibration tokens")
+            refine_steps = gr.Slider(
+                0, 300, value=0, step=10, label="End-to-end refinement steps (portable; slower, more faithful)"
+            )
         export_btn = gr.Button("Calibrate, build and verify", variant="primary")
         report = gr.Markdown()
         plot = gr.LinePlot(x="position", y="KL(hook‖adapter)", label="KL along held-out text, by position")
@@ -221,7 +224,9 @@ with gr.Blocks(title="SAE steering → LoRA") as demo:
         with gr.Accordion("Model card", open=False):
             card = gr.Markdown()
         folder = gr.State("")
-        export_btn.click(run_export, [model_name, mode, tokens, *vector_inputs], [report, plot, archive, card, folder])
+        export_btn.click(
+            run_export, [model_name, mode, tokens, refine_steps, *vector_inputs], [report, plot, archive, card, folder]
+        )
         with gr.Row():
             cv_btn = gr.Button("Also as a llama.cpp control vector (GGUF, exact, no calibration)")
             cv_file = gr.File(label="control_vector.gguf")

@@ -48,7 +48,7 @@ def refine(
     calibration: Calibration,
     *,
     steps: int,
-    lr: float = 3e-2,
+    lr: float = 0.1,
     batch_size: int = 2,
     max_doc_tokens: int = 64,
     progress: Progress | None = None,

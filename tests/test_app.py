@@ -30,7 +30,7 @@ def test_preview_streams_both_sides() -> None:
 
 def test_export_gives_report_zip_and_card(tmp_path: Path) -> None:
     summary, plot, archive, card, folder = app.run_export(
-        "tiny", "exact", 1024, *_vector_args(), progress=lambda *a, **k: None
+        "tiny", "exact", 1024, 0, *_vector_args(), progress=lambda *a, **k: None
     )
     assert "top-1 next-token agreement: **100.0%**" in summary
     assert len(plot) > 0 and "library_name: peft" in card
