@@ -170,9 +170,3 @@ def num_layers(model: nn.Module) -> int:
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(architecture_for(model).layers_path)  # type: ignore[return-value]
-
-
-def check_layer(model: nn.Module, point: HookPoint) -> None:
-    n = num_layers(model)
-    if point.layer >= n:
-        raise ValueError(f"layer {point.layer} is out of range: this model has layers 0..{n - 1}")

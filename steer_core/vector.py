@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,13 +159,3 @@ def check_fits_model(vector: SteeringVector, d_model: int, n_layers: int) -> Non
     for p in vector.points:
         if p.layer >= n_layers:
             raise ValueError(f"{p.tl_name}: layer {p.layer} is out of range; the model has layers 0..{n_layers - 1}")
-
-
-def unit_directions(vectors: Iterable[Tensor]) -> list[Tensor]:
-    out = []
-    for v in vectors:
-        n = v.norm()
-        if not n > 0:
-            raise ValueError("cannot take the direction of a zero vector")
-        out.append(v / n)
-    return out

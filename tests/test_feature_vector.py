@@ -113,3 +113,14 @@ def test_steering_vector_roundtrip_and_checks(tmp_path: Path) -> None:
         SteeringVector({HookPoint(1, "resid_post"): torch.randn(3), HookPoint(2, "resid_post"): torch.randn(4)})
     with pytest.raises(ValueError, match="at least one"):
         SteeringVector({})
+
+
+def test_vectors_add_per_site() -> None:
+    a = SteeringVector({HookPoint(1, "resid_post"): torch.ones(4)}, {"source": "a"})
+    b = SteeringVector(
+        {HookPoint(1, "resid_post"): torch.ones(4), HookPoint(2, "attn_out"): torch.ones(4)}, {"source": "b"}
+    )
+    c = a + b
+    torch.testing.assert_close(c.directions[HookPoint(1, "resid_post")], 2 * torch.ones(4))
+    assert c.points == [HookPoint(1, "resid_post"), HookPoint(2, "attn_out")]
+    assert c.provenance == {"combined": [{"source": "a"}, {"source": "b"}]}
