@@ -16,6 +16,10 @@ from steer_core.model import LoadedModel
 from steer_core.steer import steering
 from steer_core.vector import SteeringVector
 
+# HF sampling draws from torch's one global RNG, so two sampled generations at once would interleave their draws and
+# neither would follow its seed. Sampled runs take turns; greedy runs use no RNG and never wait.
+_SAMPLING = threading.Lock()
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -77,11 +81,10 @@ def stream(
     if sampling:
         kwargs.update(temperature=config.temperature, top_p=config.top_p)
 
-    # A private generator: the same seed gives the same sampling for the unsteered and the steered run.
     def run() -> None:
         try:
-            torch.manual_seed(config.seed)
-            with torch.no_grad():
+            with _SAMPLING if sampling else nullcontext(), torch.no_grad():
+                torch.manual_seed(config.seed)  # the same seed samples the same way for unsteered and steered
                 lm.model.generate(**kwargs)
         except BaseException as err:  # surfaced to the consumer below
             errors.append(err)

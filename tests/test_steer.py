@@ -145,3 +145,24 @@ def test_generation_config_rejects(kwargs: dict, match: str) -> None:
 def test_empty_prompt_rejected() -> None:
     with pytest.raises(ValueError, match="empty"):
         complete(tiny_lm("llama"), "   ")
+
+
+def test_concurrent_sampled_previews_follow_their_seeds() -> None:
+    lm = tiny_lm("llama")
+    configs = [GenerationConfig(max_new_tokens=16, temperature=1.5, seed=s) for s in range(4)]
+    solo = [complete(lm, "abc", config=c) for c in configs]
+    results: dict[int, str] = {}
+    barrier = threading.Barrier(len(configs))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        results[i] = complete(lm, "abc", config=configs[i], vector=_vec(seed=i) if i % 2 else None)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(configs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(0, len(configs), 2):  # the unsteered ones must equal their solo runs exactly
+        assert results[i] == solo[i]
+    assert len(set(solo)) > 1, "different seeds sample differently"
