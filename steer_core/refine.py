@@ -22,6 +22,7 @@ from steer_core.calibrate import Calibration, Progress, WriterFit, balance
 from steer_core.hooks import gated_hooks
 from steer_core.steer import steering
 from steer_core.vector import SteeringVector
+from steer_core.verify import kl_per_token
 
 
 @contextmanager
@@ -79,7 +80,7 @@ def refine(
             target = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         with rank1_updates(model, params):
             pred = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        kl = (target.exp() * (target - pred)).sum(-1)[keep].mean()
+        kl = kl_per_token(target, pred)[keep].mean()
         opt.zero_grad(set_to_none=True)
         kl.backward()
         opt.step()

@@ -130,7 +130,7 @@ def _fit_error(
         yield state
 
 
-def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
+def kl_per_token(p_log: Tensor, q_log: Tensor) -> Tensor:
     # KL is never negative; float rounding can make near-identical distributions come out at -1e-9.
     return (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
 
@@ -175,8 +175,8 @@ def verify(
                 hook = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
             fit_state["mask"] = torch.zeros_like(keep)
             adapt = F.log_softmax(adapted(input_ids=ids, attention_mask=mask).logits.float(), -1)
-            kl_a = _kl(hook, adapt)
-            kl_b = _kl(hook, base)
+            kl_a = kl_per_token(hook, adapt)
+            kl_b = kl_per_token(hook, base)
             top_h = hook.argmax(-1)
             agree += int((top_h == adapt.argmax(-1))[keep].sum())
             agree_base += int((top_h == base.argmax(-1))[keep].sum())
@@ -225,16 +225,13 @@ def _greedy_agreement(
         return float("nan"), float("nan")
     device = next(model.parameters()).device
     texts = corpus.split_texts("heldout")[:prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    try:
-        enc = tokenizer(
-            [corpus.prompt_for(tokenizer, t, i) for i, t in enumerate(texts)], return_tensors="pt", padding=True
-        )
-    finally:
-        tokenizer.padding_side = side
-    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-    width = ids.shape[1]
+    # Left padding, so generation continues every row from its last real token. Padded by hand: the tokenizer is
+    # shared with concurrent requests, so its padding_side is not ours to flip.
+    rows = [tokenizer(corpus.prompt_for(tokenizer, t, i)).input_ids for i, t in enumerate(texts)]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     with torch.no_grad():
         with reference(model, vector, meta):
             seq = model.generate(
