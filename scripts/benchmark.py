@@ -1,11 +1,19 @@
-"""Fidelity and cost of exported adapters across layers and strengths, on the embedded models.
+"""Fidelity and cost of exported adapters across layers, strengths, vectors and modes, on the embedded models.
 
-Prints a table and writes benchmark.json / benchmark.csv / benchmark.png into --out. A script, not a test: every
-number is measured in this run. Example (about 20 minutes on 2 CPU cores):
+Prints tables and writes benchmark.json / benchmark.csv / benchmark.png into --out. A script, not a test: every
+number is measured in this run, on held-out text (chat-formatted for the instruct model) that calibration never saw.
+Examples (2 CPU cores; about 20 minutes for the first, 10 for the second, 6 for the third):
 
     .venv/bin/python -m scripts.benchmark --model smollm2-135m-instruct --out artifacts/bench-smollm2
     .venv/bin/python -m scripts.benchmark --model gemma-3-270m --strengths 0.25 1 --unit writer \\
         --out artifacts/bench-gemma
+    .venv/bin/python -m scripts.benchmark --vectors sae caa --seeds 3 --layers 15 --cost --out artifacts/bench-real
+
+Vectors: "random" (a seeded random direction), "sae" (a feature of the model's embedded SAE, at its layer only;
+seed i takes the i-th of a fixed, seeded choice of live features), "caa" (mean difference of examples/joy_pairs.json
+at the layer). Each is scaled to k × the layer's median norm (--unit). --cost adds calibration time against
+calibration tokens and the serving speed ratios (hook-steered preview, unmerged PEFT adapter and merged adapter,
+each ÷ the base model, tokens/s measured back to back in this run).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +29,17 @@ from pathlib import Path
 import torch
 
 from steer_core.activations import median_norm
+from steer_core.calibrate import calibrate
 from steer_core.export import export
+from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import GenerationConfig, complete
 from steer_core.model import load_model
+from steer_core.recipe import VectorRecipe
 from steer_core.sites import HookPoint, num_layers
 from steer_core.vector import SteeringVector
+from steer_core.verify import load_peft
+
+EXAMPLE_PAIRS = Path(__file__).resolve().parents[1] / "examples" / "joy_pairs.json"
 
 
 def default_layers(n: int) -> list[int]:
@@ -38,17 +53,79 @@ def random_vector(lm, point: HookPoint, k: float, unit: str, seed: int) -> Steer
     return SteeringVector({point: v / v.norm() * k * norm}, {"source": "random", "seed": seed, "k": k, "unit": unit})
 
 
-def speed_ratio(lm, vector: SteeringVector, tokens: int = 48) -> float:
-    """Steered preview tokens/s ÷ unsteered, greedy, same prompt, measured back to back (best of 2)."""
+def sae_features(lm, seeds: int) -> tuple[HookPoint, list[int]]:
+    """The embedded SAE's layer and `seeds` live features drawn with a fixed seed (labels say which fired)."""
+    from steer_core.labels import load_labels
+
+    spec = embedded_sae_for(lm.name)
+    if spec is None:
+        raise SystemExit(f"--vectors sae needs a model with an embedded SAE; {lm.name} has none")
+    sae = load_sae_from_disk(spec.path)
+    labels = load_labels(spec.labels_path)
+    live = sorted(f for f, label in labels.labels.items() if 1e-4 < label.density < 0.05)
+    chosen = [live[i] for i in torch.randperm(len(live), generator=torch.Generator().manual_seed(0))[:seeds]]
+    return sae.source.point, chosen
+
+
+def make_vector(lm, kind: str, point: HookPoint, k: float, unit: str, seed: int, features: list[int]) -> SteeringVector:
+    if kind == "random":
+        return random_vector(lm, point, k, unit, seed)
+    if kind == "sae":
+        return VectorRecipe("sae", (k,), unit, features=(features[seed],)).build(lm)
+    from steer_core.contrastive import read_pairs
+
+    pos, neg = read_pairs(EXAMPLE_PAIRS)
+    recipe = VectorRecipe("contrastive", (k,), unit, layer=point.layer, positive=tuple(pos), negative=tuple(neg))
+    return recipe.build(lm)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def speed_ratios(lm, vector: SteeringVector, adapter_dir: Path, tokens: int = 48) -> dict[str, float]:
+    """Tokens/s ÷ the base model's, greedy, one prompt, measured back to back (best of 2 each): hook-steered
+    preview, the adapter unmerged in PEFT, and the adapter merged into the weights."""
     config = GenerationConfig(max_new_tokens=tokens, temperature=0.0)
     prompt = "Write a short paragraph about the sea."
-    best = {"base": float("inf"), "steered": float("inf")}
+    peft_model = load_peft(lm.model, adapter_dir)
+    ids = lm.tokenizer(lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                       add_generation_prompt=True) if lm.is_chat else prompt, return_tensors="pt")  # fmt: skip
+
+    def gen(model) -> None:
+        # min_new_tokens: every variant generates exactly `tokens` tokens, so times compare
+        model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    runs = {
+        "base": lambda: gen(lm.model),
+        "hook_preview": lambda: complete(lm, prompt, vector=vector, config=config),
+        "base_preview": lambda: complete(lm, prompt, vector=None, config=config),
+        "peft_unmerged": lambda: gen(peft_model),
+    }
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(2):
-        for name, vec in (("base", None), ("steered", vector)):
-            t = time.perf_counter()
-            complete(lm, prompt, vector=vec, config=config)
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best["base"] / best["steered"]
+        for name, fn in runs.items():
+            best[name] = min(best[name], _timed(fn))
+    merged = peft_model.merge_and_unload()
+    best["merged"] = min(_timed(lambda: gen(merged)) for _ in range(2))
+    return {
+        "steered_preview_over_unsteered": best["base_preview"] / best["hook_preview"],
+        "peft_unmerged_over_base": best["base"] / best["peft_unmerged"],
+        "merged_over_base": best["base"] / best["merged"],
+    }
+
+
+def calibration_cost(lm, vector: SteeringVector, budgets: list[int]) -> list[dict]:
+    """Seconds to calibrate (forward passes + the ridge fit) against calibration tokens."""
+    rows = []
+    for tokens in budgets:
+        cal = calibrate(lm.model, lm.tokenizer, vector, tokens=tokens)
+        rows.append({"tokens": cal.tokens, "seconds": cal.seconds, "cv_rel_rmse": cal.fits[0].cv_rel_rmse})
+        print(f"  calibration {cal.tokens:>6} tokens: {cal.seconds:6.1f} s  (validation rel. RMSE "
+              f"{cal.fits[0].cv_rel_rmse:.4f})", flush=True)  # fmt: skip
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -60,11 +137,11 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (k, mode), group in _groups(rows).items():
+    for (k, mode, kind), group in _groups(rows).items():
         layers = sorted({r["layer"] for r in group})
         mean = [sum(r["top1"] for r in group if r["layer"] == layer) / sum(1 for r in group if r["layer"] == layer)
                 for layer in layers]  # fmt: skip
-        ax.plot(layers, [100 * m for m in mean], marker="o", label=f"{k}× ({mode})")
+        ax.plot(layers, [100 * m for m in mean], marker="o", label=f"{kind} {k:g}× ({mode})")
     ax.set_xlabel("layer (resid_post)")
     ax.set_ylabel("top-1 agreement with hook steering (%)")
     ax.set_title(rows[0]["model"])
@@ -74,10 +151,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _groups(rows: list[dict]) -> dict[tuple[float, str], list[dict]]:
-    out: dict[tuple[float, str], list[dict]] = {}
+def _groups(rows: list[dict]) -> dict[tuple[float, str, str], list[dict]]:
+    out: dict[tuple[float, str, str], list[dict]] = {}
     for r in rows:
-        out.setdefault((r["k"], r["mode"]), []).append(r)
+        out.setdefault((r["k"], r["mode"], r["vector"]), []).append(r)
     return out
 
 
@@ -91,6 +168,9 @@ def main() -> None:
     p.add_argument("--calibration-tokens", type=int, default=16384)
     p.add_argument("--verify-tokens", type=int, default=2048)
     p.add_argument("--refine-steps", type=int, default=0)
+    p.add_argument("--vectors", nargs="+", choices=["random", "sae", "caa"], default=["random"])
+    p.add_argument("--modes", nargs="+", choices=["portable", "exact", "ablate"], default=["portable"])
+    p.add_argument("--cost", action="store_true", help="also calibration time vs tokens and serving speed ratios")
     p.add_argument("--out", default="artifacts/benchmark")
     args = p.parse_args()
 
@@ -103,39 +183,55 @@ def main() -> None:
     rows: list[dict] = []
     print(f"{args.model}: loaded in {load_s:.1f}s; layers {layers}; strengths {args.strengths} × {args.unit} norm")
     header = (
-        f"{'layer':>5} {'k':>5} {'seed':>4} {'top1':>7} {'KL ratio':>9} {'greedy':>7} {'fit err':>8} {'export s':>8}"
+        f"{'vector':>6} {'mode':>8} {'layer':>5} {'k':>5} {'seed':>4} {'top1':>7} {'KL ratio':>9} {'greedy':>7} "
+        f"{'fit err':>8} {'export s':>8}"
     )
     print(header)
-    for layer in layers:
-        for k in args.strengths:
-            for seed in range(args.seeds):
-                point = HookPoint(layer, "resid_post")
-                vec = random_vector(lm, point, k, args.unit, seed)
-                with tempfile.TemporaryDirectory() as tmp:
-                    res = export(lm, vec, Path(tmp) / "a", calibration_tokens=args.calibration_tokens,
-                                 verify_tokens=args.verify_tokens, refine_steps=args.refine_steps)  # fmt: skip
-                rep = res.report
-                fit = next(iter(rep.fit_abs_error.values()), float("nan"))
-                row = {
-                    "model": args.model, "layer": layer, "k": k, "unit": args.unit, "seed": seed, "mode": "portable",
-                    "refine_steps": args.refine_steps, "top1": rep.top1_agreement, "kl_ratio": rep.kl_ratio,
-                    "kl_hook_adapter": rep.kl_hook_adapter, "kl_hook_base": rep.kl_hook_base,
-                    "greedy_prefix": rep.greedy_prefix_mean, "fit_abs_error": fit,
-                    "calibrate_s": res.seconds.get("calibrate"), "verify_s": res.seconds.get("verify"),
-                    "export_s": res.seconds["total"],
-                }  # fmt: skip
-                rows.append(row)
-                cells = f"{rep.top1_agreement:>7.1%} {rep.kl_ratio:>9.4f} {rep.greedy_prefix_mean:>7.1f} {fit:>8.3f}"
-                print(f"{layer:>5} {k:>5g} {seed:>4} {cells} {res.seconds['total']:>8.1f}", flush=True)
-    ratio = speed_ratio(lm, random_vector(lm, HookPoint(layers[len(layers) // 2], "resid_post"), 1.0, args.unit, 0))
-    summary = {"model": args.model, "load_s": load_s, "steered_over_unsteered_tokens_per_s": ratio, "rows": rows}
+    sae_point, features = sae_features(lm, args.seeds) if "sae" in args.vectors else (None, [])
+    last: tuple[SteeringVector, Path] | None = None
+    keep = Path(tempfile.mkdtemp())
+    for kind in args.vectors:
+        for layer in [sae_point.layer] if kind == "sae" and sae_point else layers:
+            for k in args.strengths:
+                for seed in range(args.seeds if kind != "caa" else 1):
+                    point = HookPoint(layer, "resid_post")
+                    vec = make_vector(lm, kind, point, k, args.unit, seed, features)
+                    for mode in args.modes:
+                        folder = keep / f"{kind}-{mode}-{layer}-{k}-{seed}"
+                        res = export(lm, vec, folder, mode=mode, calibration_tokens=args.calibration_tokens,
+                                     verify_tokens=args.verify_tokens, refine_steps=args.refine_steps)  # fmt: skip
+                        if mode == "portable":
+                            last = (vec, folder)
+                        rep = res.report
+                        fit = next(iter(rep.fit_abs_error.values()), float("nan"))
+                        row = {
+                            "model": args.model, "vector": kind, "feature": features[seed] if kind == "sae" else None,
+                            "layer": layer, "k": k, "unit": args.unit, "seed": seed, "mode": mode,
+                            "refine_steps": args.refine_steps, "top1": rep.top1_agreement, "kl_ratio": rep.kl_ratio,
+                            "kl_hook_adapter": rep.kl_hook_adapter, "kl_hook_base": rep.kl_hook_base,
+                            "greedy_prefix": rep.greedy_prefix_mean, "fit_abs_error": fit,
+                            "calibrate_s": res.seconds.get("calibrate"), "verify_s": res.seconds.get("verify"),
+                            "export_s": res.seconds["total"],
+                        }  # fmt: skip
+                        rows.append(row)
+                        cells = (f"{rep.top1_agreement:>7.1%} {rep.kl_ratio:>9.4f} {rep.greedy_prefix_mean:>7.1f} "
+                                 f"{fit:>8.3f}")  # fmt: skip
+                        print(f"{kind:>6} {mode:>8} {layer:>5} {k:>5g} {seed:>4} {cells} {res.seconds['total']:>8.1f}",
+                              flush=True)  # fmt: skip
+    summary: dict = {"model": args.model, "load_s": load_s, "rows": rows}
+    if args.cost and last is not None:
+        print("cost:")
+        summary["calibration_cost"] = calibration_cost(lm, last[0], [2048, 4096, 8192, 16384, 32768])
+        summary["speed"] = speed_ratios(lm, *last)
+        for name, value in summary["speed"].items():
+            print(f"  {name}: {value:.3f}")
+    shutil.rmtree(keep, ignore_errors=True)
     (out / "benchmark.json").write_text(json.dumps(summary, indent=1))
     with (out / "benchmark.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "benchmark.png")
-    print(f"steered preview tokens/s ÷ unsteered: {ratio:.3f}")
     print(f"wrote {out}/benchmark.json, .csv, .png")
 
 

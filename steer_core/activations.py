@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
 from steer_core import corpus
 from steer_core.hooks import gated_hooks, untuple
@@ -56,6 +57,44 @@ def forward_until(model: nn.Module, last_layer: int, **inputs: Tensor) -> None:
         pass
 
 
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@contextmanager
+def recording_block_calls(model: nn.Module, first: int) -> Iterator[list[BlockCall]]:
+    """Record the (args, kwargs) each block from `first` on is called with, during one forward pass in this context.
+
+    With them, forward_from() reruns only the blocks a change at layer `first` can affect: the earlier blocks'
+    output is the same for the unsteered, steered and adapted passes, so computing it once is enough.
+    """
+    calls: list[BlockCall] = []
+    with gated_hooks() as hooks:
+        for block in blocks(model)[first:]:
+            hooks.pre(block, lambda _m, args, kwargs: calls.append((args, kwargs)))
+        yield calls
+
+
+def forward_from(model: nn.Module, first: int, calls: list[BlockCall]) -> Tensor:
+    """Logits of `model` run from block `first` on, replaying recorded block calls (hooks and adapters on those
+    blocks act as in a full pass). `model` may be another instance of the same architecture, e.g. a PEFT copy."""
+    layers = blocks(model)[first:]
+    if len(calls) != len(layers):
+        raise ValueError(f"recorded {len(calls)} block calls, but the model has {len(layers)} blocks from {first}")
+    args, kwargs = calls[0]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    for block, (recorded_args, recorded) in zip(layers, calls, strict=True):
+        # A KV cache recorded with the call (as a keyword or, in GPT-2, positionally) would grow with every replay.
+        args = tuple(None if isinstance(a, Cache) else a for a in recorded_args)
+        kwargs = {k: None if isinstance(v, Cache) else v for k, v in recorded.items()}
+        if args:
+            hidden = untuple(block(hidden, *args[1:], **kwargs))
+        else:
+            hidden = untuple(block(**{**kwargs, "hidden_states": hidden}))
+    logits = model.get_output_embeddings()(model.get_submodule(architecture_for(model).final_norm)(hidden))
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def site_module_name(model: nn.Module, point: HookPoint, unit: Literal["resid", "writer"]) -> str:
     """The module whose output is the residual at `point` ("resid") or what its writer adds ("writer")."""
     arch = architecture_for(model)
@@ -94,6 +133,44 @@ def site_activations(
             ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
             forward_until(model, point.writer()[0], input_ids=ids, attention_mask=attention)
     return torch.cat(rows)
+
+
+def text_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    point: HookPoint,
+    unit: Literal["resid", "writer"],
+    texts: list[str] | tuple[str, ...],
+    *,
+    max_tokens_per_text: int = 128,
+    batch_size: int = 8,
+) -> tuple[Tensor, list[list[int]], list[tuple[int, int]]]:
+    """Activations at `point` for every token of `texts` but position 0 (the attention sink).
+
+    Returns Float[Tensor, "n d_model"], each text's token ids, and (text index, position) for each row.
+    """
+    name = site_module_name(model, point, unit)
+    ids = [tokenizer(t, add_special_tokens=True).input_ids[:max_tokens_per_text] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    rows: list[Tensor] = []
+    where: list[tuple[int, int]] = []
+    captured: list[Tensor] = []
+    with recording(model, [name], lambda _n, out: captured.append(out.float().cpu()), what="output"):
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            width = max(len(seq) for seq in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, seq in enumerate(chunk):
+                input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[r, : len(seq)] = 1
+            forward_until(model, point.writer()[0], input_ids=input_ids.to(device), attention_mask=mask.to(device))
+            out = captured.pop()
+            for r, seq in enumerate(chunk):
+                rows.append(out[r, 1 : len(seq)])
+                where += [(start + r, pos) for pos in range(1, len(seq))]
+    return torch.cat(rows), ids, where
 
 
 def median_norm(

@@ -40,7 +40,13 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sae-release", help="sae_lens registry release, e.g. gemma-scope-2b-pt-res-canonical")
     g.add_argument("--sae-id", help="with --sae-release: the SAE id within the release")
     g.add_argument("--sae-path", help="a local SAE Lens folder (cfg.json + sae_weights.safetensors)")
-    g.add_argument("--feature", type=int, nargs="+", default=[], help="SAE feature index(es)")
+    g.add_argument(
+        "--feature",
+        type=int,
+        nargs="+",
+        default=[],
+        help="SAE feature index(es); without --sae-path/--sae-release, of the model's embedded SAE",
+    )
     g.add_argument("--strength", type=float, nargs="+", default=[1.0], help="one, or one per feature")
     g.add_argument(
         "--strength-unit",
@@ -111,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="the .gguf file to write")
     _steering_args(c)
 
+    s = sub.add_parser("search", help="find SAE features: by words in their labels, or active on a prompt")
+    _model_args(s)
+    s.add_argument("query", nargs="?", help="words to look for in the features' promoted tokens and top contexts")
+    s.add_argument("--active", metavar="PROMPT", help="instead: the features that fire most on this prompt")
+    s.add_argument("--sae-path", help="an SAE Lens folder (default: the model's embedded SAE)")
+    s.add_argument("--sae-release", help="or a sae_lens registry release (labelled here on the shipped text)")
+    s.add_argument("--sae-id")
+    s.add_argument("--top", type=int, default=10)
+
     f = sub.add_parser("features", help="the SAE features nearest (by cosine) to a steering vector, and its norm")
     _model_args(f)
     f.add_argument("--compare-sae", required=True, metavar="DIR", help="an SAE Lens folder at the vector's site")
@@ -131,11 +146,14 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(
             "give one vector source: --vector, --sae-release/--sae-id, --sae-path, --contrastive or --control-vector"
         )
+    if sum(sources) == 0 and args.feature:
+        return _check_values(parser, args)  # features of the model's embedded SAE
     if sum(sources) == 0:
         if required:
             parser.error(
-                "give a vector source: --vector FILE --layer L, --sae-release R --sae-id ID, --sae-path DIR, "
-                "--contrastive JSON --layer L, or --control-vector GGUF"
+                "give a vector source: --feature N (the embedded SAE), --sae-release R --sae-id ID --feature N, "
+                "--sae-path DIR --feature N, --vector FILE --layer L, --contrastive JSON --layer L, "
+                "or --control-vector GGUF"
             )
         return False
     if args.vector is not None and args.layer is None:
@@ -146,6 +164,12 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--sae-release and --sae-id go together")
     if (args.sae_release or args.sae_path) and not args.feature:
         parser.error("an SAE source needs --feature N [N ...]")
+    if args.feature and (args.vector or args.contrastive or args.control_vector):
+        parser.error("--feature selects SAE features; it does not combine with --vector/--contrastive/--control-vector")
+    return _check_values(parser, args)
+
+
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
     bad = [s for s in args.strength if not math.isfinite(s)]
     if bad:
         parser.error(f"--strength must be finite numbers, got {bad}")
@@ -271,6 +295,32 @@ def _cmd_control_vector(args: argparse.Namespace, parser: argparse.ArgumentParse
     return 0
 
 
+def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from steer_core.feature import load_sae
+    from steer_core.labels import active_features, labels_for, strongest_on
+
+    if (args.query is None) == (args.active is None):
+        parser.error("give either search words or --active PROMPT")
+    if (args.sae_release is None) != (args.sae_id is None):
+        parser.error("--sae-release and --sae-id go together")
+    lm = _load(args)
+    sae = load_sae(path=args.sae_path, release=args.sae_release, sae_id=args.sae_id, model=lm.name)
+    labels = labels_for(sae, lm.model, lm.tokenizer)
+    if args.active is not None:
+        active = active_features(sae, lm.model, lm.tokenizer, args.active)
+        hits = [(labels[f], act) for f, act in strongest_on(active, args.top)]
+        print(f"features most active on the prompt ({sae.source.describe()}), with their activation:")
+    else:
+        hits = labels.search(args.query, args.top)
+        print(f"features matching {args.query!r} ({sae.source.describe()}), with their score:")
+    if not hits:
+        print("  none")
+    for label, value in hits:
+        url = sae.source.neuronpedia_url(label.feature)
+        print(f"  {value:8.3f}  {label.summary()}" + (f"  {url}" if url else ""))
+    return 0
+
+
 def _cmd_features(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.activations import median_norm
     from steer_core.feature import load_sae_from_disk, top_features_by_cosine
@@ -303,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_verify(args)
         if args.command == "control-vector":
             return _cmd_control_vector(args, parser)
+        if args.command == "search":
+            return _cmd_search(args, parser)
         if args.command == "features":
             return _cmd_features(args, parser)
         return _cmd_generate(args, parser)

@@ -12,6 +12,8 @@ STEERING_JSON_FILENAME = "steering.json"
 # The hook-steering vector travels with the adapter so `verify` can rebuild the reference later.
 STEERING_VECTOR_FILENAME = "steering_vector.safetensors"
 MODEL_CARD_FILENAME = "README.md"
+# Feature labels shipped next to an SAE's cfg.json (steer_core.labels).
+LABELS_FILENAME = "labels.json.gz"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CALIBRATION_TOKENS = 16_384

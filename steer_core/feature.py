@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
+from steer_core.constants import LABELS_FILENAME
 from steer_core.sites import HookPoint, parse_hook_name
 
 if TYPE_CHECKING:
@@ -111,6 +113,60 @@ def load_sae_from_registry(release: str, sae_id: str) -> LoadedSAE:
     return LoadedSAE(sae, _source_from_sae(sae, release=release, sae_id=sae_id))
 
 
+@dataclass(frozen=True)
+class EmbeddedSAE:
+    """An SAE the project trained and ships (scripts/train_sae.py), so features work offline."""
+
+    name: str  # folder under steer_core/data/saes/
+    model: str  # the EMBEDDED_MODELS name it was trained on
+    default_feature: int  # a feature that visibly steers (README example), the app's first selection
+    default_strength: float  # in units of the layer's median residual norm
+
+    @property
+    def path(self) -> Path:
+        return Path(str(files("steer_core").joinpath("data", "saes", self.name)))
+
+    @property
+    def labels_path(self) -> Path:
+        return self.path / LABELS_FILENAME
+
+
+EMBEDDED_SAES: dict[str, EmbeddedSAE] = {
+    "smollm2-135m-instruct-res-L15": EmbeddedSAE(
+        "smollm2-135m-instruct-res-L15", "smollm2-135m-instruct", default_feature=0, default_strength=4.0
+    ),
+}
+
+
+def embedded_sae_for(model_name: str) -> EmbeddedSAE | None:
+    """The shipped SAE for an embedded model (by its short name or upstream Hub id), if there is one."""
+    from steer_core.model import EMBEDDED_MODELS
+
+    for spec in EMBEDDED_SAES.values():
+        if model_name in (spec.model, EMBEDDED_MODELS[spec.model].hub_id):
+            return spec
+    return None
+
+
+def load_sae(
+    *, path: str | Path | None = None, release: str | None = None, sae_id: str | None = None, model: str | None = None
+) -> LoadedSAE:
+    """A local folder, a registry (release, sae_id), or else the embedded SAE of `model`."""
+    if path:
+        return load_sae_from_disk(path)
+    if release or sae_id:
+        if not (release and sae_id):
+            raise ValueError("a registry SAE needs both a release and an sae_id")
+        return load_sae_from_registry(release, sae_id)
+    spec = embedded_sae_for(model or "")
+    if spec is None:
+        have = ", ".join(f"{s.model} ({s.name})" for s in EMBEDDED_SAES.values())
+        raise ValueError(
+            f"model {model!r} has no embedded SAE (embedded: {have}); give an SAE folder or a registry release and id"
+        )
+    return load_sae_from_disk(spec.path)
+
+
 def check_fits(source: SAESource, d_model: int, n_layers: int) -> None:
     """The SAE must read vectors of the model's width at a layer the model has."""
     if source.d_in != d_model:
@@ -138,6 +194,11 @@ def same_model(sae_model: str | None, model_id: str) -> bool:
     return a == b
 
 
+def sae_unit(source: SAESource) -> Literal["resid", "writer"]:
+    """Whether the SAE reads the residual stream itself or what one writer adds to it."""
+    return "resid" if source.point.site in ("resid_pre", "resid_post") else "writer"
+
+
 def reconstruction_fvu(sae: LoadedSAE, model: Any, tokenizer: Any, *, tokens: int = 2048) -> float:
     """Fraction of variance the SAE leaves unexplained on this model's activations at its hook (held-out text).
 
@@ -145,9 +206,7 @@ def reconstruction_fvu(sae: LoadedSAE, model: Any, tokenizer: Any, *, tokens: in
     """
     from steer_core.activations import site_activations
 
-    point = sae.source.point
-    unit = "resid" if point.site in ("resid_pre", "resid_post") else "writer"
-    x = site_activations(model, tokenizer, point, unit, split="heldout", tokens=tokens)
+    x = site_activations(model, tokenizer, sae.source.point, sae_unit(sae.source), split="heldout", tokens=tokens)
     with torch.no_grad():
         recon = sae.sae(x.to(sae.decoder.device, sae.decoder.dtype)).float().cpu()
     return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())

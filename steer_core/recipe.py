@@ -21,7 +21,8 @@ Source = Literal["file", "sae", "contrastive", "control_vector"]
 
 @dataclass(frozen=True)
 class VectorRecipe:
-    """source "file": path + layer + site; "sae": sae_path or (sae_release, sae_id) + features;
+    """source "file": path + layer + site; "sae": features of an SAE folder, a registry (sae_release, sae_id), or
+    (neither given) the model's embedded SAE;
     "contrastive": positive + negative prompts + layer + site (+ method, position); "control_vector": path to a
     llama.cpp / repeng GGUF (its layers are in the file; strength scales it like --control-vector-scaled).
 
@@ -61,8 +62,8 @@ class VectorRecipe:
         if self.source == "control_vector" and self.strength_unit != "abs":
             raise ValueError("a control vector's strength multiplies it as given; use strength unit 'abs'")
         if self.source == "sae":
-            if not self.path and not (self.sae_release and self.sae_id):
-                raise ValueError("an SAE vector needs a local SAE folder or a registry release and sae id")
+            if (self.sae_release is None) != (self.sae_id is None):
+                raise ValueError("a registry SAE needs both a release and an sae id")
             if not self.features:
                 raise ValueError("an SAE vector needs at least one feature index")
             if len(self.strengths) not in (1, len(self.features)):
@@ -102,17 +103,10 @@ class VectorRecipe:
         return vector
 
     def _build_sae(self, lm: LoadedModel, d_model: int, n_layers: int) -> SteeringVector:
-        from steer_core.feature import (
-            check_fits,
-            load_sae_from_disk,
-            load_sae_from_registry,
-            reconstruction_fvu,
-            same_model,
-        )
+        from steer_core.feature import check_fits, load_sae, reconstruction_fvu, same_model
         from steer_core.vector import from_features
 
-        registry = (self.sae_release, self.sae_id)
-        sae = load_sae_from_disk(self.path) if self.path else load_sae_from_registry(*registry)  # type: ignore[arg-type]
+        sae = load_sae(path=self.path, release=self.sae_release, sae_id=self.sae_id, model=lm.name)
         check_fits(sae.source, d_model, n_layers)
         strengths = list(self.strengths) * (len(self.features) if len(self.strengths) == 1 else 1)
         if self.strength_unit != "abs":

@@ -109,6 +109,7 @@ class Architecture:
     mlp_post_norm: str | None = None
     # GPT-2's Conv1D stores W transposed; PEFT needs to know.
     fan_in_fan_out: bool = False
+    final_norm: str = "model.norm"
 
     @property
     def post_norm(self) -> bool:
@@ -138,7 +139,9 @@ _POST_NORM = Architecture(
     attn_post_norm="post_attention_layernorm",
     mlp_post_norm="post_feedforward_layernorm",
 )
-_GPT2 = Architecture("gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", fan_in_fan_out=True)
+_GPT2 = Architecture(
+    "gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", fan_in_fan_out=True, final_norm="transformer.ln_f"
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _PRE_NORM,

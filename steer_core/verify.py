@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from steer_core import corpus
-from steer_core.activations import recording
+from steer_core.activations import forward_from, recording, recording_block_calls
 from steer_core.adapter import check_tensors
 from steer_core.calibrate import steered_positions, writer_target
 from steer_core.constants import (
@@ -163,18 +164,34 @@ def verify(
     fit_acc: dict[str, list[float]] = {}
     skip_bos = bool(meta.get("skip_bos", False))
     bos_id = getattr(model.config, "bos_token_id", None)
+    first = _first_changed_block(vector, meta, saved) if isinstance(adapted, PeftModel) else None
     with torch.no_grad(), _fit_error(model, meta, saved, fit_acc) as fit_state:
         for batch in corpus.batches(tokenizer, "heldout", tokens, batch_size=batch_size):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             keep = mask.bool()
             fit_state["mask"] = torch.zeros_like(keep)
             fit_state["steered"] = steered_positions(ids, skip_bos, bos_id)
-            base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            if first is None:
+                base_logits = model(input_ids=ids, attention_mask=mask).logits
+            else:
+                with recording_block_calls(model, first) as calls:
+                    base_logits = model(input_ids=ids, attention_mask=mask).logits
+            base = F.log_softmax(base_logits.float(), -1)
             fit_state["mask"] = keep  # the fit is measured on the hook-steered pass only
             with reference(model, vector, meta):
-                hook = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+                hook_logits = (
+                    model(input_ids=ids, attention_mask=mask).logits
+                    if first is None
+                    else forward_from(model, first, calls)
+                )
+            hook = F.log_softmax(hook_logits.float(), -1)
             fit_state["mask"] = torch.zeros_like(keep)
-            adapt = F.log_softmax(adapted(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            adapt_logits = (
+                adapted(input_ids=ids, attention_mask=mask).logits
+                if first is None
+                else forward_from(adapted.get_base_model(), first, calls)
+            )
+            adapt = F.log_softmax(adapt_logits.float(), -1)
             kl_a = kl_per_token(hook, adapt)
             kl_b = kl_per_token(hook, base)
             top_h = hook.argmax(-1)
@@ -205,6 +222,18 @@ def verify(
         kl_by_position=kl_by_pos,
         max_abs_logit_diff=max_diff,
     )
+
+
+def _first_changed_block(vector: SteeringVector, meta: dict[str, Any], saved: dict[str, Tensor]) -> int | None:
+    """The first block whose computation the steering or the adapter changes, when passes may share the blocks
+    before it; None when they may not (ablation hooks every writer, skip_bos needs the model-level input ids)."""
+    if meta["mode"] == "ablate" or meta.get("skip_bos"):
+        return None
+    first = min(point.writer()[0] for point in vector.points)
+    adapted_layers = {int(m.group(1)) for key in saved if (m := re.search(r"\.(\d+)\.", key))}
+    if not adapted_layers or min(adapted_layers) < first:
+        return None
+    return first if first > 0 else None
 
 
 def _greedy_agreement(

@@ -22,5 +22,20 @@ def _seed_everything() -> None:
     torch.manual_seed(0)
 
 
+# The embedded real models load once per test run (from the dequantized cache after the first run).
+@pytest.fixture(scope="session")
+def smollm2():
+    from steer_core.model import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    from steer_core.model import load_model
+
+    return load_model("gemma-3-270m")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: loads the embedded real models (slow: tens of seconds each)")

@@ -238,3 +238,30 @@ def test_features_lists_nearest_sae_features(model_dir: Path, tmp_path: Path, ca
     out = capsys.readouterr().out
     assert "× the median residual norm" in out
     assert out.splitlines()[1].split()[:4] == ["feature", "4", "cos", "+1.000"]
+
+
+def test_search_by_words_and_by_prompt(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from steer_core.feature import load_sae_from_disk
+    from steer_core.labels import compute_labels, save_labels
+
+    sae_dir = build_sae(tmp_path / "sae", d_sae=24)
+    lm = tiny_lm("llama")
+    labels = compute_labels(load_sae_from_disk(sae_dir), lm.model, lm.tokenizer, ["hello there world", "a b c d e"])
+    save_labels(labels, sae_dir / "labels.json.gz")
+    word = next(label.promoted[0] for label in labels.labels.values() if label.promoted[0].strip().isalpha())
+    assert main(["search", "--model", str(model_dir), "--sae-path", str(sae_dir), word.strip()]) == 0
+    out = capsys.readouterr().out
+    assert f"matching {word.strip()!r}" in out and "promotes" in out
+    assert main(["search", "--model", str(model_dir), "--sae-path", str(sae_dir), "--active", "hello"]) == 0
+    assert "most active on the prompt" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["search", "--model", str(model_dir), "--sae-path", str(sae_dir)])
+    assert "either search words or --active" in capsys.readouterr().err
+
+
+def test_feature_without_sae_needs_an_embedded_sae(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--feature", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "has no embedded SAE" in err and "smollm2-135m-instruct" in err

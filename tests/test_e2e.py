@@ -11,21 +11,11 @@ import torch
 
 from steer_core.activations import median_norm
 from steer_core.export import export
-from steer_core.model import EMBEDDED_MODELS, LoadedModel, load_model, resolve
+from steer_core.model import EMBEDDED_MODELS, LoadedModel, resolve
 from steer_core.sites import HookPoint
 from steer_core.vector import SteeringVector
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> LoadedModel:
-    return load_model("smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="session")
-def gemma() -> LoadedModel:
-    return load_model("gemma-3-270m")
 
 
 def _random_vector(lm: LoadedModel, point: HookPoint, k: float, unit: str) -> SteeringVector:

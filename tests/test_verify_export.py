@@ -115,3 +115,41 @@ def test_verify_detects_a_wrong_adapter(tmp_path: Path) -> None:
     save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILENAME))
     rep = verify(lm.model, lm.tokenizer, folder, tokens=512)
     assert rep.kl_ratio > 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_forward_from_a_block_replays_the_full_pass(family: str) -> None:
+    from steer_core.activations import forward_from, recording_block_calls
+    from steer_core.steer import steering
+
+    lm = tiny_lm(family, layers=3)
+    ids = torch.randint(3, 90, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    vec = _vec()
+    with torch.no_grad():
+        with recording_block_calls(lm.model, 1) as calls:
+            full = lm.model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(forward_from(lm.model, 1, calls), full, atol=1e-5, rtol=1e-5)
+        with steering(lm.model, vec):
+            steered = lm.model(input_ids=ids, attention_mask=mask).logits
+            replayed = forward_from(lm.model, 1, calls)
+    torch.testing.assert_close(replayed, steered, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(steered, full, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_verify_with_shared_early_blocks_equals_full_passes(
+    tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import steer_core.verify as verify_module
+
+    lm = tiny_lm(family)
+    folder = export(lm, _vec(), tmp_path / "a", calibration_tokens=1024, verify_tokens=256).folder
+    shared = verify(lm.model, lm.tokenizer, folder, tokens=256, greedy_prompts=0)
+    monkeypatch.setattr(verify_module, "_first_changed_block", lambda *a: None)
+    full = verify(lm.model, lm.tokenizer, folder, tokens=256, greedy_prompts=0)
+    assert shared.top1_agreement == full.top1_agreement
+    assert shared.kl_hook_adapter == pytest.approx(full.kl_hook_adapter, rel=1e-3, abs=1e-7)
+    assert shared.kl_hook_base == pytest.approx(full.kl_hook_base, rel=1e-3)
+    assert shared.fit_abs_error == pytest.approx(full.fit_abs_error, rel=1e-4)

@@ -1,0 +1,249 @@
+"""What an SAE feature means: its top-activating contexts and promoted tokens, searchable; features active on a prompt.
+
+Labels are computed from the model itself (no Hub, no LLM judge), so they exist for the embedded SAE offline and for
+any registry SAE over the shipped held-out text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steer_core.activations import text_activations
+from steer_core.constants import LABELS_FILENAME, cache_dir
+from steer_core.feature import LoadedSAE, sae_unit
+from steer_core.sites import architecture_for
+
+
+@dataclass(frozen=True)
+class Context:
+    """A stretch of text around one token where the feature fired; `token` is the highlighted one."""
+
+    left: str
+    token: str
+    right: str
+    activation: float
+
+    def render(self, mark: str = "**") -> str:
+        return f"{self.left}{mark}{self.token}{mark}{self.right}"
+
+
+@dataclass(frozen=True)
+class FeatureLabel:
+    feature: int
+    density: float  # fraction of labelled tokens on which the feature fires
+    max_activation: float
+    contexts: tuple[Context, ...]
+    promoted: tuple[str, ...]  # tokens the decoder row raises most, read through the unembedding
+
+    def summary(self, contexts: int = 2) -> str:
+        tops = " | ".join(c.render().strip() for c in self.contexts[:contexts])
+        return f"#{self.feature}: promotes {', '.join(repr(t) for t in self.promoted[:6])}; fires on: {tops}"
+
+
+@dataclass
+class FeatureLabels:
+    """Labels of one SAE; `source` says which SAE and which text they were computed on."""
+
+    source: dict[str, Any]
+    labels: dict[int, FeatureLabel] = field(default_factory=dict)
+
+    def __getitem__(self, feature: int) -> FeatureLabel:
+        if feature not in self.labels:
+            raise KeyError(f"feature {feature} has no label (it never fired on the labelling text, or is out of range)")
+        return self.labels[feature]
+
+    def search(self, query: str, k: int = 20) -> list[tuple[FeatureLabel, float]]:
+        """Features ranked by how well their promoted tokens and highlighted tokens match the query's words.
+
+        A word counts most when it is a promoted token, then when it is the highlighted token of a top context,
+        then when it merely appears near one; features that fire too often to mean anything rank lower.
+        """
+        terms = [t for t in re.findall(r"\w+", query.lower()) if t]
+        if not terms:
+            raise ValueError("search query has no words; try e.g. 'dog' or 'python code'")
+        scored = []
+        for label in self.labels.values():
+            score = sum(_term_score(label, term) for term in terms)
+            if score > 0:
+                score /= 1.0 + 10.0 * label.density
+                scored.append((label, round(score, 4)))
+        scored.sort(key=lambda item: (-item[1], -item[0].max_activation))
+        return scored[:k]
+
+
+def _norm_token(token: str) -> str:
+    return token.strip().lower()
+
+
+def _term_score(label: FeatureLabel, term: str) -> float:
+    promoted = [_norm_token(t) for t in label.promoted]
+    score = 3.0 * promoted.count(term) + sum(1.0 for t in promoted if t != term and t.startswith(term))
+    if label.contexts:
+        n = len(label.contexts)
+        score += 2.0 * sum(_norm_token(c.token) == term for c in label.contexts) / n
+        score += 0.5 * sum(term in (c.left + c.token + c.right).lower() for c in label.contexts) / n
+    return score
+
+
+@torch.no_grad()
+def promoted_tokens(model: Any, tokenizer: Any, directions: Tensor, k: int = 10) -> list[list[str]]:
+    """The k tokens each direction raises most when read straight through the final norm and unembedding."""
+    arch = architecture_for(model)
+    norm = model.get_submodule(arch.final_norm)
+    head = model.get_output_embeddings()
+    param = next(head.parameters())
+    out = []
+    for chunk in directions.split(512):
+        logits = head(norm(chunk.to(param.device, param.dtype)[:, None, :]))[:, 0].float()
+        out += [[tokenizer.decode([int(i)]) for i in row] for row in logits.topk(k, dim=-1).indices]
+    return out
+
+
+@torch.no_grad()
+def compute_labels(
+    sae: LoadedSAE,
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    contexts: int = 5,
+    promoted: int = 10,
+    max_tokens_per_text: int = 128,
+    left_tokens: int = 12,
+    right_tokens: int = 4,
+) -> FeatureLabels:
+    """Label every feature from its activations on `texts` (position 0, the attention sink, is never counted)."""
+    acts, ids, where = text_activations(
+        model, tokenizer, sae.source.point, sae_unit(sae.source), texts, max_tokens_per_text=max_tokens_per_text
+    )
+    d_sae = sae.source.d_sae
+    k = min(contexts, len(acts))
+    top_vals = torch.full((k, d_sae), -torch.inf)
+    top_rows = torch.zeros((k, d_sae), dtype=torch.long)
+    fires = torch.zeros(d_sae)
+    param = sae.decoder
+    for start in range(0, len(acts), 2048):
+        f = sae.sae.encode(acts[start : start + 2048].to(param.device, param.dtype)).float().cpu()
+        fires += (f > 0).sum(0)
+        vals = torch.cat([top_vals, f])
+        rows = torch.cat([top_rows, torch.arange(start, start + len(f))[:, None].expand(-1, d_sae)])
+        best = vals.topk(k, dim=0)
+        top_vals, top_rows = best.values, rows.gather(0, best.indices)
+    tokens = promoted_tokens(model, tokenizer, sae.decoder.float(), promoted)
+
+    def context(row: int, value: float) -> Context:
+        text_i, pos = where[row]
+        seq = ids[text_i]
+        return Context(
+            left=tokenizer.decode(seq[max(1, pos - left_tokens) : pos]),
+            token=tokenizer.decode(seq[pos : pos + 1]),
+            right=tokenizer.decode(seq[pos + 1 : pos + 1 + right_tokens]),
+            activation=round(value, 3),
+        )
+
+    labels = {}
+    for feature in range(d_sae):
+        ctx = tuple(
+            context(int(r), float(v)) for v, r in zip(top_vals[:, feature], top_rows[:, feature], strict=True) if v > 0
+        )
+        labels[feature] = FeatureLabel(
+            feature=feature,
+            density=round(float(fires[feature]) / max(len(acts), 1), 6),
+            max_activation=ctx[0].activation if ctx else 0.0,
+            contexts=ctx,
+            promoted=tuple(tokens[feature]),
+        )
+    source = {"sae": sae.source.describe(), "texts": len(texts), "tokens": len(acts)}
+    return FeatureLabels(source, labels)
+
+
+def save_labels(labels: FeatureLabels, path: str | Path) -> Path:
+    """Write gzipped JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"source": labels.source, "labels": [asdict(label) for label in labels.labels.values()]}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+    os.replace(tmp, path)
+    return path
+
+
+def load_labels(path: str | Path) -> FeatureLabels:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        doc = json.load(f)
+    labels = {}
+    for item in doc["labels"]:
+        item["contexts"] = tuple(Context(**c) for c in item["contexts"])
+        item["promoted"] = tuple(item["promoted"])
+        labels[item["feature"]] = FeatureLabel(**item)
+    return FeatureLabels(doc["source"], labels)
+
+
+def labels_for(sae: LoadedSAE, model: Any, tokenizer: Any, *, texts: int = 200) -> FeatureLabels:
+    """The labels shipped next to the SAE's weights, or else computed once on the shipped held-out text and cached.
+
+    Registry SAEs have no labels file here (Neuronpedia's are online only), so they are labelled on this model, the
+    same way the embedded SAE was.
+    """
+    if sae.source.path and (Path(sae.source.path) / LABELS_FILENAME).is_file():
+        return load_labels(Path(sae.source.path) / LABELS_FILENAME)
+    from steer_core.corpus import corpus_info, split_texts
+
+    key = json.dumps([sae.source.describe(), sae.source.d_sae, model.config.name_or_path, texts, corpus_info()])
+    path = cache_dir() / "labels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json.gz"
+    if path.is_file():
+        return load_labels(path)
+    labels = compute_labels(sae, model, tokenizer, split_texts("heldout")[:texts])
+    save_labels(labels, path)
+    return labels
+
+
+@dataclass(frozen=True)
+class TokenFeatures:
+    token: str
+    features: tuple[tuple[int, float], ...]  # (feature, activation), strongest first
+
+
+@torch.no_grad()
+def active_features(sae: LoadedSAE, model: Any, tokenizer: Any, prompt: str, k: int = 5) -> list[TokenFeatures]:
+    """For each token of `prompt` (after position 0), the k features that fire most on it.
+
+    Chat models see the prompt as a user turn, as in the preview, so position 0 is the template's first token and not
+    the prompt's first word.
+    """
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: type some text to see which features fire on it")
+    text = prompt
+    if getattr(tokenizer, "chat_template", None):
+        text = str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False))
+    acts, ids, _ = text_activations(model, tokenizer, sae.source.point, sae_unit(sae.source), [text])
+    param = sae.decoder
+    feats = sae.sae.encode(acts.to(param.device, param.dtype)).float().cpu()
+    out = []
+    for pos, row in enumerate(feats, start=1):
+        top = row.topk(min(k, len(row)))
+        pairs = tuple((int(i), round(float(v), 3)) for v, i in zip(top.values, top.indices, strict=True) if v > 0)
+        out.append(TokenFeatures(tokenizer.decode(ids[0][pos : pos + 1]), pairs))
+    return out
+
+
+def strongest_on(active: list[TokenFeatures], k: int = 10) -> list[tuple[int, float]]:
+    """The features with the highest activation anywhere in the prompt."""
+    best: dict[int, float] = {}
+    for tok in active:
+        for feature, value in tok.features:
+            best[feature] = max(best.get(feature, 0.0), value)
+    return sorted(best.items(), key=lambda item: -item[1])[:k]

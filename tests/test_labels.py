@@ -1,0 +1,124 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import build_sae, tiny_lm
+from steer_core.activations import text_activations
+from steer_core.feature import load_sae_from_disk
+from steer_core.labels import (
+    Context,
+    FeatureLabel,
+    FeatureLabels,
+    active_features,
+    compute_labels,
+    load_labels,
+    promoted_tokens,
+    save_labels,
+    strongest_on,
+)
+from steer_core.sites import HookPoint
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Cats sleep most of the day and hunt at night.",
+    "A cup of coffee in the morning helps me think.",
+    "Rivers flow to the sea, and the sea never fills.",
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama", layers=3)
+
+
+@pytest.fixture(scope="module")
+def sae(tmp_path_factory: pytest.TempPathFactory):
+    return load_sae_from_disk(build_sae(tmp_path_factory.mktemp("sae") / "sae", d_sae=24))
+
+
+def test_text_activations_skip_position_zero_and_index_rows(lm) -> None:
+    acts, ids, where = text_activations(lm.model, lm.tokenizer, HookPoint(1, "resid_post"), "resid", TEXTS[:2])
+    assert len(acts) == len(where) == sum(len(s) - 1 for s in ids)
+    assert all(pos >= 1 for _, pos in where)
+    # the same activations as one text run alone (padding must not leak in)
+    alone, _, _ = text_activations(lm.model, lm.tokenizer, HookPoint(1, "resid_post"), "resid", TEXTS[1:2])
+    rows = [i for i, (t, _) in enumerate(where) if t == 1]
+    torch.testing.assert_close(acts[rows], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_labels_hold_each_features_true_top_contexts(lm, sae) -> None:
+    labels = compute_labels(sae, lm.model, lm.tokenizer, TEXTS, contexts=3)
+    acts, ids, where = text_activations(lm.model, lm.tokenizer, sae.source.point, "resid", TEXTS)
+    with torch.no_grad():
+        feats = sae.sae.encode(acts)
+    assert set(labels.labels) == set(range(24))
+    for f in range(24):
+        label = labels[f]
+        fired = feats[:, f] > 0
+        assert label.density == pytest.approx(float(fired.float().mean()), abs=1e-6)
+        if not fired.any():
+            assert label.contexts == ()
+            continue
+        best = int(feats[:, f].argmax())
+        assert label.max_activation == pytest.approx(float(feats[best, f]), abs=1e-3)
+        text_i, pos = where[best]
+        assert label.contexts[0].token == lm.tokenizer.decode(ids[text_i][pos : pos + 1])
+        values = [c.activation for c in label.contexts]
+        assert values == sorted(values, reverse=True)
+
+
+def test_promoted_tokens_read_the_unembedding(lm) -> None:
+    head = lm.model.get_output_embeddings().weight.detach()
+    token = 40
+    top = promoted_tokens(lm.model, lm.tokenizer, head[token : token + 1] * 10, k=3)
+    assert top[0][0] == lm.tokenizer.decode([token])
+
+
+def _label(feature: int, promoted: tuple[str, ...], token: str = "x", density: float = 0.001) -> FeatureLabel:
+    ctx = (Context("the ", token, " ran", 2.0),)
+    return FeatureLabel(feature, density, 2.0, ctx, promoted)
+
+
+def test_search_ranks_promoted_words_above_context_words_and_penalizes_dense_features() -> None:
+    labels = FeatureLabels(
+        {"sae": "synthetic"},
+        {
+            0: _label(0, ("cat", "kitten")),
+            1: _label(1, (" dog", "puppy", "dogs")),
+            2: _label(2, ("run",), token=" dog"),
+            3: _label(3, (" dog", "puppy"), density=0.5),
+        },
+    )
+    ranked = [label.feature for label, _ in labels.search("Dog")]
+    assert ranked[:2] == [1, 2]
+    assert ranked[-1] == 3
+    assert 0 not in ranked
+    with pytest.raises(ValueError, match="no words"):
+        labels.search("  !! ")
+    with pytest.raises(KeyError, match="feature 9"):
+        labels[9]
+
+
+def test_labels_round_trip_through_gzip(tmp_path: Path, lm, sae) -> None:
+    labels = compute_labels(sae, lm.model, lm.tokenizer, TEXTS[:2], contexts=2)
+    path = save_labels(labels, tmp_path / "labels.json.gz")
+    assert load_labels(path) == labels
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_active_features_per_token_on_the_chat_formatted_prompt(lm, sae) -> None:
+    active = active_features(sae, lm.model, lm.tokenizer, "hello", k=3)
+    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
+    ids = lm.tokenizer(text).input_ids
+    assert [t.token for t in active] == [lm.tokenizer.decode([i]) for i in ids[1:]]
+    acts, _, _ = text_activations(lm.model, lm.tokenizer, sae.source.point, "resid", [text])
+    with torch.no_grad():
+        feats = sae.sae.encode(acts)
+    for row, tok in zip(feats, active, strict=True):
+        if tok.features:
+            assert tok.features[0][0] == int(row.argmax())
+    strongest = strongest_on(active, k=2)
+    assert strongest[0][1] == pytest.approx(float(feats.max()), abs=1e-3)
+    with pytest.raises(ValueError, match="empty"):
+        active_features(sae, lm.model, lm.tokenizer, "   ")
