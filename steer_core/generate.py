@@ -18,7 +18,7 @@ from steer_core.vector import SteeringVector
 
 # HF sampling draws from torch's one global RNG, so two sampled generations at once would interleave their draws and
 # neither would follow its seed. Sampled runs take turns; greedy runs use no RNG and never wait.
-_SAMPLING = threading.Lock()
+GLOBAL_RNG_TURN = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,11 @@ def stream(
 
     def run() -> None:
         try:
-            with _SAMPLING if sampling else nullcontext(), torch.no_grad():
-                torch.manual_seed(config.seed)  # the same seed samples the same way for unsteered and steered
+            with GLOBAL_RNG_TURN if sampling else nullcontext(), torch.no_grad():
+                # The same seed samples the same way for unsteered and steered. Greedy runs must not reseed: they
+                # hold no lock, and reseeding the global RNG would move a sampled run that is going on meanwhile.
+                if sampling:
+                    torch.manual_seed(config.seed)
                 lm.model.generate(**kwargs)
         except BaseException as err:  # surfaced to the consumer below
             errors.append(err)

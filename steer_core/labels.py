@@ -193,16 +193,19 @@ def load_labels(path: str | Path) -> FeatureLabels:
 
 
 def labels_for(sae: LoadedSAE, model: Any, tokenizer: Any, *, texts: int = 200) -> FeatureLabels:
-    """The labels shipped next to the SAE's weights, or else computed once on the shipped held-out text and cached.
+    """The labels shipped next to the SAE's weights, or else labels computed on the shipped held-out text.
 
-    Registry SAEs have no labels file here (Neuronpedia's are online only), so they are labelled on this model, the
-    same way the embedded SAE was.
+    Registry SAEs have no labels file here (Neuronpedia's are online only), so they are labelled on this model the
+    same way the embedded SAE was, once: a registry release and id name fixed weights, so the result is cached on
+    disk. A folder without labels may change between calls, so its labels are not cached.
     """
     if sae.source.path and (Path(sae.source.path) / LABELS_FILENAME).is_file():
         return load_labels(Path(sae.source.path) / LABELS_FILENAME)
     from steer_core.corpus import corpus_info, split_texts
 
-    key = json.dumps([sae.source.describe(), sae.source.d_sae, model.config.name_or_path, texts, corpus_info()])
+    if not sae.source.release:
+        return compute_labels(sae, model, tokenizer, split_texts("heldout")[:texts])
+    key = json.dumps([sae.source.release, sae.source.sae_id, model.config.name_or_path, texts, corpus_info()])
     path = cache_dir() / "labels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json.gz"
     if path.is_file():
         return load_labels(path)

@@ -1,5 +1,8 @@
-"""Handler-level tests of app.py on a tiny model (the UI is thin wiring; the logic is tested in steer_core)."""
+"""Handler-level tests of app.py on a tiny model, one per step a user takes (the logic is tested in steer_core)."""
 
+from __future__ import annotations
+
+import json
 import zipfile
 from pathlib import Path
 
@@ -7,50 +10,126 @@ import gradio as gr
 import pytest
 
 import app
-from helpers import tiny_lm
+from helpers import build_sae, tiny_lm
+from steer_core.corpus import split_texts
+from steer_core.feature import load_sae_from_disk
+from steer_core.labels import compute_labels, save_labels
 
 POS, NEG = "I love it\nso good", "I hate it\nso bad"
+UNIT = "× residual norm"
+NO_PROGRESS = {"progress": lambda *a, **k: None}
+
+
+@pytest.fixture(scope="module")
+def sae_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A labelled SAE for the tiny llama, as the embedded SAE ships (cfg, weights, labels.json.gz)."""
+    folder = build_sae(tmp_path_factory.mktemp("sae") / "sae", d_sae=16, model_name="tiny-llama")
+    lm = tiny_lm("llama")
+    labels = compute_labels(load_sae_from_disk(folder), lm.model, lm.tokenizer, split_texts("heldout")[:20])
+    save_labels(labels, folder / "labels.json.gz")
+    return str(folder)
 
 
 @pytest.fixture(autouse=True)
 def tiny_model() -> None:
+    app.workspace.forget_model("tiny")
     app._models["tiny"] = tiny_lm("llama")
 
 
-def _vector_args(strength: float = 1.0, source: str = "Contrastive prompts") -> list:
-    return [source, POS, NEG, 1, "resid_post", "", "", "", "", None, strength, "× residual norm"]
+def contrastive_args(strength: float = 1.0) -> list:
+    return ["Contrastive prompts", "", "", "", strength, UNIT, POS, NEG, 1, "resid_post", None]
 
 
-def test_preview_streams_both_sides() -> None:
-    outputs = list(app.preview("tiny", "hello", 8, 0, 0, *_vector_args(3.0)))
-    base, steered = outputs[-1]
-    assert base and steered
+def sae_args(folder: str, mix: str = "3:8", strength: float = 1.0, unit: str = UNIT) -> list:
+    return ["SAE features", "", folder, mix, strength, unit, POS, NEG, 1, "resid_post", None]
+
+
+# ---- 1 · model ----
+
+
+def test_model_step_offers_sae_steering_only_when_the_model_has_an_sae() -> None:
+    status, sae_pick, _feature, mix, _strength, _unit, source = app.on_model("tiny", **NO_PROGRESS)
+    assert "tiny" in status and "layers" in status
+    assert sae_pick.choices == [] and source == "Contrastive prompts" and mix == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [("", "Pick or type a model"), ("/no/such/folder", "Could not load model"), (str(Path(__file__)), "config.json")],
+)
+def test_unloadable_model_is_a_clear_message(name: str, match: str) -> None:
+    with pytest.raises(gr.Error, match=match):
+        app.on_model(name, **NO_PROGRESS)
+
+
+# ---- 2 · feature ----
+
+
+def test_sae_summary_and_warning_when_trained_on_another_model(tmp_path: Path, sae_folder: str) -> None:
+    text = app.on_sae("tiny", "", sae_folder)
+    assert "16 features" in text and "blocks.1.hook_resid_post" in text and "⚠️" not in text
+    other = build_sae(tmp_path / "other", model_name="some/other-model")
+    warned = app.on_sae("tiny", "", str(other))
+    assert "⚠️" in warned and "some/other-model" in warned
+
+
+def test_sae_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
+    wide = build_sae(tmp_path / "wide", d_in=48)
+    with pytest.raises(gr.Error, match="d_in=48"):
+        app.on_sae("tiny", "", str(wide))
+    deep = build_sae(tmp_path / "deep", hook_name="blocks.7.hook_resid_post")
+    with pytest.raises(gr.Error, match="layer 7"):
+        list(app.preview("tiny", "hi", 8, 0, 0, *sae_args(str(deep))))
+
+
+def test_feature_card_search_and_prompt_features(sae_folder: str) -> None:
+    card = app.show_feature("tiny", "", sae_folder, 3)
+    assert card.startswith("### Feature 3") and "**Promotes:**" in card
+    assert "does not exist" in app.show_feature("tiny", "", sae_folder, 99)
+    with pytest.raises(gr.Error, match="whole number"):
+        app.show_feature("tiny", "", sae_folder, 2.5)
+    labels = app.workspace.labels(app.catalog.folder_choice(sae_folder), app._models["tiny"])
+    word = next(t.strip() for t in labels[5].promoted if t.strip().isalpha())
+    rows = app.search_features("tiny", "", sae_folder, word)
+    assert rows and any(r[0] == 5 for r in rows) and all(r[1] > 0 for r in rows)
+    active = app.features_on_prompt("tiny", "", sae_folder, "hello there")
+    assert active and all(0 <= r[0] < 16 and r[1] > 0 for r in active)
+    assert app.pick_row(gr.SelectData(None, {"index": [0, 1], "value": 0.4, "row_value": [7, 0.4, "", ""]})) == 7
+
+
+def test_features_combine_each_with_its_own_strength() -> None:
+    assert app.add_feature("3:2", 5, 1.5, UNIT) == "3:2, 5:1.5"
+    assert app.add_feature("3:2, 5:1.5", 3, -4, UNIT) == "3:-4, 5:1.5"
+    with pytest.raises(gr.Error, match="finite"):
+        app.add_feature("", 3, float("nan"), UNIT)
+    assert app.on_unit("absolute (× decoder row)", 4.0).maximum == 400
+
+
+# ---- 3 · preview ----
+
+
+def test_preview_streams_both_sides_with_the_strength_in_both_units(sae_folder: str) -> None:
+    outputs = list(app.preview("tiny", "hello", 8, 0, 0, *sae_args(sae_folder, "3:8, 5:-4")))
+    base, steered, info = outputs[-1]
+    assert base and steered and base != steered
     assert outputs[0][1] == ""  # the unsteered side streams first
+    assert "× median residual norm" in info and "vector norm" in info
 
 
-def test_export_gives_report_zip_and_card(tmp_path: Path) -> None:
-    summary, plot, archive, card, folder = app.run_export(
-        "tiny", "exact", 1024, 0, *_vector_args(), progress=lambda *a, **k: None
-    )
-    assert "top-1 next-token agreement: **100.0%**" in summary
-    assert len(plot) > 0 and "library_name: peft" in card
-    names = zipfile.ZipFile(archive).namelist()
-    assert {"adapter_config.json", "adapter_model.safetensors", "steering.json", "README.md"} <= set(names)
-    assert Path(folder, "steering.json").exists()
-
-
-def test_control_vector_download() -> None:
-    path = app.run_control_vector("tiny", *_vector_args())
-    assert path.endswith(".gguf") and Path(path).stat().st_size > 0
+def test_preview_contrastive_still_works() -> None:
+    base, steered, _ = list(app.preview("tiny", "hello", 8, 0, 0, *contrastive_args(3.0)))[-1]
+    assert base and steered
 
 
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["tiny", " ", 8, 0, 0, *_vector_args()], "prompt is empty"),
-        (["tiny", "hi", 8, 0, 0, *_vector_args(float("nan"))], "finite"),
-        (["tiny", "hi", 8, 0, 0, *_vector_args(source="SAE feature")], "SAE"),
-        (["", "hi", 8, 0, 0, *_vector_args()], "Pick or type a model"),
+        (["tiny", " ", 8, 0, 0, *contrastive_args()], "prompt is empty"),
+        (["tiny", "hi", 8, 0, 0, *contrastive_args(float("nan"))], "finite"),
+        (["tiny", "hi", 8, 0, 0, *contrastive_args(1e9)], "too large"),
+        (["tiny", "hi", 8, 9, 0, *contrastive_args()], "temperature"),
+        (["", "hi", 8, 0, 0, *contrastive_args()], "Pick or type a model"),
+        (["tiny", "hi", 8, 0, 0, "SAE features", "", "", "1:2", 1, UNIT, "", "", 1, "resid_post", None], "no SAE"),
     ],
 )
 def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
@@ -58,18 +137,104 @@ def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
         list(app.preview(*args))
 
 
-def test_push_refuses_without_an_export() -> None:
-    with pytest.raises(gr.Error, match="Export an adapter first"):
-        app.run_push("", "me/x", True, "")
+@pytest.mark.parametrize(
+    ("mix", "match"),
+    [("99:2", "out of range"), ("", "no feature chosen"), ("3:abc", "3:abc"), ("3:2, 3:1", "twice")],
+)
+def test_bad_feature_mixes_are_named(sae_folder: str, mix: str, match: str) -> None:
+    with pytest.raises(gr.Error, match=match):
+        list(app.preview("tiny", "hi", 8, 0, 0, *sae_args(sae_folder, mix)))
+    base, _, _ = list(app.preview("tiny", "hi", 4, 0, 0, *sae_args(sae_folder)))[-1]  # and the app keeps working
+    assert base
 
 
-def test_compare_with_sae_features(tmp_path: Path) -> None:
-    from helpers import build_sae
+# ---- 4 · export ----
 
-    sae = build_sae(tmp_path / "sae", hook_name="blocks.1.hook_resid_post")
-    args = _vector_args()
-    args[5] = str(sae)
-    text = app.run_compare("tiny", *args)
+
+def test_export_gives_report_plot_zip_card_and_repo_name(sae_folder: str) -> None:
+    summary, plot, download, card, folder, repo = app.run_export(
+        "tiny", "exact", 1024, 0, *sae_args(sae_folder, "3:8, 5:-4"), **NO_PROGRESS
+    )
+    assert "Verified on" in summary and "| top-1 next-token agreement | **100.0%** |" in summary
+    assert len(plot) > 0 and "library_name: peft" in card
+    names = zipfile.ZipFile(download.value["path"]).namelist()
+    assert {"adapter_config.json", "adapter_model.safetensors", "steering.json", "README.md"} <= set(names)
+    meta = json.loads(Path(folder, "steering.json").read_text())
+    assert [f["index"] for f in meta["vector"]["provenance"]["features"]] == [3, 5]
+    assert repo == "steer-tiny-llama-f3-5-exact"
+
+
+def test_export_bad_calibration_size_is_a_message() -> None:
+    with pytest.raises(gr.Error, match="calibration tokens"):
+        app.run_export("tiny", "portable", 10, 0, *contrastive_args(), **NO_PROGRESS)
+
+
+def test_control_vector_download() -> None:
+    path = app.run_control_vector("tiny", *contrastive_args())
+    assert path.endswith(".gguf") and Path(path).stat().st_size > 0
+
+
+def test_compare_with_sae_features(sae_folder: str) -> None:
+    text = app.run_compare("tiny", sae_folder, *contrastive_args())
     assert "× median residual norm" in text and text.count("- feature") == 10
     with pytest.raises(gr.Error, match="SAE folder"):
-        app.run_compare("tiny", *_vector_args())
+        app.run_compare("tiny", "", *contrastive_args())
+
+
+# ---- 5 · push ----
+
+
+class FakeHub:
+    calls: list[tuple[str, dict]] = []
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+
+    def whoami(self) -> dict:
+        return {"name": "alice"}
+
+    def create_repo(self, repo_id: str, **kwargs: object) -> str:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs: object) -> None:
+        self.calls.append(("upload_folder", kwargs))
+
+
+def test_push_one_commit_under_the_users_namespace(monkeypatch: pytest.MonkeyPatch, sae_folder: str) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls = []
+    *_, folder, repo = app.run_export("tiny", "exact", 1024, 0, *sae_args(sae_folder), **NO_PROGRESS)
+    text = app.run_push(folder, repo, True, "hf_secret_token")
+    assert text == f"✅ Pushed: [https://huggingface.co/alice/{repo}](https://huggingface.co/alice/{repo})"
+    assert [c[0] for c in FakeHub.calls] == ["create_repo", "upload_folder"]
+    assert FakeHub.calls[0][1]["private"] is True
+    assert "hf_secret_token" not in json.dumps(FakeHub.calls, default=str)
+    with pytest.raises(gr.Error, match="not valid"):
+        app.run_push(folder, "bad id!!/x", True, "hf_secret_token")
+
+
+def test_push_refuses_without_an_export_or_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(gr.Error, match="Export an adapter first"):
+        app.run_push("", "me/x", True, "tok")
+    with pytest.raises(gr.Error, match="write token"):
+        app.run_push(str(tmp_path), "me/x", True, "")
+    with pytest.raises(gr.Error, match="not verified|no steering.json"):
+        app.run_push(str(tmp_path), "me/x", True, "tok")
+
+
+def test_push_error_never_echoes_the_token(monkeypatch: pytest.MonkeyPatch, sae_folder: str) -> None:
+    import huggingface_hub
+
+    class Leaky(FakeHub):
+        def create_repo(self, repo_id: str, **kwargs: object) -> str:
+            raise RuntimeError(f"401 for token {self.token}")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Leaky)
+    *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, *sae_args(sae_folder), **NO_PROGRESS)
+    with pytest.raises(gr.Error) as err:
+        app.run_push(folder, "me/x", False, "hf_secret_token")
+    assert "hf_secret_token" not in str(err.value) and "***" in str(err.value)

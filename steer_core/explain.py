@@ -1,0 +1,135 @@
+"""Human-readable text for the app: what a feature means, which features fire on a prompt, what an SAE is, how
+strong a vector is, and how faithful an exported adapter measured. Markdown in, nothing computed here."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from steer_core.feature import SAESource, same_model
+from steer_core.labels import FeatureLabel, FeatureLabels, TokenFeatures, strongest_on
+from steer_core.vector import SteeringVector
+
+SEARCH_COLUMNS = ["feature", "score", "fires on", "promotes"]
+ACTIVE_COLUMNS = ["feature", "max activation", "on tokens", "promotes"]
+
+
+def _escape(text: str) -> str:
+    """Keep model text from turning into Markdown (a stray '*' or '#' in a context)."""
+    text = text.replace("\n", "⏎")
+    for ch in "\\`*_[]<>#|":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _tokens(tokens: tuple[str, ...], n: int) -> str:
+    return ", ".join(f"`{t.strip() or repr(t)}`" for t in tokens[:n])
+
+
+def feature_card(feature: int, label: FeatureLabel | None, *, d_sae: int, url: str | None = None) -> str:
+    """A feature's meaning: promoted tokens, top contexts with the firing token in bold, density, Neuronpedia link."""
+    if not 0 <= feature < d_sae:
+        return f"⚠️ Feature {feature} does not exist: this SAE has features 0..{d_sae - 1}."
+    link = f" · [Neuronpedia]({url})" if url else ""
+    if label is None:
+        return f"### Feature {feature}{link}\nNo label: it never fired on the labelling text."
+    lines = [f"### Feature {feature}{link}"]
+    lines.append(
+        f"fires on {label.density:.2%} of tokens · max activation {label.max_activation:.3g}"
+        if label.contexts
+        else "never fired on the labelling text (its promoted tokens still say what it writes)"
+    )
+    if label.promoted:
+        lines.append(f"\n**Promotes:** {_tokens(label.promoted, 10)}")
+    if label.contexts:
+        lines.append("\n**Top contexts** (firing token in bold):")
+        for c in label.contexts:
+            # Bold must hug the word: a token's leading space goes outside the asterisks.
+            word = c.token.lstrip()
+            lead = " " if len(word) < len(c.token) else ""
+            shown = f"{lead}**{_escape(word.rstrip())}**" if word.strip() else "**␣**"
+            lines.append(f"- …{_escape(c.left)}{shown}{_escape(c.right)}… `{c.activation:.3g}`")
+    return "\n".join(lines)
+
+
+def search_rows(results: list[tuple[FeatureLabel, float]]) -> list[list[Any]]:
+    return [
+        [label.feature, score, label.contexts[0].render("").strip() if label.contexts else "", _plain(label.promoted)]
+        for label, score in results
+    ]
+
+
+def _plain(tokens: tuple[str, ...], n: int = 6) -> str:
+    return " ".join(repr(t.strip() or t)[1:-1] for t in tokens[:n])
+
+
+def active_rows(active: list[TokenFeatures], labels: FeatureLabels | None, k: int = 15) -> list[list[Any]]:
+    """The strongest features anywhere in the prompt, with the tokens they fire on."""
+    rows = []
+    for feature, value in strongest_on(active, k):
+        on = [t.token for t in active if any(f == feature for f, _ in t.features)]
+        label = labels.labels.get(feature) if labels else None
+        promoted = _plain(label.promoted) if label else ""
+        rows.append([feature, value, " ".join(repr(t)[1:-1] for t in on[:8]), promoted])
+    return rows
+
+
+def sae_summary(source: SAESource, model_id: str, *, url: str | None = None) -> str:
+    """What the SAE reads, and a visible warning when it was trained on another model than the loaded one."""
+    lines = [f"**{source.describe()}** · {source.d_sae} features · reads `{source.point.tl_name}`"]
+    if url:
+        lines[0] += f" · [Neuronpedia]({url.rsplit('/', 1)[0]})"
+    if source.model_name and not same_model(source.model_name, model_id):
+        lines.append(
+            f"\n⚠️ This SAE was trained on `{source.model_name}`, not on `{model_id}`. Steering with it is allowed; "
+            "its features may mean something slightly different here, and the export's fidelity report and model "
+            "card record how well it fits this model."
+        )
+    return "\n".join(lines)
+
+
+def strength_line(vector: SteeringVector, resid_norms: dict[str, float]) -> str:
+    """The vector's norm at each site, absolute and as a multiple of the median residual norm there."""
+    parts = []
+    for point, norm in vector.norms().items():
+        ref = resid_norms.get(point)
+        rel = f" = {norm / ref:.3g} × median residual norm" if ref else ""
+        parts.append(f"`{point}`: vector norm {norm:.4g}{rel}")
+    return " · ".join(parts)
+
+
+def mismatch_note(vector: SteeringVector) -> str:
+    prov = vector.provenance
+    if prov.get("source") != "sae" or prov.get("sae_model_matches", True):
+        return ""
+    fvu = prov.get("sae_fvu_on_this_model", float("nan"))
+    return (
+        f"\n\n⚠️ SAE trained on `{prov['sae'].get('model_name')}`; on this model it leaves {fvu:.1%} of the "
+        "activations' variance unexplained."
+    )
+
+
+def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) -> str:
+    """The export's verdict, in the words of the model card (report: a steer_core.verify.FidelityReport)."""
+    verdict = "✅" if report.top1_agreement >= 0.9 and report.kl_ratio <= 0.1 else "⚠️"
+    return (
+        f"### {verdict} Verified on {report.tokens} held-out tokens (adapter vs hook steering)\n"
+        f"| measure | value |\n|---|---|\n"
+        f"| top-1 next-token agreement | **{report.top1_agreement:.1%}** |\n"
+        f"| KL(hook ‖ adapter) | {report.kl_hook_adapter:.4g} nats/token |\n"
+        f"| KL(hook ‖ unsteered) | {report.kl_hook_base:.4g} nats/token |\n"
+        f"| KL ratio (0 = identical to hook, 1 = no steering) | {report.kl_ratio:.3g} |\n"
+        f"| greedy tokens before first divergence | {report.greedy_prefix_mean:.1f} / {report.greedy_tokens} |\n"
+        f"| time | {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())} |\n" + "".join(f"\n> {n}\n" for n in notes)
+    )
+
+
+def repo_name(meta: dict[str, Any]) -> str:
+    """A Hub repo name that says what the adapter steers, e.g. steer-smollm2-135m-instruct-f123-portable."""
+    model = str(meta.get("base_model", "model")).rsplit("/", 1)[-1].lower()
+    prov = meta.get("vector", {}).get("provenance", {})
+    if prov.get("source") == "sae":
+        what = "f" + "-".join(str(f["index"]) for f in prov.get("features", [])[:3])
+    else:
+        what = str(prov.get("source", "vector")).replace("_", "-")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"steer-{model}-{what}-{meta.get('mode', 'adapter')}")[:96].strip("-.")

@@ -1,0 +1,55 @@
+from types import SimpleNamespace
+
+import torch
+
+from steer_core import explain
+from steer_core.feature import SAESource
+from steer_core.labels import Context, FeatureLabel, FeatureLabels, TokenFeatures
+from steer_core.sites import HookPoint
+from steer_core.vector import SteeringVector
+
+LABEL = FeatureLabel(7, 0.0123, 4.5, (Context("the big", " dog*", " barks", 4.5),), (" dog", "puppy", " #"))
+
+
+def test_feature_card_bolds_the_firing_word_and_escapes_markdown() -> None:
+    card = explain.feature_card(7, LABEL, d_sae=16, url="https://np/7")
+    assert card.startswith("### Feature 7 · [Neuronpedia](https://np/7)")
+    assert "…the big **dog\\***  barks…" not in card and "the big **dog\\*** barks" in card
+    assert "1.23% of tokens" in card and "`dog`" in card
+    assert "does not exist" in explain.feature_card(16, LABEL, d_sae=16)
+    assert "never fired" in explain.feature_card(3, None, d_sae=16)
+
+
+def test_tables_for_search_and_prompt() -> None:
+    assert explain.search_rows([(LABEL, 2.5)]) == [[7, 2.5, "the big dog* barks", "dog puppy #"]]
+    active = [TokenFeatures("a", ((7, 1.0), (2, 0.5))), TokenFeatures("b", ((7, 3.0),))]
+    rows = explain.active_rows(active, FeatureLabels({}, {7: LABEL}))
+    assert rows == [[7, 3.0, "a b", "dog puppy #"], [2, 0.5, "a", ""]]
+
+
+def test_sae_summary_warns_only_for_another_model() -> None:
+    src = SAESource("blocks.3.hook_resid_post", HookPoint(3, "resid_post"), 32, 64, model_name="gpt2-small")
+    assert "⚠️" not in explain.sae_summary(src, "gpt2")
+    assert "trained on `gpt2-small`, not on `other/model`" in explain.sae_summary(src, "other/model")
+
+
+def test_strength_line_and_mismatch_note() -> None:
+    v = SteeringVector({HookPoint(2, "resid_post"): torch.ones(4) * 3}, {"source": "sae", "sae_model_matches": False,
+                       "sae": {"model_name": "base"}, "sae_fvu_on_this_model": 0.25})  # fmt: skip
+    assert explain.strength_line(v, {"blocks.2.hook_resid_post": 2.0}) == (
+        "`blocks.2.hook_resid_post`: vector norm 6 = 3 × median residual norm"
+    )
+    assert "25.0% of the activations' variance unexplained" in explain.mismatch_note(v)
+
+
+def test_fidelity_markdown_and_repo_name() -> None:
+    rep = SimpleNamespace(top1_agreement=0.95, kl_ratio=0.01, tokens=2048, kl_hook_adapter=0.001, kl_hook_base=0.5,
+                          greedy_prefix_mean=15.0, greedy_tokens=20)  # fmt: skip
+    text = explain.fidelity_markdown(rep, {"calibrate": 3.2, "verify": 10.0}, ["a note"])
+    assert text.startswith("### ✅ Verified on 2048") and "**95.0%**" in text and "> a note" in text
+    assert explain.fidelity_markdown(SimpleNamespace(**{**vars(rep), "top1_agreement": 0.5}), {}, []).startswith(
+        "### ⚠️"
+    )
+    meta = {"base_model": "Org/Model-1B", "mode": "portable", "vector": {"provenance": {"source": "sae",
+            "features": [{"index": 3}, {"index": 9}]}}}  # fmt: skip
+    assert explain.repo_name(meta) == "steer-model-1b-f3-9-portable"

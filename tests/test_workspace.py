@@ -1,0 +1,49 @@
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import build_sae, tiny_lm
+from steer_core.catalog import SAEChoice, folder_choice
+from steer_core.recipe import VectorRecipe
+from steer_core.workspace import Workspace
+
+
+def test_each_model_loads_once_even_when_asked_concurrently() -> None:
+    calls: list[str] = []
+
+    def loader(name: str):
+        calls.append(name)
+        return tiny_lm("llama")
+
+    ws = Workspace(loader)
+    threads = [threading.Thread(target=ws.model, args=("m",)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["m"] and ws.model(" m ") is ws.models["m"]
+    with pytest.raises(ValueError, match="no model chosen"):
+        ws.model(" ")
+
+
+def test_vectors_and_labels_are_built_once_and_forgotten_with_their_model(tmp_path: Path) -> None:
+    ws = Workspace(lambda _n: tiny_lm("llama"))
+    lm = ws.model("m")
+    sae = folder_choice(str(build_sae(tmp_path / "sae", d_sae=8)))
+    recipe = VectorRecipe("sae", (2.0,), "resid", path=sae.path, features=(1,))
+    assert ws.vector(lm, recipe) is ws.vector(lm, recipe)
+    labels = ws.labels(sae, lm)
+    assert set(labels.labels) == set(range(8)) and ws.labels(sae, lm) is labels
+    ws.forget_model("m")
+    assert ws.models == {} and ws.vector(ws.model("m"), recipe) is not None
+
+
+def test_sae_must_fit_the_model_and_missing_embedded_sae_is_named(tmp_path: Path) -> None:
+    ws = Workspace(lambda _n: tiny_lm("llama"))
+    wide = folder_choice(str(build_sae(tmp_path / "wide", d_in=48)))
+    with pytest.raises(ValueError, match="d_in=48"):
+        ws.sae(wide, ws.model("m"))
+    missing = SAEChoice("embedded: x (offline)", path=str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="embedded SAE is not in this install"):
+        ws.sae(missing)
