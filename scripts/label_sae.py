@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("--sae", default=next(iter(EMBEDDED_SAES)), choices=sorted(EMBEDDED_SAES))
     p.add_argument("--contexts", type=int, default=5)
     p.add_argument("--promoted", type=int, default=10)
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens per held-out text")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per held-out text (as in training)")
     args = p.parse_args()
 
     spec = EMBEDDED_SAES[args.sae]

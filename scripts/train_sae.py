@@ -297,6 +297,7 @@ def train(acts: torch.Tensor, args, hook_name: str, model_name: str):
         total_training_samples=total,
         train_batch_size_samples=args.batch_size,
         lr=args.lr,
+        lr_end=args.lr / 10,  # the runner config derives this; the bare trainer config needs it given
         lr_warm_up_steps=steps // 20,
         lr_decay_steps=steps // 5,
         lr_scheduler_name="constant",
@@ -376,6 +377,8 @@ def write_readme(out: Path, report: dict) -> None:
         "",
         f"{report['heldout_tokens']:,} held-out tokens for FVU/L0/dead, {report['ce_tokens']:,} for CE. "
         f"Split: {report['split']}. Position 0: {report['position_0']}.",
+        "",
+        *[f"- {report[k]}" for k in ("dead_features_note", "timing_note") if k in report],
         "",
         "## Text and licences",
         "",

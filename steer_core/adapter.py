@@ -102,7 +102,7 @@ def build_portable(model: nn.Module, calibration: Calibration, base_model: str) 
     kinds: set[Kind] = set()
     layers: set[int] = set()
     for fit in calibration.fits:
-        layer, kind = fit.point.writer()
+        layer, kind = fit.writer
         kinds.add(kind)
         layers.add(layer)
         tensors[_key(fit.module, "lora_A.weight")] = fit.A.float().reshape(1, -1).contiguous()
@@ -113,7 +113,8 @@ def build_portable(model: nn.Module, calibration: Calibration, base_model: str) 
     if arch.post_norm:
         notes.append(
             "post-norm model: the writer's output passes through a norm before the residual stream, so no adapter "
-            "on it adds the vector exactly; this one follows the first-order recipe (A·x ≈ rms(Wx), B = v / g)."
+            "on it adds the vector exactly; this one follows the first-order recipe (A·x ≈ rms(Wx), B = share / g, the "
+            "vector shared between the layer's attention and MLP writers by their norms' gains)."
         )
     return BuiltAdapter("portable", config, tensors, modules, notes)
 

@@ -36,6 +36,7 @@ class WriterFit:
 
     point: HookPoint
     module: str
+    writer: tuple[int, str]  # (layer, "attn" | "mlp") of `module`
     A: Tensor  # Float[Tensor, "d_in"]
     B: Tensor  # Float[Tensor, "d_out"]
     target: str  # "one" (pre-norm) or "rms(Wx)" (post-norm)
@@ -141,6 +142,19 @@ def steered_positions(input_ids: Tensor, skip_bos: bool, bos_token_id: int | Non
     return steered
 
 
+def split_shares(v: Tensor, g_attn: Tensor, g_mlp: Tensor) -> tuple[Tensor, Tensor]:
+    """Split v between a post-norm layer's two writers to keep the norms' shrink small (math.md).
+
+    A writer whose norm has gain g delivers its share s as (N(z) + s) / sqrt(1 + rms(s ⊘ g)²) for s orthogonal to
+    N(z): its own output and s both shrink, and a dimension costs least where the gain is large. Minimising
+    rms(a ⊘ g_attn)² + rms(m ⊘ g_mlp)² with a + m = v gives a = v g_attn² / (g_attn² + g_mlp²). The attention
+    share also reaches the layer's MLP input, where it is small next to the residual stream it joins.
+    """
+    wa, wm = g_attn.float().pow(2), g_mlp.float().pow(2)
+    a = v.float() * wa / (wa + wm)
+    return a, v.float() - a
+
+
 def balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Rescale so |A| = |B|: same product, better conditioned in low-precision serving."""
     s = math.sqrt(float(b.norm()) / max(float(a.norm()), 1e-30))
@@ -155,25 +169,37 @@ def calibrate(
     tokens: int = DEFAULT_CALIBRATION_TOKENS,
     skip_bos: bool = False,
     max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS,
+    split_writers: bool = True,
     progress: Progress | None = None,
 ) -> Calibration:
     """Fit one rank-1 update per steering site on the held-in split, with all the steering applied by hooks.
 
     Running with the hooks on means each writer sees the inputs it will see once the earlier sites are steered.
+    split_writers (post-norm models, resid sites): share each vector between the layer's attention and MLP writers
+    by their norms' gains (split_shares) instead of giving it all to the MLP writer. Measured on Gemma-3-270M L9,
+    0.25× a random direction: top-1 59.5% -> 66.0%, KL ratio 0.747 -> 0.461. No effect on pre-norm models.
     """
     start = time.perf_counter()
     arch = architecture_for(model)
     device = next(model.parameters()).device
     writers: dict[str, tuple[HookPoint, int, str]] = {}
+    shares: dict[str, Tensor] = {}
     for point in vector.points:
         layer, kind = point.writer()
-        name = arch.writer_name(layer, kind)
-        if name in writers:
-            raise ValueError(
-                f"{point.tl_name} and {writers[name][0].tl_name} are both written by {name}; "
-                "add their vectors into one site instead"
-            )
-        writers[name] = (point, layer, kind)
+        v = vector.directions[point].float().cpu()
+        parts = {kind: v}
+        if split_writers and arch.post_norm and point.site in ("resid_pre", "resid_post"):
+            g = {k: _norm_gain(model, arch, layer, k).cpu() for k in ("attn", "mlp")}
+            parts = dict(zip(("attn", "mlp"), split_shares(v, g["attn"], g["mlp"]), strict=True))
+        for part_kind, share in parts.items():
+            name = arch.writer_name(layer, part_kind)  # type: ignore[arg-type]
+            if name in writers:
+                raise ValueError(
+                    f"{point.tl_name} and {writers[name][0].tl_name} are both written by {name}; "
+                    "add their vectors into one site instead"
+                )
+            writers[name] = (point, layer, part_kind)
+            shares[name] = share
     stats = {name: None for name in writers}  # type: dict[str, _Stats | None]
     state: dict[str, Tensor] = {}
     bos_id = getattr(model.config, "bos_token_id", None)
@@ -211,7 +237,7 @@ def calibrate(
             raise ValueError("no calibration tokens reached the writers; check the tokenizer and corpus")
         u, ridge, rel = fit_ridge(s)
         # The fit's last step runs on the CPU: with device_map="auto" the pieces live on different devices.
-        v = vector.directions[point].float().cpu()
+        v = shares[name]
         b = v / _norm_gain(model, arch, layer, kind).cpu() if arch.post_norm else v
         b_norm = float(b.norm())
         a, b = balance(u.float().cpu(), b)
@@ -219,6 +245,7 @@ def calibrate(
             WriterFit(
                 point=point,
                 module=name,
+                writer=(layer, kind),
                 A=a.cpu(),
                 B=b.cpu(),
                 target="rms(Wx)" if arch.post_norm else "one",

@@ -51,6 +51,7 @@ def export(
     verify_tokens: int = DEFAULT_VERIFY_TOKENS,
     skip_bos: bool = False,
     refine_steps: int = 0,
+    split_writers: bool = True,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -78,6 +79,7 @@ def export(
             vector,
             tokens=calibration_tokens,
             skip_bos=skip_bos,
+            split_writers=split_writers,
             progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
         )
         if refine_steps:
@@ -126,8 +128,8 @@ def export(
             {
                 "module": f.module,
                 "point": f.point.tl_name,
-                "writer_layer": f.point.writer()[0],
-                "writer_kind": f.point.writer()[1],
+                "writer_layer": f.writer[0],
+                "writer_kind": f.writer[1],
                 "target": f.target,
                 "ridge": f.ridge,
                 "tokens": f.tokens,

@@ -119,7 +119,7 @@ class EmbeddedSAE:
 
     name: str  # folder under steer_core/data/saes/
     model: str  # the EMBEDDED_MODELS name it was trained on
-    default_feature: int  # a feature that visibly steers (README example), the app's first selection
+    default_feature: int  # a feature that visibly steers (README example), the app's first selection (639: "love")
     default_strength: float  # in units of the layer's median residual norm
 
     @property
@@ -133,7 +133,7 @@ class EmbeddedSAE:
 
 EMBEDDED_SAES: dict[str, EmbeddedSAE] = {
     "smollm2-135m-instruct-res-L15": EmbeddedSAE(
-        "smollm2-135m-instruct-res-L15", "smollm2-135m-instruct", default_feature=0, default_strength=4.0
+        "smollm2-135m-instruct-res-L15", "smollm2-135m-instruct", default_feature=639, default_strength=0.5
     ),
 }
 

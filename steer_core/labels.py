@@ -88,11 +88,18 @@ def _norm_token(token: str) -> str:
 
 
 def _term_score(label: FeatureLabel, term: str) -> float:
+    """Highlighted tokens count most (what the feature fires on), then promoted tokens (what it writes), then
+    the word appearing anywhere in a top context. Prefixes match both ways ("dog" ~ "dogs"), from 3 letters."""
+
+    def near(token: str) -> bool:
+        return token != term and min(len(token), len(term)) >= 3 and (token.startswith(term) or term.startswith(token))
+
     promoted = [_norm_token(t) for t in label.promoted]
-    score = 3.0 * promoted.count(term) + sum(1.0 for t in promoted if t != term and t.startswith(term))
+    score = 1.0 * promoted.count(term) + 0.5 * sum(near(t) for t in promoted)
     if label.contexts:
         n = len(label.contexts)
-        score += 2.0 * sum(_norm_token(c.token) == term for c in label.contexts) / n
+        tokens = [_norm_token(c.token) for c in label.contexts]
+        score += 3.0 * tokens.count(term) / n + 2.0 * sum(near(t) for t in tokens) / n
         score += 0.5 * sum(term in (c.left + c.token + c.right).lower() for c in label.contexts) / n
     return score
 

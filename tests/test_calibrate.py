@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -90,3 +91,24 @@ def test_refine_lowers_kl_on_post_norm() -> None:
     assert refined.refine["kl_last"] < refined.refine["kl_first"]
     assert refined.fits[0].refined_steps == 40
     assert not torch.equal(refined.fits[0].A, cal.fits[0].A)
+
+
+def test_split_shares_add_up_and_favour_the_larger_gain() -> None:
+    from steer_core.calibrate import split_shares
+
+    v = torch.tensor([1.0, 2.0, -3.0])
+    a, m = split_shares(v, torch.tensor([10.0, 1.0, 1.0]), torch.tensor([1.0, 10.0, 1.0]))
+    torch.testing.assert_close(a + m, v)
+    assert abs(a[0]) > 0.98 and abs(m[1]) > 1.96 and a[2] == m[2] == -1.5
+
+
+def test_split_writers_fits_both_post_norm_writers(tmp_path) -> None:
+    from steer_core.export import export
+
+    lm = tiny_lm("gemma3")
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3}, {"source": "test"})
+    result = export(lm, vec, tmp_path / "a", calibration_tokens=1024, verify_tokens=256, split_writers=True)
+    fits = json.loads((result.folder / "steering.json").read_text())["fits"]
+    assert sorted(f["writer_kind"] for f in fits) == ["attn", "mlp"]
+    assert all(f["writer_layer"] == 1 for f in fits)
+    assert set(result.report.fit_abs_error) == {f["module"] for f in fits}

@@ -81,7 +81,7 @@ def test_gemma_portable_reports_its_fidelity(gemma: LoadedModel, tmp_path: Path)
     print(f"gemma L9 0.25x: {rep.summary()}; seconds {result.seconds}")
     assert result.meta["notes"] and "post-norm" in result.meta["notes"][0]
     assert rep.top1_agreement >= GEMMA_L9_FLOOR
-    assert rep.kl_ratio < 0.8  # measured 0.747
+    assert rep.kl_ratio < 0.5  # measured 0.46 (0.747 before the vector was split over both post-norm writers)
 
 
-GEMMA_L9_FLOOR = 0.55  # measured 59.5% (2048 held-out tokens); the prototype got 77% on another direction
+GEMMA_L9_FLOOR = 0.62  # measured 66.0% (2048 held-out tokens; 59.5% with the MLP writer alone)
