@@ -62,7 +62,7 @@ def test_chat_models_calibrate_on_chat_format() -> None:
 def test_calibration_fits_its_target(family: str) -> None:
     lm = tiny_lm(family)
     vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL)})
-    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048)
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, split_writers=False)
     (fit,) = cal.fits
     assert fit.module.endswith(("mlp.down_proj", "mlp.c_proj"))
     assert fit.target == ("rms(Wx)" if family == "gemma3" else "one")

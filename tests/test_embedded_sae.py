@@ -59,14 +59,15 @@ def test_labels_cover_every_feature() -> None:
 def test_reconstruction_on_heldout_text_matches_the_report(smollm2) -> None:
     sae = load_sae_from_disk(SPEC.path)
     with gzip.open(SPEC.path / "heldout.json.gz", "rt", encoding="utf-8") as f:
-        texts = [t["text"] for t in json.load(f)["texts"]][:120]
+        # every 5th, so all three sources are in: FVU is relative to the subset's own variance
+        texts = [t["text"] for t in json.load(f)["texts"]][::5]
     x, _, _ = text_activations(
         smollm2.model, smollm2.tokenizer, sae.source.point, "resid", texts, max_tokens_per_text=256
     )
     with torch.no_grad():
         recon = sae.sae(x)
     fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    # A subset of the held-out split: its FVU scatters around the full split's by about 0.02.
+    # A fifth of the held-out split: its FVU scatters around the full split's.
     assert fvu <= _quality()["fvu"] + 0.03, fvu
     assert labels_for(sae, smollm2.model, smollm2.tokenizer).source["sae"] == SPEC.name
 

@@ -75,23 +75,26 @@ def test_promoted_tokens_read_the_unembedding(lm) -> None:
     assert top[0][0] == lm.tokenizer.decode([token])
 
 
-def _label(feature: int, promoted: tuple[str, ...], token: str = "x", density: float = 0.001) -> FeatureLabel:
-    ctx = (Context("the ", token, " ran", 2.0),)
+def _label(
+    feature: int, promoted: tuple[str, ...], token: str = "x", density: float = 0.001, left: str = "the "
+) -> FeatureLabel:
+    ctx = (Context(left, token, " ran", 2.0),)
     return FeatureLabel(feature, density, 2.0, ctx, promoted)
 
 
-def test_search_ranks_promoted_words_above_context_words_and_penalizes_dense_features() -> None:
+def test_search_ranks_fired_on_then_promoted_then_context_words_and_penalizes_dense_features() -> None:
     labels = FeatureLabels(
         {"sae": "synthetic"},
         {
             0: _label(0, ("cat", "kitten")),
-            1: _label(1, (" dog", "puppy", "dogs")),
+            1: _label(1, (" dog", "puppy")),
             2: _label(2, ("run",), token=" dog"),
             3: _label(3, (" dog", "puppy"), density=0.5),
+            4: _label(4, ("run",), left="the dog "),
         },
     )
     ranked = [label.feature for label, _ in labels.search("Dog")]
-    assert ranked[:2] == [1, 2]
+    assert ranked[:3] == [2, 1, 4]
     assert ranked[-1] == 3
     assert 0 not in ranked
     with pytest.raises(ValueError, match="no words"):
