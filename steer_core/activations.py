@@ -159,13 +159,13 @@ def text_activations(
     with recording(model, [name], lambda _n, out: captured.append(out.float().cpu()), what="output"):
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
-            width = max(len(seq) for seq in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, seq in enumerate(chunk):
-                input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[r, : len(seq)] = 1
-            forward_until(model, point.writer()[0], input_ids=input_ids.to(device), attention_mask=mask.to(device))
+            batch = corpus.collate([(r, torch.tensor(seq, dtype=torch.long)) for r, seq in enumerate(chunk)], pad)
+            forward_until(
+                model,
+                point.writer()[0],
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+            )
             out = captured.pop()
             for r, seq in enumerate(chunk):
                 rows.append(out[r, 1 : len(seq)])

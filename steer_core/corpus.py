@@ -117,15 +117,16 @@ def batches(
         pending.append((i, ids))
         total += len(ids)
         if len(pending) == batch_size or total >= max_tokens:
-            yield _collate(pending, pad)
+            yield collate(pending, pad)
             pending = []
         if total >= max_tokens:
             return
     if pending:
-        yield _collate(pending, pad)
+        yield collate(pending, pad)
 
 
-def _collate(items: list[tuple[int, Tensor]], pad: int) -> Batch:
+def collate(items: list[tuple[int, Tensor]], pad: int) -> Batch:
+    """Right-pad (index, token ids) items into one batch with its attention mask."""
     width = max(len(ids) for _, ids in items)
     input_ids = torch.full((len(items), width), pad, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
