@@ -218,7 +218,7 @@ def calibrate(
     last = max(layer for _, layer, _ in writers.values())
     seen = 0
     with steering(model, vector, skip_bos=skip_bos), recording(model, list(writers), on, what="input"):
-        for batch in corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens):
+        for batch in corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens, by_length=True):
             mask = batch.attention_mask.bool()
             state["mask"] = mask.to(device)
             state["steered"] = steered_positions(batch.input_ids, skip_bos, bos_id).to(device)

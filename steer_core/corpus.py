@@ -102,27 +102,37 @@ def batches(
     *,
     max_doc_tokens: int = 128,
     batch_size: int = 8,
+    by_length: bool = False,
 ) -> Iterator[Batch]:
-    """Tokenized, chat-formatted texts of one split until `max_tokens` real tokens have been yielded."""
+    """Tokenized, chat-formatted texts of one split until `max_tokens` real tokens have been yielded.
+
+    by_length batches texts of similar length together: the same texts and tokens with far less padding (it was
+    42% of the calibration pass and 52% of verification's), for passes whose result does not depend on order.
+    """
     if max_tokens <= 0:
         raise ValueError(f"token budget must be positive, got {max_tokens}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    texts = split_texts(split)
+    items = _texts_until(tokenizer, split, max_tokens, max_doc_tokens)
+    if by_length:
+        items = sorted(items, key=lambda item: len(item[1]))
+    for start in range(0, len(items), batch_size):
+        yield collate(items[start : start + batch_size], pad)
+
+
+def _texts_until(
+    tokenizer: PreTrainedTokenizerBase, split: Split, max_tokens: int, max_doc_tokens: int
+) -> list[tuple[int, Tensor]]:
+    items: list[tuple[int, Tensor]] = []
     total = 0
-    pending: list[tuple[int, Tensor]] = []
-    for i, text in enumerate(texts):
+    for i, text in enumerate(split_texts(split)):
         ids = encode(tokenizer, format_text(tokenizer, text, i), min(max_doc_tokens, max_tokens - total))
         if len(ids) == 0:
             continue
-        pending.append((i, ids))
+        items.append((i, ids))
         total += len(ids)
-        if len(pending) == batch_size or total >= max_tokens:
-            yield collate(pending, pad)
-            pending = []
         if total >= max_tokens:
-            return
-    if pending:
-        yield collate(pending, pad)
+            break
+    return items
 
 
 def collate(items: list[tuple[int, Tensor]], pad: int) -> Batch:

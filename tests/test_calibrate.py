@@ -51,6 +51,23 @@ def test_corpus_splits_are_disjoint_and_deterministic() -> None:
     assert sum(int(b.attention_mask.sum()) for b in corpus.batches(lm.tokenizer, "heldout", 600)) == 600
 
 
+def test_batching_by_length_keeps_the_tokens_and_cuts_padding() -> None:
+    lm = tiny_lm("llama")
+
+    def docs(batches: list[corpus.Batch]) -> dict[int, list[int]]:
+        return {
+            int(i): row[mask.bool()].tolist()
+            for b in batches
+            for i, row, mask in zip(b.doc_index, b.input_ids, b.attention_mask, strict=True)
+        }
+
+    plain = list(corpus.batches(lm.tokenizer, "calibration", 20000, max_doc_tokens=4096))
+    grouped = list(corpus.batches(lm.tokenizer, "calibration", 20000, max_doc_tokens=4096, by_length=True))
+    assert docs(grouped) == docs(plain)
+    padded = sum(b.attention_mask.numel() for b in grouped)
+    assert padded < 0.8 * sum(b.attention_mask.numel() for b in plain)
+
+
 def test_chat_models_calibrate_on_chat_format() -> None:
     chat, plain = tiny_lm("llama", chat=True), tiny_lm("llama", chat=False)
     text = corpus.split_texts("calibration")[0]
