@@ -42,6 +42,7 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     base = meta["base_model"]
     mode = meta["mode"]
     rep = meta.get("fidelity", {})
+    secs = meta.get("seconds", {})
     name = repo_id or "path/to/this/adapter"
     front = "\n".join(
         [
@@ -68,6 +69,11 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
                 f"| greedy tokens before first divergence (of {rep['greedy_tokens']}) "
                 f"| {rep['greedy_prefix_mean']:.1f} |",
                 f"| held-out tokens | {rep['tokens']} |",
+                *(
+                    f"| mean abs error of A·x against its target, `{module}` (relative) | {err:.3g} |"
+                    for module, err in rep.get("fit_abs_error", {}).items()
+                ),
+                *([f"| export time, calibration included (s) | {secs['total']:.1f} |"] if secs else []),
             ]
         )
         if rep

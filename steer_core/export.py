@@ -123,6 +123,8 @@ def export(
             "seconds": round(calibration.seconds, 2),
             "corpus": calibration.corpus,
             "refine": calibration.refine,
+            "first_weight": calibration.first_weight,
+            "first_weight_held_in_kl": {f"{w:g}": kl for w, kl in calibration.selection_kl.items()},
         }
         meta["fits"] = [
             {

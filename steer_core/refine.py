@@ -9,37 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from steer_core import corpus
 from steer_core.calibrate import Calibration, Progress, WriterFit, balance
-from steer_core.hooks import gated_hooks
-from steer_core.steer import steering
+from steer_core.divergence import kl_per_token
+from steer_core.steer import rank1_updates, steering
 from steer_core.vector import SteeringVector
-from steer_core.verify import kl_per_token
-
-
-@contextmanager
-def rank1_updates(model: nn.Module, params: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Add (x·a) b to each named writer's output, differentiably: the adapter, without PEFT."""
-
-    def make(a: Tensor, b: Tensor) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            x = args[0]
-            return output + (x @ a.to(x.dtype)).unsqueeze(-1) * b.to(output.dtype)
-
-        return hook
-
-    with gated_hooks() as hooks:
-        for name, (a, b) in params.items():
-            hooks.forward(model.get_submodule(name), make(a, b), prepend=True)
-        yield
 
 
 def refine(

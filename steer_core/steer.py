@@ -1,4 +1,5 @@
-"""Reference steering with forward hooks: add a vector at its sites, or remove a direction everywhere.
+"""Reference steering with forward hooks: add a vector at its sites, or remove a direction everywhere; and the
+portable adapter's rank-1 updates as hooks, for fitting it without building a PEFT model.
 
 Hooks are gated per request (steer_core.hooks), so concurrent requests on one model never see each other's
 steering, and they exist only inside these context managers.
@@ -108,4 +109,21 @@ def ablation(model: nn.Module, direction: Tensor, *, include_embedding: bool = F
                 hooks.forward(model.get_submodule(arch.adds_to_residual_name(layer, kind)), remove, prepend=True)  # type: ignore[arg-type]
         if include_embedding:
             hooks.forward(model.get_input_embeddings(), remove, prepend=True)
+        yield
+
+
+@contextmanager
+def rank1_updates(model: nn.Module, params: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Add (x·a) b to each named writer's output, differentiably: the adapter, without PEFT."""
+
+    def make(a: Tensor, b: Tensor) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            x = args[0]
+            return output + (x @ a.to(x.dtype)).unsqueeze(-1) * b.to(output.dtype)
+
+        return hook
+
+    with gated_hooks() as hooks:
+        for name, (a, b) in params.items():
+            hooks.forward(model.get_submodule(name), make(a, b), prepend=True)
         yield

@@ -31,6 +31,7 @@ from steer_core.constants import (
     STEERING_JSON_FILENAME,
     STEERING_VECTOR_FILENAME,
 )
+from steer_core.divergence import kl_per_token
 from steer_core.steer import ablation, steering
 from steer_core.vector import SteeringVector
 
@@ -129,13 +130,6 @@ def _fit_error(
 
     with recording(model, list(a), on, what="input"):
         yield state
-
-
-def kl_per_token(p_log: Tensor, q_log: Tensor, p: Tensor | None = None) -> Tensor:
-    """KL(p ‖ q) over the last axis from log-probabilities; pass p = p_log.exp() to reuse it."""
-    p = p_log.exp() if p is None else p
-    # KL is never negative; float rounding can make near-identical distributions come out at -1e-9.
-    return (p * (p_log - q_log)).sum(-1).clamp_min(0.0)
 
 
 def verify(

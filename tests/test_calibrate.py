@@ -6,8 +6,10 @@ import torch
 
 from helpers import D_MODEL, tiny_lm
 from steer_core import corpus
-from steer_core.calibrate import _Stats, balance, calibrate, fit_ridge
+from steer_core.calibrate import SELECT_TOKENS, _Stats, balance, calibrate, choose_first_weight, fit_ridge
+from steer_core.divergence import kl_per_token
 from steer_core.sites import HookPoint
+from steer_core.steer import rank1_updates, steering
 from steer_core.vector import SteeringVector
 
 
@@ -31,6 +33,54 @@ def test_ridge_picks_a_larger_penalty_for_noise() -> None:
     stats.add(1, x[30:], y[30:])
     _u, ridge, _rel = fit_ridge(stats)
     assert ridge >= 1e-2
+
+
+def test_weighting_rows_equals_repeating_them() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(400, 6, generator=g, dtype=torch.float64), torch.randn(400, generator=g, dtype=torch.float64)
+    cpu = torch.device("cpu")
+    body, head, repeated = _Stats(6, cpu), _Stats(6, cpu), _Stats(6, cpu)
+    for fold in (0, 1):
+        rows = slice(10 + fold, 400, 2)
+        body.add(fold, x[rows], y[rows])
+        repeated.add(fold, x[rows], y[rows])
+        head.add(fold, x[fold:10:2], y[fold:10:2])
+        for _ in range(5):
+            repeated.add(fold, x[fold:10:2], y[fold:10:2])
+    combined = body.plus(head, 5.0)
+    for name in ("xtx", "xty", "yty"):
+        torch.testing.assert_close(getattr(combined, name), getattr(repeated, name))
+    assert combined.n == [200, 200] and combined.sq == body.sq + head.sq  # weights do not move the penalty scale
+
+
+def test_a_heavier_first_position_must_halve_the_held_in_kl() -> None:
+    # held-in KL measured on SmolLM2 at 4x: L6 (the sink badly fitted), then L24 (a 20% gain that did not hold out)
+    assert choose_first_weight({1.0: 0.526, 10.0: 0.172, 100.0: 0.132}) == 100.0
+    assert choose_first_weight({1.0: 0.0073, 10.0: 0.0060, 100.0: 0.0192}) == 1.0
+    assert choose_first_weight({1.0: 0.2}) == 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_position_zero_weight_is_chosen_by_held_in_kl(family: str) -> None:
+    lm = tiny_lm(family)
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, first_weights=(1.0, 100.0))
+    assert set(cal.selection_kl) == {1.0, 100.0}
+    assert cal.first_weight == choose_first_weight(cal.selection_kl)
+    # The selection replays only the blocks from the writer on; full passes must give the same KL.
+    kl = n = 0.0
+    with torch.no_grad():
+        for batch in corpus.batches(lm.tokenizer, "calibration", SELECT_TOKENS, max_doc_tokens=64, by_length=True):
+            keep = batch.attention_mask.bool()
+            with steering(lm.model, vec):
+                hook = torch.log_softmax(lm.model(batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
+            with rank1_updates(lm.model, {f.module: (f.A, f.B) for f in cal.fits}):
+                adapted = torch.log_softmax(lm.model(batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
+            kl += float(kl_per_token(hook[keep], adapted[keep]).sum())
+            n += int(keep.sum())
+    assert kl / n == pytest.approx(cal.selection_kl[cal.first_weight], rel=1e-4)
+    single = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, first_weights=(1.0,))
+    assert single.selection_kl == {} and single.first_weight == 1.0
 
 
 def test_balance_keeps_the_product() -> None:

@@ -47,6 +47,8 @@ def test_portable_export_writes_a_complete_verified_folder(tmp_path: Path, famil
     assert 0 <= result.report.kl_ratio < 0.5
     card = (result.folder / "README.md").read_text()
     assert "library_name: peft" in card and "vllm serve" in card and "top-1" in card
+    fit_error = next(iter(result.report.fit_abs_error.values()))
+    assert f"| {fit_error:.3g} |" in card and f"| {result.seconds['total']:.1f} |" in card
     assert not list(tmp_path.glob(".a-*")), "no temp folder is left behind"
     # verify() from the folder alone gives the same numbers
     again = verify(lm.model, lm.tokenizer, result.folder, tokens=512)
