@@ -1,6 +1,6 @@
 """Fidelity and cost of exported adapters across layers, strengths, vectors and modes, on the embedded models.
 
-Prints tables and writes benchmark.json / benchmark.csv / benchmark.png into --out. A script, not a test: every
+Prints tables and writes benchmark.json / .csv / .md / .png into --out. A script, not a test: every
 number is measured in this run, on held-out text (chat-formatted for the instruct model) that calibration never saw.
 Examples (2 CPU cores; about 20 minutes for the first, 10 for the second, 6 for the third):
 
@@ -158,6 +158,32 @@ def _groups(rows: list[dict]) -> dict[tuple[float, str, str], list[dict]]:
     return out
 
 
+def markdown(summary: dict) -> str:
+    """The run as markdown tables: fidelity rows, then calibration cost and speed ratios when measured."""
+    lines = [
+        f"{summary['model']} (held-out text; top-1 and KL ratio against hook steering; greedy = tokens before the "
+        "first divergence, of 20; fit err = mean |A·x - target| / mean |target|)",
+        "",
+        "| vector | mode | layer | strength | seed | top-1 | KL ratio | greedy | fit err | pos-0 weight | export s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        name = r["vector"] + (f" #{r['feature']}" if r.get("feature") is not None else "")
+        lines.append(
+            f"| {name} | {r['mode']} | {r['layer']} | {r['k']:g}× {r['unit']} | {r['seed']} | {r['top1']:.1%} "
+            f"| {r['kl_ratio']:.4f} | {r['greedy_prefix']:.1f} | {r['fit_abs_error']:.3f} "
+            f"| {r.get('first_weight') or '-'} | {r['export_s']:.1f} |"
+        )
+    if summary.get("calibration_cost"):
+        lines += ["", "| calibration tokens | seconds | validation rel. RMSE of A·x |", "|---|---|---|"]
+        cost = summary["calibration_cost"]
+        lines += [f"| {c['tokens']} | {c['seconds']:.1f} | {c['cv_rel_rmse']:.4f} |" for c in cost]
+    if summary.get("speed"):
+        lines += ["", "| speed ratio (tokens/s, same run) | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in summary["speed"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -172,7 +198,11 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", choices=["portable", "exact", "ablate"], default=["portable"])
     p.add_argument("--cost", action="store_true", help="also calibration time vs tokens and serving speed ratios")
     p.add_argument("--out", default="artifacts/benchmark")
+    p.add_argument("--markdown-from", metavar="JSON", help="only print an earlier run's benchmark.json as markdown")
     args = p.parse_args()
+    if args.markdown_from:
+        print(markdown(json.loads(Path(args.markdown_from).read_text())), end="")
+        return
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +240,7 @@ def main() -> None:
                             "refine_steps": args.refine_steps, "top1": rep.top1_agreement, "kl_ratio": rep.kl_ratio,
                             "kl_hook_adapter": rep.kl_hook_adapter, "kl_hook_base": rep.kl_hook_base,
                             "greedy_prefix": rep.greedy_prefix_mean, "fit_abs_error": fit,
+                            "first_weight": res.meta.get("calibration", {}).get("first_weight"),
                             "calibrate_s": res.seconds.get("calibrate"), "verify_s": res.seconds.get("verify"),
                             "export_s": res.seconds["total"],
                         }  # fmt: skip
@@ -232,7 +263,8 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "benchmark.png")
-    print(f"wrote {out}/benchmark.json, .csv, .png")
+    (out / "benchmark.md").write_text(markdown(summary))
+    print(f"wrote {out}/benchmark.json, .csv, .md, .png")
 
 
 if __name__ == "__main__":
