@@ -178,8 +178,15 @@ def split_shares(v: Tensor, g_attn: Tensor, g_mlp: Tensor) -> tuple[Tensor, Tens
     share also reaches the layer's MLP input, where it is small next to the residual stream it joins.
     """
     wa, wm = g_attn.float().pow(2), g_mlp.float().pow(2)
-    a = v.float() * wa / (wa + wm)
+    # A dimension where both gains are 0 (Gemma-3-270M has them) is out of either writer's reach: split it evenly.
+    a = torch.where(wa + wm > 0, v.float() * wa / (wa + wm).clamp_min(1e-30), v.float() / 2)
     return a, v.float() - a
+
+
+def through_gain(share: Tensor, g: Tensor) -> Tensor:
+    """B = share ⊘ g: what the writer adds before its norm so the norm's output gains `share`. Where g = 0 the norm
+    zeroes whatever the writer adds, so B is 0 there (the report measures what that costs)."""
+    return torch.where(g != 0, share / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(share))
 
 
 def balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -282,7 +289,7 @@ def calibrate(
             ridges.setdefault(name, ridge)
             # The fit's last step runs on the CPU: with device_map="auto" the pieces live on different devices.
             v = shares[name]
-            b = v / _norm_gain(model, arch, layer, kind).cpu() if arch.post_norm else v
+            b = through_gain(v, _norm_gain(model, arch, layer, kind).cpu()) if arch.post_norm else v
             b_norm = float(b.norm())
             a, b = balance(u.float().cpu(), b)
             target = "rms(Wx)" if arch.post_norm else "one"

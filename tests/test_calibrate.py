@@ -169,6 +169,20 @@ def test_split_shares_add_up_and_favour_the_larger_gain() -> None:
     assert abs(a[0]) > 0.98 and abs(m[1]) > 1.96 and a[2] == m[2] == -1.5
 
 
+def test_a_zero_norm_gain_gives_a_finite_adapter() -> None:
+    """Gemma-3-270M layer 1 has dimensions whose norm gain is 0 in both writers: B must stay finite (it was NaN)."""
+    from steer_core.calibrate import split_shares, through_gain
+
+    v = torch.tensor([1.0, 2.0, 3.0])
+    g_attn, g_mlp = torch.tensor([0.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0])
+    a, m = split_shares(v, g_attn, g_mlp)
+    torch.testing.assert_close(a + m, v)
+    b_attn, b_mlp = through_gain(a, g_attn), through_gain(m, g_mlp)
+    assert torch.isfinite(b_attn).all() and torch.isfinite(b_mlp).all()
+    torch.testing.assert_close(b_attn, torch.tensor([0.0, 0.0, 0.75]))
+    torch.testing.assert_close(b_mlp, torch.tensor([0.0, 2.0, 0.75]))
+
+
 def test_split_writers_fits_both_post_norm_writers(tmp_path) -> None:
     from steer_core.export import export
 
