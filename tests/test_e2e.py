@@ -51,6 +51,17 @@ def test_smollm2_portable_at_4x(smollm2: LoadedModel, tmp_path: Path, layer: int
     assert rep.kl_hook_base > 1.0, "a 4x vector changes the model a lot"
 
 
+def test_smollm2_early_layer_weighs_the_attention_sink(smollm2: LoadedModel, tmp_path: Path) -> None:
+    """L6 at 4×: fitting position 0 like any token gave 42.4% / KL ratio 0.061; calibration now weighs it."""
+    vec = _random_vector(smollm2, HookPoint(6, "resid_post"), 4.0, "resid")
+    result = export(smollm2, vec, tmp_path / "a")
+    rep = result.report
+    print(f"smollm2 L6 4x: {rep.summary()}; calibration {result.meta['calibration']}")
+    assert result.meta["calibration"]["first_weight"] > 1
+    assert rep.top1_agreement >= 0.60  # measured 64.1%
+    assert rep.kl_ratio <= 0.035  # measured 0.0251
+
+
 def test_smollm2_exact_is_exact(smollm2: LoadedModel, tmp_path: Path) -> None:
     vec = _random_vector(smollm2, HookPoint(10, "resid_post"), 4.0, "resid")
     rep = export(smollm2, vec, tmp_path / "a", mode="exact", verify_tokens=512).report
