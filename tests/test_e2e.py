@@ -83,16 +83,22 @@ def test_smollm2_contrastive_vector_passes_verify(smollm2: LoadedModel, tmp_path
     assert rep.kl_ratio <= 0.02  # measured 0.0092
 
 
-def test_gemma_portable_reports_its_fidelity(gemma: LoadedModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("layer", "floor", "kl_ceiling"),
+    [
+        (9, 0.62, 0.5),  # measured 66.0% / 0.461 (59.5% / 0.747 with the MLP writer alone)
+        (5, 0.36, 0.33),  # measured 39.1% / 0.300
+    ],
+)
+def test_gemma_portable_reports_its_fidelity(
+    gemma: LoadedModel, tmp_path: Path, layer: int, floor: float, kl_ceiling: float
+) -> None:
     """Gemma 3 (post-norm): 0.25× the post-normed MLP output norm. No adapter is exact here (math.md)."""
     assert gemma.arch.post_norm and not gemma.is_chat
-    vec = _random_vector(gemma, HookPoint(9, "resid_post"), 0.25, "writer")
+    vec = _random_vector(gemma, HookPoint(layer, "resid_post"), 0.25, "writer")
     result = export(gemma, vec, tmp_path / "a")
     rep = result.report
-    print(f"gemma L9 0.25x: {rep.summary()}; seconds {result.seconds}")
+    print(f"gemma L{layer} 0.25x: {rep.summary()}; seconds {result.seconds}")
     assert result.meta["notes"] and "post-norm" in result.meta["notes"][0]
-    assert rep.top1_agreement >= GEMMA_L9_FLOOR
-    assert rep.kl_ratio < 0.5  # measured 0.46 (0.747 before the vector was split over both post-norm writers)
-
-
-GEMMA_L9_FLOOR = 0.62  # measured 66.0% (2048 held-out tokens; 59.5% with the MLP writer alone)
+    assert rep.top1_agreement >= floor
+    assert rep.kl_ratio < kl_ceiling
