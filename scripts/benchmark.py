@@ -2,12 +2,13 @@
 
 Prints tables and writes benchmark.json / .csv / .md / .png into --out. A script, not a test: every
 number is measured in this run, on held-out text (chat-formatted for the instruct model) that calibration never saw.
-Examples (2 CPU cores; about 20 minutes for the first, 10 for the second, 6 for the third):
+Examples, as run for the README (2 CPU cores, one process at a time; about 22, 15 and 40 minutes):
 
     .venv/bin/python -m scripts.benchmark --model smollm2-135m-instruct --out artifacts/bench-smollm2
-    .venv/bin/python -m scripts.benchmark --model gemma-3-270m --strengths 0.25 1 --unit writer \\
-        --out artifacts/bench-gemma
-    .venv/bin/python -m scripts.benchmark --vectors sae caa --seeds 3 --layers 15 --cost --out artifacts/bench-real
+    .venv/bin/python -m scripts.benchmark --vectors sae caa --seeds 3 --layers 15 --strengths 0.5 4 --cost \\
+        --out artifacts/bench-smollm2-real
+    .venv/bin/python -m scripts.benchmark --model gemma-3-270m --layers 1 5 9 13 17 --strengths 0.25 1 \\
+        --unit writer --out artifacts/bench-gemma
 
 Vectors: "random" (a seeded random direction), "sae" (a feature of the model's embedded SAE, at its layer only;
 seed i takes the i-th of a fixed, seeded choice of live features), "caa" (mean difference of examples/joy_pairs.json

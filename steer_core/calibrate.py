@@ -276,6 +276,12 @@ def calibrate(
     if set(stats) != set(writers):
         raise ValueError("no calibration tokens reached the writers; check the tokenizer and corpus")
 
+    # B does not depend on the fit. The last steps run on the CPU: with device_map="auto" the pieces live on
+    # different devices.
+    bs = {
+        name: through_gain(shares[name], _norm_gain(model, arch, layer, kind).cpu()) if arch.post_norm else shares[name]
+        for name, (_point, layer, kind) in writers.items()
+    }
     ridges: dict[str, float] = {}
 
     def fits_for(weight: float) -> list[WriterFit]:
@@ -287,11 +293,8 @@ def calibrate(
             # would cost seconds at d_in = 1536).
             u, ridge, rel = fit_ridge(s, (ridges[name],) if name in ridges else RIDGE_GRID)
             ridges.setdefault(name, ridge)
-            # The fit's last step runs on the CPU: with device_map="auto" the pieces live on different devices.
-            v = shares[name]
-            b = through_gain(v, _norm_gain(model, arch, layer, kind).cpu()) if arch.post_norm else v
-            b_norm = float(b.norm())
-            a, b = balance(u.float().cpu(), b)
+            b_norm = float(bs[name].norm())
+            a, b = balance(u.float().cpu(), bs[name])
             target = "rms(Wx)" if arch.post_norm else "one"
             out.append(WriterFit(point, name, (layer, kind), a, b, target, ridge, sum(s.n), rel, b_norm))
         return out
