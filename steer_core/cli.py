@@ -19,7 +19,7 @@ from steer_core.constants import (
     SITES,
     STRENGTH_UNITS,
 )
-from steer_core.recipe import VectorRecipe
+from steer_core.recipe import VectorRecipe, strength_note
 
 log = logging.getLogger("steer_core")
 
@@ -28,7 +28,7 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("steering vector (one source)")
     g.add_argument("--vector", help="a .safetensors (one 1-D tensor), .pt or .npy file of length d_model")
     g.add_argument("--layer", type=int, help="with --vector/--contrastive: the block (0-based, as in model.layers.L)")
-    g.add_argument("--site", choices=SITES, default="resid_post", help="with --vector/--contrastive")
+    g.add_argument("--site", choices=SITES, help="with --vector/--contrastive (default resid_post)")
     g.add_argument(
         "--contrastive",
         metavar="JSON",
@@ -146,6 +146,15 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(
             "give one vector source: --vector, --sae-release/--sae-id, --sae-path, --contrastive or --control-vector"
         )
+    positioned = args.vector is not None or args.contrastive is not None
+    if (args.layer is not None or args.site is not None) and not positioned:
+        # An SAE feature lives at the SAE's hook and a control vector names its layers: a silently ignored --layer
+        # would export something other than what the user asked for.
+        given = " ".join(f"--{k} {v}" for k, v in (("layer", args.layer), ("site", args.site)) if v is not None)
+        parser.error(
+            f"{given} only applies to --vector/--contrastive; an SAE feature is added at the SAE's own hook point "
+            "and a control vector carries its layers"
+        )
     if sum(sources) == 0 and args.feature:
         return _check_values(parser, args)  # features of the model's embedded SAE
     if sum(sources) == 0:
@@ -185,13 +194,14 @@ def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
 
         positive, negative = read_pairs(args.contrastive)
         return VectorRecipe(
-            "contrastive", strengths, args.strength_unit, layer=args.layer, site=args.site,
+            "contrastive", strengths, args.strength_unit, layer=args.layer, site=args.site or "resid_post",
             positive=tuple(positive), negative=tuple(negative),
             method=args.contrastive_method, position=args.contrastive_position,
         )  # fmt: skip
     if args.vector is not None:
         return VectorRecipe(
-            "file", tuple(args.strength), args.strength_unit, path=args.vector, layer=args.layer, site=args.site
+            "file", tuple(args.strength), args.strength_unit, path=args.vector, layer=args.layer,
+            site=args.site or "resid_post",
         )
     return VectorRecipe(
         "sae",
@@ -215,6 +225,7 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     recipe = recipe_from_args(args)  # bad files and values fail here, before the model loads
     lm = _load(args)
     vector = recipe.build(lm)
+    print(strength_note(lm, vector), file=sys.stderr)
     result = export(
         lm,
         vector,
@@ -274,6 +285,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     else:
         assert recipe is not None
         vector = recipe.build(lm)
+        print(strength_note(lm, vector), file=sys.stderr)
         print(f"--- steered ({', '.join(p.tl_name for p in vector.points)}) ---")
         print(complete(lm, args.prompt, vector=vector, config=config, skip_bos=args.skip_bos))
     return 0

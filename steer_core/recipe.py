@@ -17,6 +17,7 @@ from steer_core.sites import HookPoint, Site, num_layers
 from steer_core.vector import SteeringVector, check_fits_model
 
 Source = Literal["file", "sae", "contrastive", "control_vector"]
+NOTE_POINTS = 4
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class VectorRecipe:
             raise ValueError(f"strengths must be finite numbers, got {list(self.strengths)}")
         if self.source in ("file", "contrastive") and self.layer is None:
             raise ValueError(f"a {self.source} vector needs a layer")
+        if self.source in ("sae", "control_vector") and self.layer is not None:
+            raise ValueError(
+                f"layer {self.layer} does not apply to a {self.source} vector: an SAE feature is added at the SAE's "
+                "own hook point and a control vector carries its layers; a layer applies to file and contrastive vectors"
+            )
         if self.source in ("file", "control_vector") and (not self.path or len(self.strengths) != 1):
             raise ValueError(f"a {self.source} vector needs a path and exactly one strength")
         if self.source == "control_vector" and self.strength_unit != "abs":
@@ -121,3 +127,20 @@ class VectorRecipe:
         vector.provenance["sae_model_matches"] = same_model(sae.source.model_name, lm.base_model_id)
         vector.provenance["sae_fvu_on_this_model"] = reconstruction_fvu(sae, lm.model, lm.tokenizer)
         return vector
+
+
+def strength_note(lm: LoadedModel, vector: SteeringVector) -> str:
+    """Where the vector steers and how strong it is against the residual stream there, whatever unit set it.
+
+    A strength means different things per unit (0.5 "abs" on a decoder row is often a whisper, 0.5 "resid" a
+    shout), so users see the one scale that compares: the vector's norm over the site's median residual norm.
+    """
+    unit = vector.provenance.get("strength_unit", "abs")
+    items = list(vector.directions.items())
+    parts = []
+    for point, v in items[:NOTE_POINTS]:  # each site costs a forward pass; control vectors can have dozens
+        norm, ref = float(v.norm()), median_norm(lm.model, lm.tokenizer, point, "resid")
+        parts.append(f"{point.tl_name}: norm {norm:.4g} = {norm / ref:.3g}× the median residual norm there ({ref:.4g})")
+    if len(items) > NOTE_POINTS:
+        parts.append(f"and {len(items) - NOTE_POINTS} more sites")
+    return f"steering (strength unit {unit!r}) " + "; ".join(parts)

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,11 @@ def test_export_from_sae_with_relative_strength(model_dir: Path, tmp_path: Path,
         "--json",
     ]
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["top1_agreement"] == 1.0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["top1_agreement"] == 1.0
+    # the user sees what the unit made of the strength, on the one scale that compares across units
+    note = re.search(r"steering \(strength unit 'resid'\) blocks\.1\.hook_resid_post: norm \S+ = (\S+)×", printed.err)
+    assert note is not None, printed.err
     meta = json.loads((out / "steering.json").read_text())
     assert [f["index"] for f in meta["vector"]["provenance"]["features"]] == [3, 5]
 
@@ -149,6 +154,10 @@ def test_generate_with_adapter_and_with_hooks(
         (["export", "--out", "x", "--vector", "v", "--layer", "1", "--strength", "nan"], "finite"),
         (["export", "--out", "x", "--vector", "v", "--layer", "1", "--mode", "nope"], "invalid choice: 'nope'"),
         (["export", "--out", "x", "--vector", "v", "--layer", "1", "--site", "resid_mid"], "invalid choice"),
+        # an SAE or control vector fixes its own sites: a --layer there would be silently ignored
+        (["export", "--out", "x", "--feature", "639", "--layer", "99"], "--layer 99 only applies to --vector"),
+        (["export", "--out", "x", "--sae-path", "s", "--feature", "1", "--site", "attn_out"], "--site attn_out only"),
+        (["generate", "--prompt", "p", "--control-vector", "c.gguf", "--layer", "3"], "--layer 3 only applies"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_a_message(argv: list, message: str, capsys: pytest.CaptureFixture) -> None:
@@ -209,7 +218,10 @@ def test_contrastive_to_control_vector_and_back(model_dir: Path, tmp_path: Path,
     argv = ["export", "--model", str(model_dir), "--out", str(out), "--control-vector", str(gguf_path),
             "--mode", "exact", "--verify-tokens", "256", "--json"]  # fmt: skip
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["top1_agreement"] == 1.0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["top1_agreement"] == 1.0
+    note = re.search(r"steering \(strength unit 'abs'\) blocks\.1\.hook_resid_post: norm \S+ = (\S+)×", printed.err)
+    assert note is not None, printed.err
     meta = json.loads((out / "steering.json").read_text())
     assert meta["vector"]["points"] == ["blocks.1.hook_resid_post"]
     assert meta["vector"]["provenance"]["source"] == "control_vector"

@@ -59,3 +59,12 @@ def test_recipe_carries_features_strengths_and_sae() -> None:
     assert (recipe.sae_release, recipe.sae_id, recipe.path) == ("r", "id", None)
     with pytest.raises(ValueError, match="no feature chosen"):
         FeatureMix().recipe(choice, "abs")
+
+
+def test_recipe_refuses_a_layer_its_source_would_ignore() -> None:
+    from steer_core.recipe import VectorRecipe
+
+    with pytest.raises(ValueError, match="layer 99 does not apply to a sae vector"):
+        VectorRecipe("sae", (0.5,), "resid", features=(639,), layer=99)
+    with pytest.raises(ValueError, match="layer 2 does not apply to a control_vector"):
+        VectorRecipe("control_vector", (1.0,), path="c.gguf", layer=2)
