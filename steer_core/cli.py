@@ -200,7 +200,11 @@ def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
         )  # fmt: skip
     if args.vector is not None:
         return VectorRecipe(
-            "file", tuple(args.strength), args.strength_unit, path=args.vector, layer=args.layer,
+            "file",
+            tuple(args.strength),
+            args.strength_unit,
+            path=args.vector,
+            layer=args.layer,
             site=args.site or "resid_post",
         )
     return VectorRecipe(

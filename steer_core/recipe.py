@@ -61,7 +61,8 @@ class VectorRecipe:
         if self.source in ("sae", "control_vector") and self.layer is not None:
             raise ValueError(
                 f"layer {self.layer} does not apply to a {self.source} vector: an SAE feature is added at the SAE's "
-                "own hook point and a control vector carries its layers; a layer applies to file and contrastive vectors"
+                "own hook point and a control vector carries its layers; a layer applies to file and"
+                " contrastive vectors"
             )
         if self.source in ("file", "control_vector") and (not self.path or len(self.strengths) != 1):
             raise ValueError(f"a {self.source} vector needs a path and exactly one strength")
