@@ -159,21 +159,32 @@ def _groups(rows: list[dict]) -> dict[tuple[float, str, str], list[dict]]:
     return out
 
 
+def _shares(row: dict) -> str:
+    """Which post-norm shares the export used, with both candidates' held-in KL(hook ‖ adapter)."""
+    s = row.get("shares")
+    if not s:
+        return "-"
+    kl = s["held_in_kl"]
+    return f"{s['used']} ({kl['split']:.3g} / {kl['fitted']:.3g})"
+
+
 def markdown(summary: dict) -> str:
     """The run as markdown tables: fidelity rows, then calibration cost and speed ratios when measured."""
+    shares = any(r.get("shares") for r in summary["rows"])
     lines = [
         f"{summary['model']} (held-out text; top-1 and KL ratio against hook steering; greedy = tokens before the "
         "first divergence, of 20; fit err = mean |A·x - target| / mean |target|)",
         "",
-        "| vector | mode | layer | strength | seed | top-1 | KL ratio | greedy | fit err | pos-0 weight | export s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vector | mode | layer | strength | seed | top-1 | KL ratio | greedy | fit err | pos-0 weight | export s |"
+        + (" post-norm shares (held-in KL split / fitted) |" if shares else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if shares else ""),
     ]
     for r in summary["rows"]:
         name = r["vector"] + (f" #{r['feature']}" if r.get("feature") is not None else "")
         lines.append(
             f"| {name} | {r['mode']} | {r['layer']} | {r['k']:g}× {r['unit']} | {r['seed']} | {r['top1']:.1%} "
             f"| {r['kl_ratio']:.4f} | {r['greedy_prefix']:.1f} | {r['fit_abs_error']:.3f} "
-            f"| {r.get('first_weight') or '-'} | {r['export_s']:.1f} |"
+            f"| {r.get('first_weight') or '-'} | {r['export_s']:.1f} |" + (f" {_shares(r)} |" if shares else "")
         )
     if summary.get("calibration_cost"):
         lines += ["", "| calibration tokens | seconds | validation rel. RMSE of A·x |", "|---|---|---|"]
@@ -242,14 +253,15 @@ def main() -> None:
                             "kl_hook_adapter": rep.kl_hook_adapter, "kl_hook_base": rep.kl_hook_base,
                             "greedy_prefix": rep.greedy_prefix_mean, "fit_abs_error": fit,
                             "first_weight": res.meta.get("calibration", {}).get("first_weight"),
+                            "shares": res.meta.get("calibration", {}).get("post_norm_shares") or None,
                             "calibrate_s": res.seconds.get("calibrate"), "verify_s": res.seconds.get("verify"),
                             "export_s": res.seconds["total"],
                         }  # fmt: skip
                         rows.append(row)
                         cells = (f"{rep.top1_agreement:>7.1%} {rep.kl_ratio:>9.4f} {rep.greedy_prefix_mean:>7.1f} "
                                  f"{fit:>8.3f}")  # fmt: skip
-                        print(f"{kind:>6} {mode:>8} {layer:>5} {k:>5g} {seed:>4} {cells} {res.seconds['total']:>8.1f}",
-                              flush=True)  # fmt: skip
+                        print(f"{kind:>6} {mode:>8} {layer:>5} {k:>5g} {seed:>4} {cells} {res.seconds['total']:>8.1f}"
+                              + (f" shares {_shares(row)}" if row["shares"] else ""), flush=True)  # fmt: skip
     summary: dict = {"model": args.model, "load_s": load_s, "rows": rows}
     if args.cost and last is not None:
         print("cost:")

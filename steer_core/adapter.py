@@ -113,8 +113,13 @@ def build_portable(model: nn.Module, calibration: Calibration, base_model: str) 
     if arch.post_norm:
         notes.append(
             "post-norm model: the writer's output passes through a norm before the residual stream, so no adapter "
-            "on it adds the vector exactly; this one follows the first-order recipe (A·x ≈ rms(Wx), B = share / g, the "
-            "vector shared between the layer's attention and MLP writers by their norms' gains)."
+            "on it adds the vector exactly; here A·x ≈ rms(Wx) and "
+            + (
+                "the layer's attention and MLP writers' B are fitted so that their summed additions come closest to "
+                "the vector where later layers read the residual stream (steering.json: calibration.post_norm_shares)."
+                if calibration.shares.get("used") == "fitted"
+                else "B = share / g (the vector shared between the writers by their norms' gains, or all to one)."
+            )
         )
     return BuiltAdapter("portable", config, tensors, modules, notes)
 

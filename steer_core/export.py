@@ -125,6 +125,7 @@ def export(
             "refine": calibration.refine,
             "first_weight": calibration.first_weight,
             "first_weight_held_in_kl": {f"{w:g}": kl for w, kl in calibration.selection_kl.items()},
+            "post_norm_shares": calibration.shares,
         }
         meta["fits"] = [
             {

@@ -110,6 +110,8 @@ class Architecture:
     # GPT-2's Conv1D stores W transposed; PEFT needs to know.
     fan_in_fan_out: bool = False
     final_norm: str = "model.norm"
+    # Norms (inside each block) that read the residual stream; used to weigh where a residual change matters.
+    reader_norms: tuple[str, ...] = ()
 
     @property
     def post_norm(self) -> bool:
@@ -138,6 +140,7 @@ _POST_NORM = Architecture(
     "mlp.down_proj",
     attn_post_norm="post_attention_layernorm",
     mlp_post_norm="post_feedforward_layernorm",
+    reader_norms=("input_layernorm", "pre_feedforward_layernorm"),
 )
 _GPT2 = Architecture(
     "gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", fan_in_fan_out=True, final_norm="transformer.ln_f"

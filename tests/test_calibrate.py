@@ -64,23 +64,30 @@ def test_a_heavier_first_position_must_halve_the_held_in_kl() -> None:
 def test_position_zero_weight_is_chosen_by_held_in_kl(family: str) -> None:
     lm = tiny_lm(family)
     vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
-    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, first_weights=(1.0, 100.0))
+    # share_steps=0: post-norm writers keep the split shares, so the candidates differ only in position 0's weight
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, first_weights=(1.0, 100.0), share_steps=0)
     assert set(cal.selection_kl) == {1.0, 100.0}
     assert cal.first_weight == choose_first_weight(cal.selection_kl)
     # The selection replays only the blocks from the writer on; full passes must give the same KL.
+    kl = _replayed_kl(lm, vec, {f.module: (f.A, f.B) for f in cal.fits})
+    assert kl == pytest.approx(cal.selection_kl[cal.first_weight], rel=1e-4)
+    single = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, first_weights=(1.0,), share_steps=0)
+    assert single.selection_kl == {} and single.first_weight == 1.0
+
+
+def _replayed_kl(lm, vec: SteeringVector, params: dict) -> float:
+    """Mean KL(hook ‖ adapter) over the selection tokens, from full forward passes."""
     kl = n = 0.0
     with torch.no_grad():
         for batch in corpus.batches(lm.tokenizer, "calibration", SELECT_TOKENS, max_doc_tokens=64, by_length=True):
             keep = batch.attention_mask.bool()
             with steering(lm.model, vec):
                 hook = torch.log_softmax(lm.model(batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
-            with rank1_updates(lm.model, {f.module: (f.A, f.B) for f in cal.fits}):
+            with rank1_updates(lm.model, params):
                 adapted = torch.log_softmax(lm.model(batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
             kl += float(kl_per_token(hook[keep], adapted[keep]).sum())
             n += int(keep.sum())
-    assert kl / n == pytest.approx(cal.selection_kl[cal.first_weight], rel=1e-4)
-    single = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, first_weights=(1.0,))
-    assert single.selection_kl == {} and single.first_weight == 1.0
+    return kl / n
 
 
 def test_balance_keeps_the_product() -> None:
@@ -193,3 +200,69 @@ def test_split_writers_fits_both_post_norm_writers(tmp_path) -> None:
     assert sorted(f["writer_kind"] for f in fits) == ["attn", "mlp"]
     assert all(f["writer_layer"] == 1 for f in fits)
     assert set(result.report.fit_abs_error) == {f["module"] for f in fits}
+
+
+def test_fit_shares_models_what_gemmas_norm_does_and_lowers_its_loss() -> None:
+    """fit_shares' per-token addition is what the model's own post-norm gives for z + rms(z)·B (A·x = rms(Wx))."""
+    from steer_core.calibrate import fit_shares, rms_target, split_shares, through_gain
+
+    lm = tiny_lm("gemma3")
+    layer = lm.model.model.layers[1]
+    norms = {"attn": layer.post_attention_layernorm, "mlp": layer.post_feedforward_layernorm}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for norm in norms.values():  # gains far from 1 and one near 0, as in Gemma-3-270M
+            norm.weight.copy_(torch.randn(D_MODEL, generator=g) * 2)
+            norm.weight[0] = -0.99
+    gains = {k: 1 + n.weight.detach() for k, n in norms.items()}
+    z = {k: torch.randn(256, D_MODEL, generator=g) * 3 for k in norms}
+    zhat = {k: t / rms_target(t, norms[k].eps).unsqueeze(-1) for k, t in z.items()}
+    v = torch.randn(D_MODEL, generator=g) * 2
+    metric = torch.rand(D_MODEL, generator=g) + 0.1
+    a, m = split_shares(v, gains["attn"], gains["mlp"])
+    init = {"attn": through_gain(a, gains["attn"]), "mlp": through_gain(m, gains["mlp"])}
+    fitted, before, after = fit_shares(v, zhat, gains, metric, init, steps=300)
+    assert after < 0.8 * before
+
+    def loss_through_the_model(bs: dict) -> float:
+        with torch.no_grad():
+            added = sum(norms[k](z[k] + rms_target(z[k], norms[k].eps)[:, None] * bs[k]) - norms[k](z[k]) for k in z)
+        return float(((added - v).pow(2) * metric).sum(-1).mean())
+
+    assert loss_through_the_model(init) == pytest.approx(before, rel=1e-3)
+    assert loss_through_the_model(fitted) == pytest.approx(after, rel=1e-3)
+
+
+def test_reader_metric_follows_the_later_norms_gains() -> None:
+    from steer_core.calibrate import reader_metric
+    from steer_core.sites import architecture_for
+
+    lm = tiny_lm("gemma3")
+    arch = architecture_for(lm.model)
+    before = reader_metric(lm.model, arch, 0)
+    with torch.no_grad():
+        lm.model.model.layers[1].input_layernorm.weight[3] += 5.0  # a later layer reads dimension 3 harder
+    after = reader_metric(lm.model, arch, 0)
+    assert before.shape == (D_MODEL,) and (before > 0).all()
+    assert after[3] > 2 * before[3]
+    # a norm before the writer does not read what it writes
+    torch.testing.assert_close(reader_metric(lm.model, arch, 1), reader_metric(tiny_lm("gemma3").model, arch, 1))
+
+
+def test_post_norm_calibration_fits_the_shares_and_keeps_the_better_by_held_in_kl() -> None:
+    lm = tiny_lm("gemma3")
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
+    split = calibrate(lm.model, lm.tokenizer, vec, tokens=1024, share_steps=0, first_weights=(1.0,))
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=1024, first_weights=(1.0,))
+    assert split.shares == {}
+    (losses,) = cal.shares["sites"].values()
+    assert losses["loss_fitted"] < losses["loss_split"]
+    kl = cal.shares["held_in_kl"]
+    assert cal.shares["used"] == min(kl, key=kl.get)
+    for a, b in zip(split.fits, cal.fits, strict=True):
+        torch.testing.assert_close(a.A / a.A.norm(), b.A / b.A.norm())  # A fits rms(Wx) either way
+        same_b = torch.allclose(a.B / a.B.norm(), b.B / b.B.norm())
+        assert same_b == (cal.shares["used"] == "split")
+    # the KL recorded for the split is that of the split adapter
+    params = {f.module: (f.A, f.B) for f in split.fits}
+    assert kl["split"] == pytest.approx(_replayed_kl(lm, vec, params), rel=1e-4)
