@@ -86,8 +86,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def speed_ratios(lm, vector: SteeringVector, adapter_dir: Path, tokens: int = 48) -> dict[str, float]:
-    """Tokens/s ÷ the base model's, greedy, one prompt, measured back to back (best of 2 each): hook-steered
+def speed_ratios(lm, vector: SteeringVector, adapter_dir: Path, tokens: int = 48, rounds: int = 5) -> dict[str, float]:
+    """Tokens/s ÷ the base model's, greedy, one prompt, measured back to back (best of `rounds` each): hook-steered
     preview, the adapter unmerged in PEFT, and the adapter merged into the weights."""
     config = GenerationConfig(max_new_tokens=tokens, temperature=0.0)
     prompt = "Write a short paragraph about the sea."
@@ -106,15 +106,20 @@ def speed_ratios(lm, vector: SteeringVector, adapter_dir: Path, tokens: int = 48
         "peft_unmerged": lambda: gen(peft_model),
     }
     best = dict.fromkeys(runs, float("inf"))
-    for _ in range(2):
+    # Interleaved rounds, best of `rounds`: with best of 2 the ratios wandered by ±25% between runs on 2 cores.
+    for _ in range(rounds):
         for name, fn in runs.items():
             best[name] = min(best[name], _timed(fn))
     merged = peft_model.merge_and_unload()
-    best["merged"] = min(_timed(lambda: gen(merged)) for _ in range(2))
+    base_again = float("inf")
+    best["merged"] = float("inf")
+    for _ in range(rounds):  # base again, interleaved with the merged model
+        base_again = min(base_again, _timed(lambda: gen(lm.model)))
+        best["merged"] = min(best["merged"], _timed(lambda: gen(merged)))
     return {
         "steered_preview_over_unsteered": best["base_preview"] / best["hook_preview"],
         "peft_unmerged_over_base": best["base"] / best["peft_unmerged"],
-        "merged_over_base": best["base"] / best["merged"],
+        "merged_over_base": base_again / best["merged"],
     }
 
 

@@ -84,14 +84,15 @@ def test_smollm2_contrastive_vector_passes_verify(smollm2: LoadedModel, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("layer", "floor", "kl_ceiling"),
+    ("layer", "floor", "kl_ceiling", "shares"),
     [
-        (9, 0.62, 0.5),  # measured 66.0% / 0.461 (59.5% / 0.747 with the MLP writer alone)
-        (5, 0.36, 0.33),  # measured 39.1% / 0.300
+        # measured 85.9% / 0.067 with the fitted shares (66.0% / 0.461 split; 59.5% / 0.747 MLP writer alone)
+        (9, 0.83, 0.09, "fitted"),
+        (5, 0.36, 0.33, "split"),  # measured 39.1% / 0.300: held-in KL 0.92 split vs 1.13 fitted
     ],
 )
 def test_gemma_portable_reports_its_fidelity(
-    gemma: LoadedModel, tmp_path: Path, layer: int, floor: float, kl_ceiling: float
+    gemma: LoadedModel, tmp_path: Path, layer: int, floor: float, kl_ceiling: float, shares: str
 ) -> None:
     """Gemma 3 (post-norm): 0.25× the post-normed MLP output norm. No adapter is exact here (math.md)."""
     assert gemma.arch.post_norm and not gemma.is_chat
@@ -102,3 +103,5 @@ def test_gemma_portable_reports_its_fidelity(
     assert result.meta["notes"] and "post-norm" in result.meta["notes"][0]
     assert rep.top1_agreement >= floor
     assert rep.kl_ratio < kl_ceiling
+    chosen = result.meta["calibration"]["post_norm_shares"]
+    assert chosen["used"] == shares == min(chosen["held_in_kl"], key=chosen["held_in_kl"].get)
