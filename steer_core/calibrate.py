@@ -137,11 +137,16 @@ def fit_ridge(stats: _Stats, grid: tuple[float, ...] = RIDGE_GRID) -> tuple[Tens
     return u, grid[best], rel
 
 
+def _gain(norm: nn.Module) -> Tensor:
+    """g = 1 + w of a Gemma-style RMSNorm (its output is z / rms(z) ⊙ g)."""
+    return 1.0 + norm.weight.detach().float()
+
+
 def _norm_gain(model: nn.Module, arch: Architecture, layer: int, kind: str) -> Tensor:
-    """g = 1 + w of a Gemma-style post-norm (its output is z / rms(z) ⊙ g)."""
+    """The gain of the post-norm after a writer."""
     name = arch.post_norm_name(layer, kind)  # type: ignore[arg-type]
     assert name is not None
-    return 1.0 + model.get_submodule(name).weight.detach().float()
+    return _gain(model.get_submodule(name))
 
 
 def _norm_eps(model: nn.Module, arch: Architecture, layer: int, kind: str) -> float:
@@ -211,10 +216,9 @@ def reader_metric(model: nn.Module, arch: Architecture, writer_layer: int) -> Te
     names = [f"{arch.layers_path}.{i}.{r}" for i in range(writer_layer + 1, n) for r in arch.reader_norms]
     for name in [*names, arch.final_norm]:
         try:
-            weight = model.get_submodule(name).weight.detach().float().cpu()
+            g2 = _gain(model.get_submodule(name)).cpu().pow(2)
         except AttributeError:
             continue
-        g2 = (1.0 + weight).pow(2)  # Gemma's norms scale by 1 + w, like its post-norms (_norm_gain)
         if float(g2.mean()) > 0:
             gains.append(g2 / g2.mean())
     if not gains:
@@ -302,6 +306,8 @@ def calibrate(
     device = next(model.parameters()).device
     writers: dict[str, tuple[HookPoint, int, str]] = {}
     shares: dict[str, Tensor] = {}
+    # Post-norm writers sharing a site: their normalised outputs on some tokens, for fit_shares.
+    sampled: dict[str, list[Tensor]] = {}
     for point in vector.points:
         layer, kind = point.writer()
         v = vector.directions[point].float().cpu()
@@ -318,9 +324,8 @@ def calibrate(
                 )
             writers[name] = (point, layer, part_kind)
             shares[name] = share
-    # Post-norm writers sharing a site: their normalised outputs on some tokens, for fit_shares.
-    shared = {n for n, (p, _, _) in writers.items() if sum(q == p for q, _, _ in writers.values()) > 1}
-    sampled: dict[str, list[Tensor]] = {n: [] for n in shared} if share_steps > 0 else {}
+            if len(parts) > 1 and share_steps > 0:
+                sampled[name] = []
     # Per writer: statistics of position 0 and of every later position, combined with a weight at the end.
     stats: dict[str, tuple[_Stats, _Stats]] = {}
     state: dict[str, Tensor] = {}

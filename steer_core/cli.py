@@ -187,6 +187,7 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
     strengths = tuple(args.strength)
+    site = args.site or "resid_post"  # None on the command line means "not given", so it can be refused elsewhere
     if args.control_vector is not None:
         return VectorRecipe("control_vector", strengths, args.strength_unit, path=args.control_vector)
     if args.contrastive is not None:
@@ -194,19 +195,12 @@ def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
 
         positive, negative = read_pairs(args.contrastive)
         return VectorRecipe(
-            "contrastive", strengths, args.strength_unit, layer=args.layer, site=args.site or "resid_post",
+            "contrastive", strengths, args.strength_unit, layer=args.layer, site=site,
             positive=tuple(positive), negative=tuple(negative),
             method=args.contrastive_method, position=args.contrastive_position,
         )  # fmt: skip
     if args.vector is not None:
-        return VectorRecipe(
-            "file",
-            tuple(args.strength),
-            args.strength_unit,
-            path=args.vector,
-            layer=args.layer,
-            site=args.site or "resid_post",
-        )
+        return VectorRecipe("file", strengths, args.strength_unit, path=args.vector, layer=args.layer, site=site)
     return VectorRecipe(
         "sae",
         tuple(args.strength),
