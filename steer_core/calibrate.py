@@ -25,7 +25,7 @@ from steer_core.activations import forward_from, forward_until, recording, recor
 from steer_core.constants import DEFAULT_CALIBRATION_TOKENS, DEFAULT_MAX_DOC_TOKENS
 from steer_core.divergence import kl_per_token
 from steer_core.sites import Architecture, HookPoint, architecture_for, num_layers
-from steer_core.steer import rank1_updates, steering
+from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
 
 RIDGE_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -477,7 +477,7 @@ def _held_in_kl(
             hook_p = hook.exp()
             for weight, fits in candidates.items():
                 params = {f.module: (f.A.to(device), f.B.to(device)) for f in fits}
-                with rank1_updates(model, params):
+                with lowrank_updates(model, params):
                     logits = (
                         forward_from(model, first, calls)
                         if replay

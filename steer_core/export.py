@@ -54,8 +54,12 @@ def export(
     split_writers: bool = True,
     overwrite: bool = False,
     progress: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> ExportResult:
-    """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails."""
+    """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails.
+
+    `calibration` (portable mode) exports a calibration made earlier for this vector instead of making one.
+    """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if calibration_tokens < 256:
@@ -71,8 +75,13 @@ def export(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
 
-    calibration: Calibration | None = None
-    if mode == "portable":
+    if calibration is not None and (mode != "portable" or {f.point for f in calibration.fits} != set(vector.points)):
+        raise ValueError(
+            f"a given calibration is for portable mode and this vector's sites "
+            f"({', '.join(p.tl_name for p in vector.points)}); got mode {mode!r} and a calibration of "
+            f"{', '.join(sorted({f.point.tl_name for f in calibration.fits}))}"
+        )
+    if mode == "portable" and calibration is None:
         calibration = calibrate(
             model,
             lm.tokenizer,
@@ -91,6 +100,7 @@ def export(
                 steps=refine_steps,
                 progress=lambda f, m: report(0.5 + 0.2 * f, m),
             )
+    if calibration is not None:
         built = build_portable(model, calibration, lm.base_model_id)
         seconds["calibrate"] = calibration.seconds
     elif mode == "exact":

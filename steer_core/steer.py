@@ -1,5 +1,5 @@
 """Reference steering with forward hooks: add a vector at its sites, or remove a direction everywhere; and the
-portable adapter's rank-1 updates as hooks, for fitting it without building a PEFT model.
+portable adapter's low-rank updates as hooks, for fitting it without building a PEFT model.
 
 Hooks are gated per request (steer_core.hooks), so concurrent requests on one model never see each other's
 steering, and they exist only inside these context managers.
@@ -113,13 +113,19 @@ def ablation(model: nn.Module, direction: Tensor, *, include_embedding: bool = F
 
 
 @contextmanager
-def rank1_updates(model: nn.Module, params: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Add (x·a) b to each named writer's output, differentiably: the adapter, without PEFT."""
+def lowrank_updates(model: nn.Module, params: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Add B(A·x) to each named writer's output, differentiably: the adapter, without PEFT.
+
+    A is (d_in,) or (rank, d_in), B is (d_out,) or (d_out, rank): PEFT's lora_A and lora_B at scaling 1.
+    """
 
     def make(a: Tensor, b: Tensor) -> Any:
+        a2 = a if a.dim() == 2 else a.unsqueeze(0)
+        b2 = b if b.dim() == 2 else b.unsqueeze(1)
+
         def hook(_m: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             x = args[0]
-            return output + (x @ a.to(x.dtype)).unsqueeze(-1) * b.to(output.dtype)
+            return output + (x @ a2.to(x.dtype).T) @ b2.to(output.dtype).T
 
         return hook
 

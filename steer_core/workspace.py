@@ -30,7 +30,6 @@ class Workspace:
         self._saes: dict[SAEChoice, LoadedSAE] = {}
         self._labels: dict[tuple[str, SAEChoice], FeatureLabels] = {}
         self._vectors: OrderedDict[tuple[str, VectorRecipe], SteeringVector] = OrderedDict()
-        self._norms: dict[tuple[str, HookPoint], float] = {}
         self._locks = {k: threading.Lock() for k in ("model", "sae", "labels", "vector", "norm")}
 
     def model(self, name: str) -> LoadedModel:
@@ -91,17 +90,14 @@ class Workspace:
         """Median residual-stream norm at `point`, to show any strength as a multiple of it."""
         from steer_core.activations import median_norm
 
-        key = (lm.name, point)
-        with self._locks["norm"]:
-            if key not in self._norms:
-                self._norms[key] = median_norm(lm.model, lm.tokenizer, point, "resid")
-            return self._norms[key]
+        with self._locks["norm"]:  # one measurement at a time; median_norm remembers it per model
+            return median_norm(lm.model, lm.tokenizer, point, "resid")
 
     def forget_model(self, name: str) -> None:
         """Drop a model and everything derived from it (used by tests that swap models under one name)."""
         with self._locks["model"]:
             lm = self.models.pop(name, None)
         names = {name, lm.name if lm else name}
-        for cache in (self._labels, self._vectors, self._norms):
+        for cache in (self._labels, self._vectors):
             for key in [k for k in cache if k[0] in names]:
                 cache.pop(key, None)  # type: ignore[arg-type]

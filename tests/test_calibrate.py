@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 
@@ -9,7 +10,7 @@ from steer_core import corpus
 from steer_core.calibrate import SELECT_TOKENS, _Stats, balance, calibrate, choose_first_weight, fit_ridge
 from steer_core.divergence import kl_per_token
 from steer_core.sites import HookPoint
-from steer_core.steer import rank1_updates, steering
+from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
 
 
@@ -83,7 +84,7 @@ def _replayed_kl(lm, vec: SteeringVector, params: dict) -> float:
             keep = batch.attention_mask.bool()
             with steering(lm.model, vec):
                 hook = torch.log_softmax(lm.model(batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
-            with rank1_updates(lm.model, params):
+            with lowrank_updates(lm.model, params):
                 adapted = torch.log_softmax(lm.model(batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
             kl += float(kl_per_token(hook[keep], adapted[keep]).sum())
             n += int(keep.sum())
@@ -266,3 +267,55 @@ def test_post_norm_calibration_fits_the_shares_and_keeps_the_better_by_held_in_k
     # the KL recorded for the split is that of the split adapter
     params = {f.module: (f.A, f.B) for f in split.fits}
     assert kl["split"] == pytest.approx(_replayed_kl(lm, vec, params), rel=1e-4)
+
+
+def test_lowrank_updates_add_b_of_a_x() -> None:
+    """Rank r: (d_in,) / (d_out,) vectors are rank 1, (r, d_in) / (d_out, r) matrices are PEFT's lora_A / lora_B."""
+    lm = tiny_lm("llama")
+    name = "model.layers.1.mlp.down_proj"
+    module = lm.model.get_submodule(name)
+    x = torch.randn(2, 5, module.in_features)
+    a, b = torch.randn(3, module.in_features), torch.randn(module.out_features, 3)
+    with lowrank_updates(lm.model, {name: (a, b)}):
+        out = module(x)
+    torch.testing.assert_close(out, module(x) + x @ a.T @ b.T)
+    with lowrank_updates(lm.model, {name: (a[0], b[:, 0])}):
+        out = module(x)
+    torch.testing.assert_close(out, module(x) + (x @ a[0]).unsqueeze(-1) * b[:, 0])
+
+
+def test_train_passes_over_the_held_in_text_again() -> None:
+    """More steps than the held-in text holds still train every step (a second pass), on a rank-2 update."""
+    from steer_core.refine import train
+
+    lm = tiny_lm("llama")
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
+    held_in = sum(len(ids) for _, ids in corpus._texts_until(lm.tokenizer, "calibration", 10**9, 32))
+    name = "model.layers.1.mlp.down_proj"
+    module = lm.model.get_submodule(name)
+    a = torch.zeros(2, module.in_features, requires_grad=True)
+    b = (torch.randn(module.out_features, 2) * 0.01).requires_grad_(True)
+    steps = held_in // (256 * 32) + 3
+    seen: list[int] = []
+    losses = train(
+        lm.model, lm.tokenizer, vec, {name: (a, b)}, torch.optim.Adam([a, b], lr=1e-2),
+        steps=steps, batch_size=256, max_doc_tokens=32, on_step=lambda s, _kl: seen.append(s),
+    )  # fmt: skip
+    assert len(losses) == steps and seen == list(range(1, steps + 1))
+    assert float(a.detach().abs().sum()) > 0  # A moved from zero, so the gradient reached it
+    assert min(losses[-3:]) < losses[0]
+
+
+def test_cosine_decay_runs_the_learning_rate_down_to_zero() -> None:
+    from steer_core.refine import cosine_decay
+
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.5)
+    schedule = cosine_decay(opt, 10)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(12):
+        opt.step()
+        schedule.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates[0] == 0.5 and math.isclose(rates[5], 0.25) and rates[10] == 0.0 and rates[12] == 0.0
+    assert all(a >= b for a, b in itertools.pairwise(rates))

@@ -93,3 +93,25 @@ def test_sae_on_another_model_is_flagged_with_its_fvu(tmp_path: Path) -> None:
     assert vec.provenance["sae_fvu_on_this_model"] == pytest.approx(fvu, rel=1e-3)
     assert same_model("gpt2-small", "gpt2") and same_model("google/gemma-2-2b", "gemma-2-2b")
     assert not same_model("gemma-2-2b", "google/gemma-2-2b-it")
+
+
+def test_median_norm_is_measured_once_per_model_site_and_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steer_core import activations
+
+    calls: list[tuple[HookPoint, str]] = []
+    measure = activations.site_activations
+
+    def counting(model, tokenizer, point, unit, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((point, unit))
+        return measure(model, tokenizer, point, unit, **kwargs)
+
+    monkeypatch.setattr(activations, "site_activations", counting)
+    lm, other = tiny_lm("llama"), tiny_lm("llama", seed=1)
+    p1, p2 = HookPoint(1, "resid_post"), HookPoint(2, "resid_post")
+    first = activations.median_norm(lm.model, lm.tokenizer, p1, "resid")
+    assert activations.median_norm(lm.model, lm.tokenizer, p1, "resid") == first
+    assert len(calls) == 1
+    activations.median_norm(lm.model, lm.tokenizer, p2, "resid")
+    activations.median_norm(lm.model, lm.tokenizer, p1, "writer")
+    assert activations.median_norm(other.model, other.tokenizer, p1, "resid") != first  # another model's own
+    assert calls == [(p1, "resid"), (p2, "resid"), (p1, "writer"), (p1, "resid")]

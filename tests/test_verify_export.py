@@ -155,3 +155,36 @@ def test_verify_with_shared_early_blocks_equals_full_passes(
     assert shared.kl_hook_adapter == pytest.approx(full.kl_hook_adapter, rel=1e-3, abs=1e-7)
     assert shared.kl_hook_base == pytest.approx(full.kl_hook_base, rel=1e-3)
     assert shared.fit_abs_error == pytest.approx(full.fit_abs_error, rel=1e-4)
+
+
+def test_export_of_a_given_calibration_keeps_it(tmp_path: Path) -> None:
+    """A calibration made (and refined) beforehand is exported as it is, not made again."""
+    import dataclasses
+
+    from steer_core.calibrate import calibrate
+
+    lm = tiny_lm("llama")
+    vec = _vec()
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=1024)
+    (fit,) = cal.fits
+    cal = dataclasses.replace(cal, fits=[dataclasses.replace(fit, A=fit.A * 0.5)], tokens=1234)
+    result = export(lm, vec, tmp_path / "a", calibration=cal, verify_tokens=256)
+    assert result.meta["calibration"]["tokens"] == 1234
+    saved = load_file(str(result.folder / ADAPTER_WEIGHTS_FILENAME))
+    a = saved[f"base_model.model.{fit.module}.lora_A.weight"].reshape(-1)
+    b = saved[f"base_model.model.{fit.module}.lora_B.weight"].reshape(-1)
+    # the saved update is the given one (the writer balances |A| against |B|, which keeps the product)
+    torch.testing.assert_close(torch.outer(b, a), torch.outer(fit.B, fit.A * 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_a_calibration_of_other_sites(tmp_path: Path) -> None:
+    from steer_core.calibrate import calibrate
+
+    lm = tiny_lm("llama")
+    cal = calibrate(lm.model, lm.tokenizer, _vec(), tokens=512)
+    other = SteeringVector({HookPoint(2, "resid_post"): torch.randn(D_MODEL)})
+    with pytest.raises(ValueError, match=r"this vector's sites \(blocks.2.hook_resid_post\).*blocks.1.hook_resid_post"):
+        export(lm, other, tmp_path / "a", calibration=cal)
+    with pytest.raises(ValueError, match="got mode 'exact'"):
+        export(lm, _vec(), tmp_path / "b", calibration=cal, mode="exact")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
