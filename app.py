@@ -26,6 +26,7 @@ from steer_core.labels import active_features
 from steer_core.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
 from steer_core.model import LoadedModel, load_model
 from steer_core.recipe import VectorRecipe
+from steer_core.refine import default_steps
 from steer_core.workspace import Workspace
 
 try:  # ZeroGPU on Spaces: a GPU is attached only while a decorated handler runs
@@ -160,6 +161,7 @@ def on_model(model_name: str, progress=gr.Progress()) -> tuple[Any, ...]:
         gr.Slider(value=strength),
         unit,
         "SAE features" if first is not None else "Contrastive prompts",
+        gr.Slider(value=default_steps(lm.model)),  # refinement pays on post-norm models (steer_core.refine)
     )
 
 
@@ -496,7 +498,13 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
                 1024, 65536, value=16384, step=1024, label="Calibration tokens", scale=2, elem_id="calibration"
             )
             refine_steps = gr.Slider(
-                0, 300, value=0, step=10, scale=2, label="Refinement steps (portable; slower, more faithful)"
+                0,
+                300,
+                value=0,
+                step=10,
+                scale=2,
+                label="Refinement steps (portable; 2-4 s each on a CPU, more faithful)",
+                info="60 on post-norm models (Gemma 2/3), where they pay most; 0 elsewhere",
             )
         export_btn = gr.Button("Calibrate → build → verify", variant="primary")
         with gr.Row():
@@ -528,7 +536,7 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
         pushed = gr.Markdown()
 
     # ---- events ----
-    model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source]
+    model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source, refine_steps]
     gr.on([demo.load, load_btn.click, model_name.change], on_model, model_name, model_outputs).then(
         on_sae, sae_inputs, sae_info
     ).then(show_feature, [*sae_inputs, feature], card_md)

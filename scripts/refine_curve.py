@@ -31,7 +31,7 @@ from steer_core.calibrate import Calibration, WriterFit, balance, calibrate
 from steer_core.divergence import kl_per_token
 from steer_core.export import export
 from steer_core.model import LoadedModel, load_model
-from steer_core.refine import cosine_decay, train
+from steer_core.refine import cosine_decay, default_lr, train
 from steer_core.sites import HookPoint
 from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
@@ -118,18 +118,19 @@ def curve(lm: LoadedModel, vector: SteeringVector, args: argparse.Namespace, lab
     setup = time.perf_counter() - t0
     rows: list[dict] = []
     last = max(args.checkpoints)
+    lr = args.lr if args.lr is not None else default_lr(cal)
     for rank in args.ranks:
         layer = cal.fits[0].writer[0]
         extra = {n: lm.model.get_submodule(n) for n in (f"model.layers.{layer}.{m}" for m in args.extra_modules)}
         params = init_params(cal, rank, lm.device, args.seed, extra)
         groups = []
         for name, module in extra.items():
-            groups.append({"params": list(params[name]), "lr": args.lr * extra_scale(module)})
+            groups.append({"params": list(params[name]), "lr": lr * extra_scale(module)})
         for f in cal.fits:
             a, b = params[f.module]
             # Adam moves each coordinate by about lr per step: scale lr to the calibrated A's and B's coordinates.
-            groups.append({"params": [a], "lr": args.lr * float(f.A.abs().mean())})
-            groups.append({"params": [b], "lr": args.lr * float(f.B.abs().mean())})
+            groups.append({"params": [a], "lr": lr * float(f.A.abs().mean())})
+            groups.append({"params": [b], "lr": lr * float(f.B.abs().mean())})
         opt = torch.optim.Adam(groups)
         sched = cosine_decay(opt, last)
         done, losses, start = 0, [], time.perf_counter()
@@ -144,6 +145,7 @@ def curve(lm: LoadedModel, vector: SteeringVector, args: argparse.Namespace, lab
             row = {
                 **label,
                 "rank": rank,
+                "lr": lr,
                 "extra_modules": args.extra_modules,
                 "steps": done,
                 **held.measure(params),
@@ -182,7 +184,7 @@ def main() -> None:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-doc-tokens", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, help="Adam's relative learning rate (default: refine's for the architecture)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--export", action="store_true", help="also export and PEFT-verify the final rank-1 adapter")

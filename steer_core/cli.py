@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--refine-steps",
         type=int,
-        default=0,
-        help="portable mode: then train A and B end to end on KL(hook‖adapter) for N steps (slow on CPU; helps Gemma)",
+        help="portable mode: then train A and B end to end on KL(hook‖adapter) for N steps (about 2-4 s a step on a "
+        "CPU). Default: 60 on post-norm models (Gemma 2/3: L9 0.25x 85.9%% -> 92.9%% top-1), 0 on others",
     )
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--push", metavar="USER/REPO", help="push to the Hub after verification (token: HF_TOKEN)")
@@ -214,6 +214,7 @@ def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
 
 def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.export import export
+    from steer_core.refine import default_steps
 
     _check_steering_args(parser, args, required=True)
     if args.push:
@@ -232,7 +233,7 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         calibration_tokens=args.calibration_tokens,
         verify_tokens=args.verify_tokens,
         skip_bos=args.skip_bos,
-        refine_steps=args.refine_steps,
+        refine_steps=default_steps(lm.model) if args.refine_steps is None else args.refine_steps,
         overwrite=args.overwrite,
         progress=lambda f, m: log.info("%3.0f%% %s", 100 * f, m),
     )

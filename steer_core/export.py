@@ -64,6 +64,8 @@ def export(
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if calibration_tokens < 256:
         raise ValueError(f"calibration tokens must be at least 256, got {calibration_tokens}")
+    if refine_steps < 0:
+        raise ValueError(f"refine steps must be 0 (no refinement) or more, got {refine_steps}")
     model = lm.model
     check_fits_model(vector, int(model.config.get_text_config().hidden_size), num_layers(model))
     out = Path(out)

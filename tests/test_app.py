@@ -48,9 +48,19 @@ def sae_args(folder: str, mix: str = "3:8", strength: float = 1.0, unit: str = U
 
 
 def test_model_step_offers_sae_steering_only_when_the_model_has_an_sae() -> None:
-    status, sae_pick, _feature, mix, _strength, _unit, source = app.on_model("tiny", **NO_PROGRESS)
+    status, sae_pick, _feature, mix, _strength, _unit, source, refine = app.on_model("tiny", **NO_PROGRESS)
     assert "tiny" in status and "layers" in status
     assert sae_pick.choices == [] and source == "Contrastive prompts" and mix == ""
+    assert refine.value == 0  # pre-norm: no refinement unless asked for
+
+
+def test_model_step_sets_refinement_for_a_post_norm_model() -> None:
+    from steer_core.refine import DEFAULT_STEPS_POST_NORM
+
+    app.workspace.forget_model("tiny")
+    app._models["tiny"] = tiny_lm("gemma3")
+    *_, refine = app.on_model("tiny", **NO_PROGRESS)
+    assert refine.value == DEFAULT_STEPS_POST_NORM > 0
 
 
 @pytest.mark.parametrize(

@@ -319,3 +319,15 @@ def test_cosine_decay_runs_the_learning_rate_down_to_zero() -> None:
         rates.append(opt.param_groups[0]["lr"])
     assert rates[0] == 0.5 and math.isclose(rates[5], 0.25) and rates[10] == 0.0 and rates[12] == 0.0
     assert all(a >= b for a, b in itertools.pairwise(rates))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_refine_takes_the_learning_rate_measured_for_its_norm_placement(family: str) -> None:
+    from steer_core.refine import LR_POST_NORM, LR_PRE_NORM, refine
+
+    lm = tiny_lm(family)
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=512)
+    refined = refine(lm.model, lm.tokenizer, vec, cal, steps=2)
+    assert refined.refine is not None
+    assert refined.refine["lr"] == (LR_POST_NORM if family == "gemma3" else LR_PRE_NORM)

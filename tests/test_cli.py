@@ -54,6 +54,25 @@ def test_export_then_verify_json(
     assert {"top1_agreement", "kl_hook_adapter", "kl_hook_base"} <= report.keys()
     meta = json.loads((out / "steering.json").read_text())
     assert meta["vector"]["provenance"]["strength"] == 4.0
+    assert meta["calibration"]["refine"] is None  # pre-norm: no refinement unless asked for
+
+
+def test_export_refines_a_post_norm_model_by_default(
+    tmp_path: Path, vector_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from steer_core.refine import DEFAULT_STEPS_POST_NORM, LR_POST_NORM
+
+    folder = tmp_path / "tiny-gemma3"
+    lm = tiny_lm("gemma3")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    common = ["--model", str(folder), "--vector", str(vector_file), "--layer", "1", "--calibration-tokens", "512"]
+    common += ["--verify-tokens", "128"]
+    assert main(["export", "--out", str(tmp_path / "a"), *common]) == 0
+    refine = json.loads((tmp_path / "a" / "steering.json").read_text())["calibration"]["refine"]
+    assert refine["steps"] == DEFAULT_STEPS_POST_NORM and refine["lr"] == LR_POST_NORM
+    assert main(["export", "--out", str(tmp_path / "b"), "--refine-steps", "0", *common]) == 0
+    assert json.loads((tmp_path / "b" / "steering.json").read_text())["calibration"]["refine"] is None
 
 
 def test_export_from_sae_with_relative_strength(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

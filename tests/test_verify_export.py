@@ -90,6 +90,7 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
         (SteeringVector({HookPoint(1, "resid_post"): torch.randn(7)}), {}, "length 7.*hidden size is 32"),
         (None, {"mode": "nope"}, "mode 'nope'"),
         (None, {"calibration_tokens": 10}, "at least 256"),
+        (None, {"refine_steps": -1}, r"refine steps must be 0 \(no refinement\) or more, got -1"),
     ],
 )
 def test_bad_export_inputs(tmp_path: Path, vec: SteeringVector | None, kwargs: dict, match: str) -> None:
