@@ -3,8 +3,9 @@
 The closed form fits A·x to a per-token target at one writer; `--refine-steps` trains A and B on KL(hook ‖ adapter)
 from there. This script asks what that training converges to, so that a target the closed form misses can be called
 reachable (at some cost) or not: for each layer and strength it calibrates once, then trains rank-r updates
-(rank 1 is the exported adapter; rank r > 1 starts from it, extra rows of A small and random, extra columns of B zero)
-with Adam and a cosine learning-rate decay, and measures top-1 agreement and KL(hook ‖ adapter) / KL(hook ‖ base)
+(rank 1 is the exported adapter; rank r > 1 starts from it, extra rows of A small and random, extra columns of B zero;
+`--extra-modules` adds LoRAs on other modules of the writer's layer, starting at zero) with Adam and a cosine
+learning-rate decay, and measures top-1 agreement and KL(hook ‖ adapter) / KL(hook ‖ base)
 on the same held-out text as `verify` at each checkpoint. `--export` also exports the final rank-1 adapter and
 verifies it through PEFT, as `export` does. A script, not a test; every number is measured in the run:
 
