@@ -58,7 +58,8 @@ def export(
 ) -> ExportResult:
     """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails.
 
-    `calibration` (portable mode) exports a calibration made earlier for this vector instead of making one.
+    `calibration` (portable mode) exports a calibration made earlier for this vector instead of making one (refined
+    further if `refine_steps` asks).
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -93,15 +94,15 @@ def export(
             split_writers=split_writers,
             progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
         )
-        if refine_steps:
-            calibration = refine(
-                model,
-                lm.tokenizer,
-                vector,
-                calibration,
-                steps=refine_steps,
-                progress=lambda f, m: report(0.5 + 0.2 * f, m),
-            )
+    if calibration is not None and refine_steps:
+        calibration = refine(
+            model,
+            lm.tokenizer,
+            vector,
+            calibration,
+            steps=refine_steps,
+            progress=lambda f, m: report(0.5 + 0.2 * f, m),
+        )
     if calibration is not None:
         built = build_portable(model, calibration, lm.base_model_id)
         seconds["calibrate"] = calibration.seconds

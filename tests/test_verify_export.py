@@ -48,7 +48,8 @@ def test_portable_export_writes_a_complete_verified_folder(tmp_path: Path, famil
     card = (result.folder / "README.md").read_text()
     assert "library_name: peft" in card and "vllm serve" in card and "top-1" in card
     fit_error = next(iter(result.report.fit_abs_error.values()))
-    assert f"| {fit_error:.3g} |" in card and f"| {result.seconds['total']:.1f} |" in card
+    # the card shows steering.json's seconds (rounded to 0.01 first: formatting the raw total differed near x.x5)
+    assert f"| {fit_error:.3g} |" in card and f"| {meta['seconds']['total']:.1f} |" in card
     assert not list(tmp_path.glob(".a-*")), "no temp folder is left behind"
     # verify() from the folder alone gives the same numbers
     again = verify(lm.model, lm.tokenizer, result.folder, tokens=512)
@@ -176,6 +177,8 @@ def test_export_of_a_given_calibration_keeps_it(tmp_path: Path) -> None:
     b = saved[f"base_model.model.{fit.module}.lora_B.weight"].reshape(-1)
     # the saved update is the given one (the writer balances |A| against |B|, which keeps the product)
     torch.testing.assert_close(torch.outer(b, a), torch.outer(fit.B, fit.A * 0.5), rtol=1e-5, atol=1e-6)
+    refined = export(lm, vec, tmp_path / "b", calibration=cal, refine_steps=2, verify_tokens=256).meta["calibration"]
+    assert refined["tokens"] == 1234 and refined["refine"]["steps"] == 2  # the given calibration, refined further
 
 
 def test_export_refuses_a_calibration_of_other_sites(tmp_path: Path) -> None:
