@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.benchmark import random_vector
-from steer_core import corpus
 from steer_core.calibrate import Calibration, WriterFit, balance, calibrate
 from steer_core.divergence import kl_per_token
 from steer_core.export import export
@@ -36,6 +35,7 @@ from steer_core.refine import cosine_decay, default_lr, train
 from steer_core.sites import HookPoint
 from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
+from steer_core.verify import heldout_batches
 
 
 class HeldOut:
@@ -43,12 +43,9 @@ class HeldOut:
 
     def __init__(self, lm: LoadedModel, vector: SteeringVector, tokens: int, skip_bos: bool = False) -> None:
         self.model = lm.model
-        device = lm.device
-        vocab = int(lm.model.config.get_text_config().vocab_size)
-        batch_size = max(1, min(8, int(1.5e8 // (vocab * 128))))
         self.batches = [
-            (b.input_ids.to(device), b.attention_mask.to(device))
-            for b in corpus.batches(lm.tokenizer, "heldout", tokens, batch_size=batch_size, by_length=True)
+            (b.input_ids.to(lm.device), b.attention_mask.to(lm.device))
+            for b in heldout_batches(lm.model, lm.tokenizer, tokens)
         ]
         self.hook: list[torch.Tensor] = []
         kl_base = 0.0

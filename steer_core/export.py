@@ -84,26 +84,26 @@ def export(
             f"({', '.join(p.tl_name for p in vector.points)}); got mode {mode!r} and a calibration of "
             f"{', '.join(sorted({f.point.tl_name for f in calibration.fits}))}"
         )
-    if mode == "portable" and calibration is None:
-        calibration = calibrate(
-            model,
-            lm.tokenizer,
-            vector,
-            tokens=calibration_tokens,
-            skip_bos=skip_bos,
-            split_writers=split_writers,
-            progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
-        )
-    if calibration is not None and refine_steps:
-        calibration = refine(
-            model,
-            lm.tokenizer,
-            vector,
-            calibration,
-            steps=refine_steps,
-            progress=lambda f, m: report(0.5 + 0.2 * f, m),
-        )
-    if calibration is not None:
+    if mode == "portable":
+        if calibration is None:
+            calibration = calibrate(
+                model,
+                lm.tokenizer,
+                vector,
+                tokens=calibration_tokens,
+                skip_bos=skip_bos,
+                split_writers=split_writers,
+                progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
+            )
+        if refine_steps:
+            calibration = refine(
+                model,
+                lm.tokenizer,
+                vector,
+                calibration,
+                steps=refine_steps,
+                progress=lambda f, m: report(0.5 + 0.2 * f, m),
+            )
         built = build_portable(model, calibration, lm.base_model_id)
         seconds["calibrate"] = calibration.seconds
     elif mode == "exact":

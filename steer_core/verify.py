@@ -132,6 +132,13 @@ def _fit_error(
         yield state
 
 
+def heldout_batches(model: nn.Module, tokenizer: Any, tokens: int) -> Iterator[corpus.Batch]:
+    """The held-out text verification measures on, in batches whose vocabulary-wide logits stay near 150M floats."""
+    vocab = int(model.config.get_text_config().vocab_size)
+    batch_size = max(1, min(8, int(1.5e8 // (vocab * DEFAULT_MAX_DOC_TOKENS))))
+    return corpus.batches(tokenizer, "heldout", tokens, batch_size=batch_size, by_length=True)
+
+
 def verify(
     model: nn.Module,
     tokenizer: Any,
@@ -149,8 +156,6 @@ def verify(
     saved = load_file(str(folder / ADAPTER_WEIGHTS_FILENAME))
     adapted = peft_model if peft_model is not None else load_peft(model, folder)
     device = next(model.parameters()).device
-    vocab = int(model.config.get_text_config().vocab_size)
-    batch_size = max(1, min(8, int(1.5e8 // (vocab * DEFAULT_MAX_DOC_TOKENS))))
 
     n = agree = agree_base = 0
     kl_ha = kl_hb = 0.0
@@ -162,7 +167,7 @@ def verify(
     bos_id = getattr(model.config, "bos_token_id", None)
     first = _first_changed_block(vector, meta, saved) if isinstance(adapted, PeftModel) else None
     with torch.no_grad(), _fit_error(model, meta, saved, fit_acc) as fit_state:
-        for batch in corpus.batches(tokenizer, "heldout", tokens, batch_size=batch_size, by_length=True):
+        for batch in heldout_batches(model, tokenizer, tokens):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             keep = mask.bool()
             fit_state["mask"] = torch.zeros_like(keep)
