@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-steps",
         type=int,
         help="portable mode: then train A and B end to end on KL(hook‖adapter) for N steps (about 2-4 s a step on a "
-        "CPU). Default: 60 on post-norm models (Gemma 2/3: L9 0.25x 85.9%% -> 92.9%% top-1), 0 on others",
+        "CPU). Default on a GPU: 300 steps of 512 tokens (Gemma 3 L9 0.25x 85.9%% -> 95.8%% top-1); on a CPU: 60 "
+        "steps of 128 tokens on post-norm models (Gemma 2/3: L9 0.25x -> 92.9%%), 0 on others",
     )
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--push", metavar="USER/REPO", help="push to the Hub after verification (token: HF_TOKEN)")

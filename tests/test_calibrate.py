@@ -331,3 +331,22 @@ def test_refine_takes_the_learning_rate_measured_for_its_norm_placement(family: 
     refined = refine(lm.model, lm.tokenizer, vec, cal, steps=2)
     assert refined.refine is not None
     assert refined.refine["lr"] == (LR_POST_NORM if family == "gemma3" else LR_PRE_NORM)
+    assert refined.refine["batch_size"] == 2  # the CPU's default
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_default_refinement_follows_the_device_and_the_norm_placement(family: str) -> None:
+    from steer_core.refine import (
+        DEFAULT_BATCH_CPU,
+        DEFAULT_BATCH_GPU,
+        DEFAULT_STEPS_GPU,
+        DEFAULT_STEPS_POST_NORM,
+        RefineDefaults,
+        defaults,
+    )
+
+    model = tiny_lm(family).model
+    cpu_steps = DEFAULT_STEPS_POST_NORM if family == "gemma3" else 0
+    assert defaults(model) == RefineDefaults(cpu_steps, DEFAULT_BATCH_CPU)
+    # Where the parameters live decides; a meta copy stands in for an accelerator this machine lacks.
+    assert defaults(model.to("meta")) == RefineDefaults(DEFAULT_STEPS_GPU, DEFAULT_BATCH_GPU)
