@@ -24,7 +24,7 @@ from steer_core.feature import embedded_sae_for
 from steer_core.generate import GenerationConfig, stream
 from steer_core.labels import active_features
 from steer_core.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
-from steer_core.model import LoadedModel, load_model
+from steer_core.model import LoadedModel, keep_freed_memory, load_model
 from steer_core.recipe import VectorRecipe
 from steer_core.refine import default_steps
 from steer_core.workspace import Workspace
@@ -565,6 +565,7 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="green", font=["ui-sa
 
 
 def main() -> None:
+    keep_freed_memory()  # process-wide, so here and not on import (tests import this module)
     get_model(DEFAULT_MODEL)  # load (and on first run, dequantize and cache) before the first visitor arrives
     demo.queue(default_concurrency_limit=4).launch(
         server_name=os.environ.get("HOST", "127.0.0.1"), theme=THEME, css=CSS

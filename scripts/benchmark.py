@@ -34,7 +34,7 @@ from steer_core.calibrate import calibrate
 from steer_core.export import export
 from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import GenerationConfig, complete
-from steer_core.model import load_model
+from steer_core.model import keep_freed_memory, load_model
 from steer_core.recipe import VectorRecipe
 from steer_core.sites import HookPoint, num_layers
 from steer_core.vector import SteeringVector
@@ -202,6 +202,7 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the command line does, so the export times below are the CLI's
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--layers", type=int, nargs="*", help="default: 1, every 3rd, and the last")
