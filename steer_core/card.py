@@ -57,6 +57,12 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
             "---",
         ]
     )
+    # The writers' input statistics may come from an earlier export at the same site: say so beside the time.
+    reused = (
+        " (input statistics kept from an earlier export)"
+        if meta.get("calibration", {}).get("reused_statistics")
+        else ""
+    )
     fidelity = (
         "\n".join(
             [
@@ -73,7 +79,7 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
                     f"| mean abs error of A·x against its target, `{module}` (relative) | {err:.3g} |"
                     for module, err in rep.get("fit_abs_error", {}).items()
                 ),
-                *([f"| export time, calibration included (s) | {secs['total']:.1f} |"] if secs else []),
+                *([f"| export time, calibration included{reused} (s) | {secs['total']:.1f} |"] if secs else []),
             ]
         )
         if rep

@@ -139,6 +139,7 @@ def export(
             "first_weight": calibration.first_weight,
             "first_weight_held_in_kl": {f"{w:g}": kl for w, kl in calibration.selection_kl.items()},
             "post_norm_shares": calibration.shares,
+            "reused_statistics": calibration.reused_statistics,
         }
         meta["fits"] = [
             {

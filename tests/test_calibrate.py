@@ -1,6 +1,7 @@
 import itertools
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -350,3 +351,43 @@ def test_default_refinement_follows_the_device_and_the_norm_placement(family: st
     assert defaults(model) == RefineDefaults(cpu_steps, DEFAULT_BATCH_CPU)
     # Where the parameters live decides; a meta copy stands in for an accelerator this machine lacks.
     assert defaults(model.to("meta")) == RefineDefaults(DEFAULT_STEPS_GPU, DEFAULT_BATCH_GPU)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_second_vector_at_a_site_reuses_its_writers_statistics_and_fits_as_if_fresh(family: str) -> None:
+    lm = tiny_lm(family)
+    site = HookPoint(1, "resid_post")
+    first = calibrate(lm.model, lm.tokenizer, SteeringVector({site: torch.randn(D_MODEL) * 3}), tokens=512)
+    other = SteeringVector({site: torch.randn(D_MODEL) * 5})  # another feature, another strength
+    again = calibrate(lm.model, lm.tokenizer, other, tokens=512)
+    assert not first.reused_statistics and again.reused_statistics
+    twin = tiny_lm(family)  # the same weights, another model: nothing is shared between models
+    fresh = calibrate(twin.model, twin.tokenizer, other, tokens=512)
+    assert not fresh.reused_statistics
+    assert [f.module for f in again.fits] == [f.module for f in fresh.fits]
+    for kept, new in zip(again.fits, fresh.fits, strict=True):
+        assert torch.equal(kept.A, new.A) and torch.equal(kept.B, new.B) and kept.ridge == new.ridge
+    assert again.tokens == fresh.tokens and again.first_weight == fresh.first_weight
+
+
+def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> None:
+    from steer_core.calibrate import STATISTICS_KEPT
+
+    lm = tiny_lm("llama")
+    one, two = HookPoint(1, "resid_post"), HookPoint(2, "resid_post")
+
+    def reused(points: tuple[HookPoint, ...], **kwargs: Any) -> bool:
+        vec = SteeringVector({p: torch.randn(D_MODEL) * 3 for p in points})
+        return calibrate(lm.model, lm.tokenizer, vec, **{"tokens": 512, **kwargs}).reused_statistics
+
+    assert not reused((one,)) and reused((one,))
+    assert not reused((one,), tokens=768) and not reused((one,), skip_bos=True) and not reused((two,))
+    # Two sites: layer 2's MLP reads what layer 1's steering changed.
+    assert not reused((one, two)) and not reused((one, two))
+    # At most STATISTICS_KEPT per model, the least recently used going first.
+    lm = tiny_lm("llama")
+    sizes = [512 + 256 * i for i in range(STATISTICS_KEPT + 1)]
+    assert not any(reused((one,), tokens=t) for t in sizes[:-1])
+    assert reused((one,), tokens=sizes[0])  # now the most recently used
+    assert not reused((one,), tokens=sizes[-1])  # one too many: sizes[1] goes
+    assert reused((one,), tokens=sizes[0]) and not reused((one,), tokens=sizes[1])

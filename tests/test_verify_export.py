@@ -54,6 +54,14 @@ def test_portable_export_writes_a_complete_verified_folder(tmp_path: Path, famil
     # verify() from the folder alone gives the same numbers
     again = verify(lm.model, lm.tokenizer, result.folder, tokens=512)
     assert again.top1_agreement == result.report.top1_agreement
+    # a second export at the site keeps the writers' statistics, and its folder says so
+    assert not meta["calibration"]["reused_statistics"] and "kept from an earlier export" not in card
+    second = export(lm, _vec(), tmp_path / "b", calibration_tokens=2048, verify_tokens=512)
+    assert second.meta["calibration"]["reused_statistics"]
+    assert (
+        "calibration included (input statistics kept from an earlier export)"
+        in (second.folder / "README.md").read_text()
+    )
 
 
 def test_portable_is_close_on_pre_norm(tmp_path: Path) -> None:
