@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from steer_core.activations import median_norm
-from steer_core.calibrate import calibrate
+from steer_core.calibrate import calibrate, forget_statistics
 from steer_core.export import export
 from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import GenerationConfig, complete
@@ -127,6 +127,7 @@ def calibration_cost(lm, vector: SteeringVector, budgets: list[int]) -> list[dic
     """Seconds to calibrate (forward passes + the ridge fit) against calibration tokens."""
     rows = []
     for tokens in budgets:
+        forget_statistics(lm.model)  # a full pass each time, as a first export at a site makes
         cal = calibrate(lm.model, lm.tokenizer, vector, tokens=tokens)
         rows.append({"tokens": cal.tokens, "seconds": cal.seconds, "cv_rel_rmse": cal.fits[0].cv_rel_rmse})
         print(f"  calibration {cal.tokens:>6} tokens: {cal.seconds:6.1f} s  (validation rel. RMSE "
@@ -246,6 +247,7 @@ def main() -> None:
                     vec = make_vector(lm, kind, point, k, args.unit, seed, features)
                     for mode in args.modes:
                         folder = keep / f"{kind}-{mode}-{layer}-{k}-{seed}"
+                        forget_statistics(lm.model)  # every row's export time is a first export's, calibration made
                         res = export(lm, vec, folder, mode=mode, calibration_tokens=args.calibration_tokens,
                                      verify_tokens=args.verify_tokens, refine_steps=args.refine_steps)  # fmt: skip
                         if mode == "portable":

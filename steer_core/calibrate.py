@@ -112,12 +112,22 @@ class _Stats:
 # its own steering changes (the hooks act on their outputs or later), so these depend only on the weights (never
 # changed in place here), the shipped text and the settings in the key, not on the vector: the next vector at that
 # site (another feature, another strength) skips the pass over the calibration text, 23 of a SmolLM2 L15 export's
-# ~50 s. 75 MB a site on SmolLM2 (two 1536² float64 folds, position 0 and the rest), 170 MB on Gemma-3-270M.
+# ~50 s. 75 MB a site on SmolLM2 (two 1536² float64 folds, position 0 and the rest), 170 MB on Gemma-3-270M; a site
+# of a model with d_in = 14336 (Llama-3-8B's down_proj) would hold 6.6 GB, so nothing over STATISTICS_MAX_BYTES in
+# all is kept, on the model's device.
 STATISTICS_KEPT = 3
+STATISTICS_MAX_BYTES = 2**30
 _StatsKey = tuple[frozenset[str], frozenset[str], int, int, bool]
 _StatsValue = tuple[dict[str, "tuple[_Stats, _Stats]"], dict[str, list[Tensor]], int]
 _STATISTICS: weakref.WeakKeyDictionary[nn.Module, OrderedDict[_StatsKey, _StatsValue]] = weakref.WeakKeyDictionary()
 _STATISTICS_LOCK = threading.Lock()
+
+
+def _nbytes(value: _StatsValue) -> int:
+    stats, sampled, _seen = value
+    held = [t for pair in stats.values() for st in pair for t in (st.xtx, st.xty, st.yty)]
+    held += [t for rows in sampled.values() for t in rows]
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def _remembered(model: nn.Module, key: _StatsKey) -> _StatsValue | None:
@@ -130,12 +140,20 @@ def _remembered(model: nn.Module, key: _StatsKey) -> _StatsValue | None:
 
 
 def _remember(model: nn.Module, key: _StatsKey, value: _StatsValue) -> None:
+    if _nbytes(value) > STATISTICS_MAX_BYTES:
+        return
     with _STATISTICS_LOCK:
         known = _STATISTICS.setdefault(model, OrderedDict())
         known[key] = value
         known.move_to_end(key)
-        while len(known) > STATISTICS_KEPT:
+        while len(known) > STATISTICS_KEPT or sum(_nbytes(v) for v in known.values()) > STATISTICS_MAX_BYTES:
             known.popitem(last=False)
+
+
+def forget_statistics(model: nn.Module) -> None:
+    """Drop the statistics kept for `model`, so that the next calibration makes a full pass (to time one)."""
+    with _STATISTICS_LOCK:
+        _STATISTICS.pop(model, None)
 
 
 def _ridge_path(xtx: Tensor, xty: Tensor, lambdas: list[float]) -> list[Tensor]:

@@ -178,7 +178,9 @@ def keep_freed_memory() -> bool:
     feature #639 spent 12 of its 140 CPU-seconds in page faults (3.0M faults). Keeping them cut its total from
     51.8-60.6 s (mean 55.8) to 40.2-52.5 s (mean 48.8) over five runs each, verification from 24.8-30.6 s to
     18.0-23.2 s, with the same report, at 1 GB more peak memory. One arena: a worker thread's own arena (the app's
-    requests) maps big buffers anyway. Process-wide, so only the command line's and the app's processes call it.
+    requests) maps big buffers anyway. The cost in a long-running app: its memory stays near its peak between
+    requests (only a free top over 1 GiB is given back), and its threads share one allocator lock. Process-wide, so
+    only the command line's, the benchmark's and the app's own processes call it.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

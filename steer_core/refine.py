@@ -104,12 +104,17 @@ class RefineDefaults:
     batch_size: int  # texts of up to 64 tokens per step
 
 
-def defaults(model: nn.Module) -> RefineDefaults:
-    """The refinement an export gets unless told: DEFAULT_STEPS_GPU steps of DEFAULT_BATCH_GPU texts on an
-    accelerator; on the CPU DEFAULT_STEPS_POST_NORM steps of DEFAULT_BATCH_CPU texts on post-norm models, else none."""
-    if next(model.parameters()).device.type != "cpu":
+def defaults_for(device_type: str, post_norm: bool) -> RefineDefaults:
+    """DEFAULT_STEPS_GPU steps of DEFAULT_BATCH_GPU texts on CUDA (where they were measured); elsewhere, CPU and
+    Apple's MPS included, DEFAULT_STEPS_POST_NORM steps of DEFAULT_BATCH_CPU texts on post-norm models, else none."""
+    if device_type == "cuda":
         return RefineDefaults(DEFAULT_STEPS_GPU, DEFAULT_BATCH_GPU)
-    return RefineDefaults(DEFAULT_STEPS_POST_NORM if architecture_for(model).post_norm else 0, DEFAULT_BATCH_CPU)
+    return RefineDefaults(DEFAULT_STEPS_POST_NORM if post_norm else 0, DEFAULT_BATCH_CPU)
+
+
+def defaults(model: nn.Module) -> RefineDefaults:
+    """The refinement an export gets unless told, for where `model` runs (defaults_for)."""
+    return defaults_for(next(model.parameters()).device.type, architecture_for(model).post_norm)
 
 
 def default_steps(model: nn.Module) -> int:

@@ -344,13 +344,14 @@ def test_default_refinement_follows_the_device_and_the_norm_placement(family: st
         DEFAULT_STEPS_POST_NORM,
         RefineDefaults,
         defaults,
+        defaults_for,
     )
 
-    model = tiny_lm(family).model
-    cpu_steps = DEFAULT_STEPS_POST_NORM if family == "gemma3" else 0
-    assert defaults(model) == RefineDefaults(cpu_steps, DEFAULT_BATCH_CPU)
-    # Where the parameters live decides; a meta copy stands in for an accelerator this machine lacks.
-    assert defaults(model.to("meta")) == RefineDefaults(DEFAULT_STEPS_GPU, DEFAULT_BATCH_GPU)
+    post_norm = family == "gemma3"
+    cpu = RefineDefaults(DEFAULT_STEPS_POST_NORM if post_norm else 0, DEFAULT_BATCH_CPU)
+    assert defaults(tiny_lm(family).model) == cpu
+    assert defaults_for("cuda", post_norm) == RefineDefaults(DEFAULT_STEPS_GPU, DEFAULT_BATCH_GPU)
+    assert defaults_for("mps", post_norm) == cpu  # measured on CUDA only
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -371,7 +372,7 @@ def test_a_second_vector_at_a_site_reuses_its_writers_statistics_and_fits_as_if_
 
 
 def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> None:
-    from steer_core.calibrate import STATISTICS_KEPT
+    from steer_core.calibrate import STATISTICS_KEPT, forget_statistics
 
     lm = tiny_lm("llama")
     one, two = HookPoint(1, "resid_post"), HookPoint(2, "resid_post")
@@ -384,6 +385,10 @@ def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> Non
     assert not reused((one,), tokens=768) and not reused((one,), skip_bos=True) and not reused((two,))
     # Two sites: layer 2's MLP reads what layer 1's steering changed.
     assert not reused((one, two)) and not reused((one, two))
+    # forget_statistics: the next calibration makes a full pass again.
+    assert reused((two,))
+    forget_statistics(lm.model)
+    assert not reused((two,)) and reused((two,))
     # At most STATISTICS_KEPT per model, the least recently used going first.
     lm = tiny_lm("llama")
     sizes = [512 + 256 * i for i in range(STATISTICS_KEPT + 1)]
@@ -391,3 +396,16 @@ def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> Non
     assert reused((one,), tokens=sizes[0])  # now the most recently used
     assert not reused((one,), tokens=sizes[-1])  # one too many: sizes[1] goes
     assert reused((one,), tokens=sizes[0]) and not reused((one,), tokens=sizes[1])
+
+
+def test_statistics_over_the_byte_budget_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steer_core import calibrate as calibration
+
+    lm = tiny_lm("llama")
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
+    monkeypatch.setattr(calibration, "STATISTICS_MAX_BYTES", 1000)  # less than one site's XᵀX
+    assert not calibrate(lm.model, lm.tokenizer, vec, tokens=512).reused_statistics
+    assert not calibrate(lm.model, lm.tokenizer, vec, tokens=512).reused_statistics
+    monkeypatch.undo()
+    calibrate(lm.model, lm.tokenizer, vec, tokens=512)
+    assert calibrate(lm.model, lm.tokenizer, vec, tokens=512).reused_statistics
