@@ -401,8 +401,9 @@ def calibrate(
     last = max(layer for _, layer, _ in writers.values())
     seen = 0
     # Several sites: a later site's writers read what the earlier sites' steering changed, so nothing is reused.
+    reusable = len(vector.points) == 1
     key = (frozenset(writers), frozenset(sampled), tokens, max_doc_tokens, skip_bos)
-    known = _remembered(model, key) if len(vector.points) == 1 else None
+    known = _remembered(model, key) if reusable else None
     if known is not None:
         stats, sampled, seen = known
         if progress:
@@ -424,10 +425,10 @@ def calibrate(
                 seen += int(mask.sum())
                 if progress:
                     progress(min(seen / tokens, 1.0), f"calibrating: {seen}/{tokens} tokens")
-        if len(vector.points) == 1 and set(stats) == set(writers):
-            _remember(model, key, (stats, sampled, seen))
     if set(stats) != set(writers):
         raise ValueError("no calibration tokens reached the writers; check the tokenizer and corpus")
+    if reusable and known is None:
+        _remember(model, key, (stats, sampled, seen))
 
     # B does not depend on the fit. The last steps run on the CPU: with device_map="auto" the pieces live on
     # different devices.
