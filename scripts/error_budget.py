@@ -16,40 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from scripts.benchmark import random_vector
 from scripts.refine_curve import HeldOut
 from steer_core import corpus
+from steer_core.activations import forward_until, recording
 from steer_core.calibrate import calibrate
-from steer_core.divergence import kl_per_token
 from steer_core.hooks import gated_hooks
 from steer_core.model import LoadedModel, keep_freed_memory, load_model
 from steer_core.sites import HookPoint
 from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
-
-Intervention = Callable[[], AbstractContextManager[None]]
-
-
-def measure(held: HeldOut, intervention: Intervention) -> dict[str, float]:
-    """Top-1 agreement and KL ratio against the hook on the held-out batches, under `intervention`."""
-    agree, kl = 0, 0.0
-    with torch.no_grad():
-        for (ids, mask), hook in zip(held.batches, held.hook, strict=True):
-            with intervention():
-                logits = held.model(input_ids=ids, attention_mask=mask).logits[mask.bool()].float()
-            pred = F.log_softmax(logits, -1)
-            kl += float(kl_per_token(hook, pred).sum())
-            agree += int((hook.argmax(-1) == pred.argmax(-1)).sum())
-    return {"top1": agree / held.n, "kl_ratio": kl / held.n / held.kl_base}
 
 
 @contextmanager
@@ -66,41 +50,26 @@ def noisy(model: torch.nn.Module, module: str, v: Tensor, scale: float, seed: in
         yield
 
 
-def held_out_error(held: HeldOut, module: str, a: Tensor, b: Tensor, v: Tensor) -> tuple[float, float]:
-    """Mean |e| and RMS(e), e = A·x·(B·v/|v|²) − 1, over held-out real tokens with the adapter in place: the
-    error λ scales."""
-    along = float(b @ v) / float(v @ v)
-    total, squares, n = 0.0, 0.0, 0
-    state: dict[str, Tensor] = {}
-
-    def record(_m: torch.nn.Module, args: tuple[Any, ...], _out: Tensor) -> None:
-        state["ax"] = (args[0].float() @ a.float()) * along
-
-    with torch.no_grad(), gated_hooks() as hooks:
-        hooks.forward(held.model.get_submodule(module), record, prepend=True)
-        with lowrank_updates(held.model, {module: (a, b)}):
-            for ids, mask in held.batches:
-                held.model(input_ids=ids, attention_mask=mask)
-                err = (state["ax"][mask.bool()] - 1).double()
-                total, squares, n = total + float(err.abs().sum()), squares + float((err**2).sum()), n + len(err)
-    return total / n, (squares / n) ** 0.5
-
-
-def writer_inputs(lm: LoadedModel, module: str, tokens: int) -> Tensor:
-    """The writer's input on every real token of the first `tokens` calibration tokens, in float64. The writer is
-    upstream of a one-site vector, so it is read without steering."""
+def writer_inputs(lm: LoadedModel, module: str, layer: int, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """The writer's input on every real token of `batches` ((input ids, attention mask) pairs), in float64, each
+    pass stopped after the writer's layer. The writer is upstream of a one-site vector and of its own adapter, so it
+    is read without either."""
     xs: list[Tensor] = []
-    state: dict[str, Tensor] = {}
+    keep: list[Tensor] = []
 
-    def record(_m: torch.nn.Module, args: tuple[Any, ...], _out: Tensor) -> None:
-        xs.append(args[0][state["keep"]].double().cpu())
+    def on(_name: str, x: Tensor) -> None:
+        xs.append(x[keep[-1]].double().cpu())
 
-    with torch.no_grad(), gated_hooks() as hooks:
-        hooks.forward(lm.model.get_submodule(module), record)
-        for batch in corpus.batches(lm.tokenizer, "calibration", tokens, max_doc_tokens=64, by_length=True):
-            state["keep"] = batch.attention_mask.bool().to(lm.device)
-            lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
+    with recording(lm.model, [module], on, what="input"):
+        for ids, mask in batches:
+            keep.append(mask.bool().to(lm.device))
+            forward_until(lm.model, layer, input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
     return torch.cat(xs)
+
+
+def calibration_batches(lm: LoadedModel, tokens: int) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in corpus.batches(lm.tokenizer, "calibration", tokens, max_doc_tokens=64, by_length=True):
+        yield batch.input_ids, batch.attention_mask
 
 
 def least_squares_floor(x: Tensor) -> float:
@@ -120,8 +89,12 @@ def budget(lm: LoadedModel, vector: SteeringVector, lambdas: list[float], args: 
     v = vector.directions[point].float()
     a, b = fit.A.float().to(lm.device), fit.B.float().to(lm.device)
     held = HeldOut(lm, vector, args.eval_tokens)
-    err, rms = held_out_error(held, fit.module, a, b, v.to(lm.device))
-    floor = least_squares_floor(writer_inputs(lm, fit.module, args.calibration_tokens))
+    # e = A·x·(B·v/|v|²) − 1 on held-out tokens: the error λ scales.
+    x = writer_inputs(lm, fit.module, fit.writer[0], held.batches)
+    e = x @ fit.A.double() * (float(fit.B.double() @ v.double()) / float(v.double() @ v.double())) - 1
+    err, rms = float(e.abs().mean()), float((e**2).mean() ** 0.5)
+    calibration = calibration_batches(lm, args.calibration_tokens)
+    floor = least_squares_floor(writer_inputs(lm, fit.module, fit.writer[0], calibration))
     rows = []
     for lam in lambdas:
         t0 = time.perf_counter()
@@ -132,9 +105,9 @@ def budget(lm: LoadedModel, vector: SteeringVector, lambdas: list[float], args: 
             with steering(lm.model, rest), lowrank_updates(lm.model, {fit.module: (a * lam, b)}):
                 yield
 
-        fitted = measure(held, scaled)
+        fitted = held.under(scaled)
         sigma = lam * err * (torch.pi / 2) ** 0.5  # E|N(0, σ²)| = σ·sqrt(2/π): same mean |ε| as λ·e
-        noise = measure(held, lambda s=sigma: noisy(lm.model, fit.module, v, s, args.seed))
+        noise = held.under(lambda s=sigma: noisy(lm.model, fit.module, v, s, args.seed))
         row = {
             "layer": point.layer,
             "strength": vector.provenance["k"],

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +64,19 @@ class HeldOut:
         self.kl_base = kl_base / self.n
 
     def measure(self, params: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Top-1 agreement and KL ratio of the low-rank updates `params` against the hook."""
+        return self.under(lambda: lowrank_updates(self.model, params))
+
+    def under(self, intervention: Callable[[], AbstractContextManager[None]]) -> dict[str, float]:
+        """Top-1 agreement and KL ratio against the hook, each batch run inside a fresh `intervention()`."""
         agree, kl = 0, 0.0
-        with torch.no_grad(), lowrank_updates(self.model, params):
+        with torch.no_grad():
             for (ids, mask), hook in zip(self.batches, self.hook, strict=True):
-                logits = self.model(input_ids=ids, attention_mask=mask).logits[mask.bool()].float()
-                adapted = F.log_softmax(logits, -1)
-                kl += float(kl_per_token(hook, adapted).sum())
-                agree += int((hook.argmax(-1) == adapted.argmax(-1)).sum())
+                with intervention():
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits[mask.bool()].float()
+                pred = F.log_softmax(logits, -1)
+                kl += float(kl_per_token(hook, pred).sum())
+                agree += int((hook.argmax(-1) == pred.argmax(-1)).sum())
         return {"top1": agree / self.n, "kl_ratio": kl / self.n / self.kl_base, "kl_hook_base": self.kl_base}
 
 

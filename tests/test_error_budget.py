@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_lm
-from scripts.error_budget import budget, least_squares_floor, writer_inputs
+from scripts.error_budget import budget, calibration_batches, least_squares_floor, writer_inputs
 from scripts.refine_curve import HeldOut
 from steer_core.calibrate import calibrate
 from steer_core.sites import HookPoint
@@ -45,7 +45,7 @@ def test_floor_bounds_every_a_and_is_zero_when_a_constant_is_readable(setup) -> 
     lm, vector = setup
     cal = calibrate(lm.model, lm.tokenizer, vector, tokens=ARGS.calibration_tokens)
     fit = cal.fits[0]
-    x = writer_inputs(lm, fit.module, ARGS.calibration_tokens)
+    x = writer_inputs(lm, fit.module, fit.writer[0], calibration_batches(lm, ARGS.calibration_tokens))
     assert x.shape[1] == fit.A.numel() and len(x) >= ARGS.calibration_tokens * 0.9
     floor = least_squares_floor(x)
     along = float(fit.B.double() @ vector.directions[HookPoint(1, "resid_post")].double()) / float(
