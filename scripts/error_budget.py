@@ -31,7 +31,7 @@ from steer_core.activations import forward_until, recording
 from steer_core.calibrate import calibrate
 from steer_core.hooks import gated_hooks
 from steer_core.model import LoadedModel, keep_freed_memory, load_model
-from steer_core.sites import HookPoint
+from steer_core.sites import HookPoint, architecture_for
 from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
 
@@ -141,6 +141,11 @@ def main() -> None:
         p.error(f"every λ must be in [0, 1] (1 is the adapter, 0 the hook); got {args.lambdas}")
     keep_freed_memory()
     lm = load_model(args.model)
+    if architecture_for(lm.model).post_norm:
+        p.error(
+            f"{args.model} is post-norm: its adapter's error is a vector per token, not a scalar along v; "
+            "the error budget needs a pre-norm model (Llama, Mistral, Qwen, GPT-2, Gemma 1)"
+        )
     rows = []
     for layer in args.layers:
         for k in args.strengths:
