@@ -1,7 +1,8 @@
 """Fidelity and cost of exported adapters across layers, strengths, vectors and modes, on the embedded models.
 
 Prints tables and writes benchmark.json / .csv / .md / .png into --out. A script, not a test: every
-number is measured in this run, on held-out text (chat-formatted for the instruct model) that calibration never saw.
+number is measured in this run, on held-out text that calibration never saw, in every input format the model is served
+in (chat, system prompt, multi-turn, plain text for the instruct model; plain text for a base model).
 Examples, as run for the README (2 CPU cores, one process at a time; about 22, 15 and 40 minutes):
 
     .venv/bin/python -m scripts.benchmark --model smollm2-135m-instruct --out artifacts/bench-smollm2
@@ -31,6 +32,7 @@ import torch
 
 from steer_core.activations import median_norm
 from steer_core.calibrate import calibrate, forget_statistics
+from steer_core.corpus import FORMATS
 from steer_core.export import export
 from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import GenerationConfig, complete
@@ -174,6 +176,19 @@ def _shares(row: dict) -> str:
     return f"{s['used']} ({kl['split']:.3g} / {kl['fitted']:.3g})"
 
 
+def _worst(row: dict) -> str:
+    worst = row.get("worst_format")
+    if not worst:
+        return "-"
+    g = row["by_format"][worst]
+    return f"{worst} {g['top1_agreement']:.1%} / {g['kl_ratio']:.4f}"
+
+
+def _formats(row: dict) -> str:
+    by = row.get("by_format") or {}
+    return " / ".join(f"{by[f]['top1_agreement']:.1%}" if f in by else "-" for f in FORMATS)
+
+
 def markdown(summary: dict) -> str:
     """The run as markdown tables: fidelity rows, then calibration cost and speed ratios when measured."""
     shares = any(r.get("shares") for r in summary["rows"])
@@ -181,15 +196,17 @@ def markdown(summary: dict) -> str:
         f"{summary['model']} (held-out text; top-1 and KL ratio against hook steering; greedy = tokens before the "
         "first divergence, of 20; fit err = mean |A·x - target| / mean |target|)",
         "",
-        "| vector | mode | layer | strength | seed | top-1 | KL ratio | greedy | fit err | pos-0 weight | export s |"
+        "| vector | mode | layer | strength | seed | top-1 | KL ratio | worst format: top-1 / KL ratio | top-1 by "
+        f"format ({' / '.join(FORMATS)}) | greedy | fit err | pos-0 weight | export s |"
         + (" post-norm shares (held-in KL split / fitted) |" if shares else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if shares else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if shares else ""),
     ]
     for r in summary["rows"]:
         name = r["vector"] + (f" #{r['feature']}" if r.get("feature") is not None else "")
         lines.append(
             f"| {name} | {r['mode']} | {r['layer']} | {r['k']:g}× {r['unit']} | {r['seed']} | {r['top1']:.1%} "
-            f"| {r['kl_ratio']:.4f} | {r['greedy_prefix']:.1f} | {r['fit_abs_error']:.3f} "
+            f"| {r['kl_ratio']:.4f} | {_worst(r)} | {_formats(r)} | {r['greedy_prefix']:.1f} "
+            f"| {r['fit_abs_error']:.3f} "
             f"| {r.get('first_weight') or '-'} | {r['export_s']:.1f} |" + (f" {_shares(r)} |" if shares else "")
         )
     if summary.get("calibration_cost"):
@@ -233,7 +250,7 @@ def main() -> None:
     print(f"{args.model}: loaded in {load_s:.1f}s; layers {layers}; strengths {args.strengths} × {args.unit} norm")
     header = (
         f"{'vector':>6} {'mode':>8} {'layer':>5} {'k':>5} {'seed':>4} {'top1':>7} {'KL ratio':>9} {'greedy':>7} "
-        f"{'fit err':>8} {'export s':>8}"
+        f"{'fit err':>8} [top-1 {' / '.join(FORMATS)}] {'export s':>8}"
     )
     print(header)
     sae_point, features = sae_features(lm, args.seeds) if "sae" in args.vectors else (None, [])
@@ -260,6 +277,7 @@ def main() -> None:
                             "refine_steps": args.refine_steps, "top1": rep.top1_agreement, "kl_ratio": rep.kl_ratio,
                             "kl_hook_adapter": rep.kl_hook_adapter, "kl_hook_base": rep.kl_hook_base,
                             "greedy_prefix": rep.greedy_prefix_mean, "fit_abs_error": fit,
+                            "worst_format": rep.worst_format, "by_format": rep.by_format, "by_source": rep.by_source,
                             "first_weight": res.meta.get("calibration", {}).get("first_weight"),
                             "shares": res.meta.get("calibration", {}).get("post_norm_shares") or None,
                             "calibrate_s": res.seconds.get("calibrate"), "verify_s": res.seconds.get("verify"),
@@ -267,7 +285,7 @@ def main() -> None:
                         }  # fmt: skip
                         rows.append(row)
                         cells = (f"{rep.top1_agreement:>7.1%} {rep.kl_ratio:>9.4f} {rep.greedy_prefix_mean:>7.1f} "
-                                 f"{fit:>8.3f}")  # fmt: skip
+                                 f"{fit:>8.3f} [{_formats(row)}]")  # fmt: skip
                         print(f"{kind:>6} {mode:>8} {layer:>5} {k:>5g} {seed:>4} {cells} {res.seconds['total']:>8.1f}"
                               + (f" shares {_shares(row)}" if row["shares"] else ""), flush=True)  # fmt: skip
     summary: dict = {"model": args.model, "load_s": load_s, "rows": rows}

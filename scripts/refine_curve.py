@@ -45,16 +45,14 @@ class HeldOut:
 
     def __init__(self, lm: LoadedModel, vector: SteeringVector, tokens: int, skip_bos: bool = False) -> None:
         self.model = lm.model
-        self.batches = [
-            (b.input_ids.to(lm.device), b.attention_mask.to(lm.device))
-            for b in heldout_batches(lm.model, lm.tokenizer, tokens)
-        ]
+        held = list(heldout_batches(lm.model, lm.tokenizer, tokens))
+        self.batches = [(b.input_ids.to(lm.device), b.attention_mask.to(lm.device)) for b in held]
+        self.measured = [b.measured.to(lm.device) for b in held]  # where verify measures
         self.hook: list[torch.Tensor] = []
         kl_base = 0.0
         self.n = 0
         with torch.no_grad():
-            for ids, mask in self.batches:
-                keep = mask.bool()
+            for (ids, mask), keep in zip(self.batches, self.measured, strict=True):
                 base = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
                 with steering(self.model, vector, skip_bos=skip_bos):
                     hook = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
@@ -71,9 +69,9 @@ class HeldOut:
         """Top-1 agreement and KL ratio against the hook, each batch run inside a fresh `intervention()`."""
         agree, kl = 0, 0.0
         with torch.no_grad():
-            for (ids, mask), hook in zip(self.batches, self.hook, strict=True):
+            for (ids, mask), keep, hook in zip(self.batches, self.measured, self.hook, strict=True):
                 with intervention():
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits[mask.bool()].float()
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits[keep].float()
                 pred = F.log_softmax(logits, -1)
                 kl += float(kl_per_token(hook, pred).sum())
                 agree += int((hook.argmax(-1) == pred.argmax(-1)).sum())

@@ -38,6 +38,7 @@ import torch
 
 from steer_core.activations import forward_until, recording
 from steer_core.constants import cache_dir
+from steer_core.generate import left_pad
 from steer_core.hooks import gated_hooks, retuple, untuple
 from steer_core.model import EMBEDDED_MODELS, load_model
 
@@ -171,9 +172,8 @@ def generate_answers(lm, prompts: list[str], max_new_tokens: int, batch_size: in
                 add_special_tokens=False).input_ids
             for p in chunk
         ]  # fmt: skip
-        width = max(map(len, encoded))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        ids, mask = left_pad(encoded, pad)
+        width = ids.shape[1]
         out = lm.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
         )

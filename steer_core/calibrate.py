@@ -536,6 +536,8 @@ def _held_in_kl(
     with torch.no_grad():
         for batch in corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=64, by_length=True):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            # Every real token, prompt positions too: scoring 64-token windows on answers alone left a chat a
+            # handful of tokens, too few to choose by.
             keep = mask.bool()
             with steering(model, vector, skip_bos=skip_bos), recording_block_calls(model, first) as calls:
                 hook = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)

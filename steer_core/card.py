@@ -38,6 +38,32 @@ def _what(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def by_format_table(rep: dict[str, Any]) -> str:
+    """Fidelity per input format, worst top-1 first: the format a user's traffic is in may be the worst one."""
+    rows = sorted(rep["by_format"].items(), key=lambda item: item[1]["top1_agreement"])
+    lines = [
+        "By input format (held-out text of each; worst first):",
+        "",
+        "| format | top-1 agreement | KL ratio | greedy tokens before divergence | tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for fmt, g in rows:
+        greedy = g.get("greedy_prefix_mean", float("nan"))
+        lines.append(
+            f"| {FORMAT_NAMES.get(fmt, fmt)} | {g['top1_agreement']:.2%} | {g['kl_ratio']:.3g} | "
+            f"{greedy:.1f} | {g['tokens']} |"
+        )
+    return "\n".join(lines)
+
+
+FORMAT_NAMES = {
+    "chat": "chat (one user turn)",
+    "system": "chat with a system prompt",
+    "multiturn": "multi-turn chat",
+    "plain": "plain text (no chat template)",
+}
+
+
 def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     base = meta["base_model"]
     mode = meta["mode"]
@@ -85,6 +111,8 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
         if rep
         else "Not verified."
     )
+    if rep.get("by_format"):
+        fidelity = by_format_table(rep) + "\n\nAll formats together:\n\n" + fidelity
     notes = "\n".join(f"- {n}" for n in meta.get("notes", []))
     vllm_bias = (
         "\nThis adapter uses `lora_bias`, which vLLM does not load; serve it with PEFT/transformers.\n"

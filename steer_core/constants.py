@@ -17,9 +17,9 @@ LABELS_FILENAME = "labels.json.gz"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CALIBRATION_TOKENS = 16_384
-DEFAULT_VERIFY_TOKENS = 2_048
-DEFAULT_MAX_DOC_TOKENS = 128
-DEFAULT_GREEDY_PROMPTS = 6
+DEFAULT_VERIFY_TOKENS = 4_096  # a thousand tokens for each of the four input formats
+DEFAULT_MAX_DOC_TOKENS = 256  # a two-turn chat's second answer starts near token 130
+DEFAULT_GREEDY_PROMPTS = 8  # two per input format
 DEFAULT_GREEDY_TOKENS = 20
 MODES = ("portable", "exact", "ablate")
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")

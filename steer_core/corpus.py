@@ -1,13 +1,26 @@
-"""The calibration and verification text: shipped with the package, offline, deterministic.
+"""The calibration and verification text: shipped with the package, offline, deterministic, in every input format.
 
-Every 5th text is held out: calibration never sees it, verification uses only it. For chat models every text is
-wrapped in the model's chat template (a user turn and an assistant turn), since that is what a served adapter sees.
+A served instruct model reads single-turn chats, chats with a system prompt, multi-turn chats and raw text
+(`/v1/completions`); a base model reads raw text. So every document of the shipped corpus (scripts/build_corpus.py:
+WordNet definitions, quotations, Jargon File entries, and the embedded model's own answers on ~1,300 everyday topics)
+has one of four formats, and a chat model reads it in that format:
+
+- `chat`: a user turn and an assistant turn (the template's default system prompt, if it has one);
+- `system`: the same after a system prompt of our own;
+- `multiturn`: two exchanges;
+- `plain`: the text alone, with whatever the tokenizer adds (BOS on Gemma, nothing on SmolLM2).
+
+A model without a chat template reads every document as plain text. The documents of a split alternate formats, so
+any token budget holds every format in equal measure. Calibration, held-out and label documents never share a text or
+a generated topic: held-out text is text no fit ever saw, in every format and from every source.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -17,82 +30,212 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-HELDOUT_EVERY = 5
-Split = Literal["calibration", "heldout"]
+from steer_core.constants import DEFAULT_MAX_DOC_TOKENS
 
-# User turns for chat-formatting; the shipped texts (quotations, jokes, definitions) become the assistant turns.
-USER_PROMPTS = [
-    "Tell me something worth remembering.",
-    "Share a quote you like.",
-    "Can you give me a bit of wisdom for today?",
-    "Say something funny.",
-    "What is a good saying about life?",
-    "I need some inspiration. Anything?",
-    "Give me a short thought to think about.",
-    "What would a wise person say about work?",
-    "Tell me a joke or a clever remark.",
-    "Write one memorable sentence.",
-    "What's your favourite piece of advice?",
-    "Cheer me up with something clever.",
-    "Explain something about people in a few lines.",
-    "Any words of wisdom about science or learning?",
-    "What do you think about love?",
-    "Give me a quotation from a famous person.",
-    "Hi! What's on your mind?",
-    "Tell me a short story in a few lines.",
-    "Could you define a word in a witty way?",
-    "What did someone once say about politics?",
+Split = Literal["calibration", "heldout"]
+FORMATS = ("chat", "system", "multiturn", "plain")
+CORPUS_FILE = "data/corpus.json.gz"
+
+# User turns for the sources that are not chats themselves; the document becomes the assistant's answer.
+ASKS = {
+    "wordnet": ["What does '{head}' mean?", "Define '{head}' and use it in a sentence.", "Explain the word {head}."],
+    "jargon": ["What does '{head}' mean in hacker slang?", "Tell me about the term {head}."],
+    "fortunes": [
+        "Tell me something worth remembering.",
+        "Share a quote you like.",
+        "Say something funny.",
+        "Can you give me a bit of wisdom for today?",
+        "I need some inspiration. Anything?",
+        "Tell me a joke or a clever remark.",
+        "What's your favourite piece of advice?",
+    ],
+}
+# How much each source weighs in a token budget, against 1 for the others: the model's own answers on everyday
+# topics are the text most like what users send.
+SOURCE_WEIGHTS = {"generated": 2.0}
+FOLLOW_UPS = ["And another one?", "Thanks! One more, please.", "Now something different.", "What else?"]
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer in a few sentences.",
+    "You are a friendly tutor who explains words and ideas.",
+    "You are a witty assistant who likes quotations.",
 ]
 
 
+@dataclass(frozen=True)
+class Document:
+    """One shipped text and the format it is read in. `messages` is empty for plain documents."""
+
+    source: str
+    format: str
+    text: str  # the document as plain text (the format `plain`, and every format for a model without a template)
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) for the chat formats
+    topic: str = ""  # what a generated document was asked about
+
+    def render(self, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+        """(format, model input): the chat formats through the tokenizer's template, plain text otherwise."""
+        if not self.messages or not is_chat(tokenizer):
+            return "plain", self.text
+        return self.format, _template(tokenizer, self.messages, generation=False)
+
+    def answers(self, rendered: str) -> list[tuple[int, int]]:
+        """Character spans of `rendered` that a served model would generate: the assistant turns of a chat, all of a
+        plain text. The rest of a chat (template, system prompt, user turns) is prompt: its next-token predictions are
+        never sampled, and a fixed default system prompt would make them look easy."""
+        if rendered == self.text:
+            return [(0, len(rendered))]
+        spans, cursor = [], 0
+        for role, content in self.messages:
+            start = rendered.find(content, cursor)
+            if start < 0:  # a template that rewrites the content: score the rest, as plain text
+                return [(cursor, len(rendered))]
+            cursor = start + len(content)
+            if role == "assistant":
+                spans.append((start, cursor))
+        return spans
+
+    def prompt(self, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+        """(format, generation prompt): the conversation up to its last assistant turn, or a plain text's first half."""
+        if not self.messages or not is_chat(tokenizer):
+            words = self.text.split()
+            return "plain", " ".join(words[: max(3, len(words) // 2)])
+        return self.format, _template(tokenizer, self.messages[:-1], generation=True)
+
+
+def is_chat(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def formats_for(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The formats a model with this tokenizer is served in, so the ones it is calibrated and verified on."""
+    return FORMATS if is_chat(tokenizer) else ("plain",)
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[tuple[str, str]], *, generation: bool) -> str:
+    chat = [{"role": role, "content": content} for role, content in messages]
+    return str(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation))
+
+
 @cache
-def corpus_texts() -> tuple[str, ...]:
-    raw = files("steer_core").joinpath("data/corpus.json").read_text(encoding="utf-8")
-    return tuple(json.loads(raw)["texts"])
+def _corpus() -> dict:
+    raw = files("steer_core").joinpath(CORPUS_FILE).read_bytes()
+    return json.loads(gzip.decompress(raw))
 
 
 def corpus_info() -> dict[str, str]:
-    raw = files("steer_core").joinpath("data/corpus.json").read_text(encoding="utf-8")
-    doc = json.loads(raw)
-    return {k: v for k, v in doc.items() if k != "texts"}
+    doc = _corpus()
+    return {
+        "built_by": doc["built_by"],
+        "splits": doc["splits"],
+        "sha256_of_documents": doc["sha256_of_documents"],
+        "sources": "; ".join(f"{k}: {v}" for k, v in doc["sources"].items()),
+        "formats": ", ".join(FORMATS) + " (instruct models); plain (base models)",
+    }
+
+
+def _head(text: str) -> str:
+    return text.split(":", 1)[0] if ":" in text[:60] else text.split(".", 1)[0][:40]
+
+
+def _from_json(item: dict, fmt: str, partner: dict, rng: random.Random) -> Document:
+    if "messages" in item:  # generated: a conversation in its own format
+        turns = tuple((m["role"], m["content"]) for m in item["messages"])
+        text = "\n\n".join(content for role, content in turns if role != "system")
+        return Document(item["source"], item["format"], text, turns, item.get("topic", ""))
+    text = item["text"]
+    if item["source"] == "generated" or fmt == "plain":
+        return Document(item["source"], "plain", text, topic=item.get("topic", ""))
+    ask = rng.choice(ASKS.get(item["source"], ASKS["fortunes"])).format(head=_head(text))
+    turns: tuple[tuple[str, str], ...] = (("user", ask), ("assistant", text))
+    if fmt == "system":
+        turns = (("system", rng.choice(SYSTEM_PROMPTS)), *turns)
+    elif fmt == "multiturn":
+        turns = (*turns, ("user", rng.choice(FOLLOW_UPS)), ("assistant", partner.get("text", text)))
+    return Document(item["source"], fmt, text, turns)
+
+
+@cache
+def documents(split: Split) -> tuple[Document, ...]:
+    """The split's documents: formats in turn, and within each format the sources in turn, each source shuffled.
+
+    Generated documents keep the format they were generated in; the others take the formats in turn within their
+    source, a multi-turn one answering its follow-up with the next document of that source.
+    """
+    rng = random.Random(0)
+    by_source: dict[str, list[dict]] = {}
+    for item in _corpus()["documents"]:
+        if item["split"] == split:
+            by_source.setdefault(item["source"], []).append(item)
+    pools: dict[str, dict[str, list[Document]]] = {f: {} for f in FORMATS}
+    for source, group in by_source.items():
+        for i, item in enumerate(group):
+            doc = _from_json(item, item.get("format") or FORMATS[i % len(FORMATS)], group[(i + 1) % len(group)], rng)
+            pools[doc.format].setdefault(source, []).append(doc)
+    by_format = []
+    for sources in pools.values():
+        for docs in sources.values():
+            rng.shuffle(docs)
+        by_format.append(_interleave(list(sources.values())))
+    return tuple(_interleave(by_format))
+
+
+def _interleave(lists: list[list[Document]]) -> list[Document]:
+    """a0 b0 c0 a1 b1 c1 ...: every prefix holds each list in equal measure while they last."""
+    return [docs[i] for i in range(max(map(len, lists), default=0)) for docs in lists if i < len(docs)]
 
 
 def split_texts(split: Split) -> list[str]:
-    texts = corpus_texts()
-    held = split == "heldout"
-    return [t for i, t in enumerate(texts) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
+    """The split's documents as plain text (for features' top contexts, which show text, not templates)."""
+    return [d.text for d in documents(split)]
 
 
-def format_text(tokenizer: PreTrainedTokenizerBase, text: str, index: int) -> str:
-    """Chat-format a text for chat models; leave it as is otherwise."""
-    if not getattr(tokenizer, "chat_template", None):
-        return text
-    messages = [
-        {"role": "user", "content": USER_PROMPTS[index % len(USER_PROMPTS)]},
-        {"role": "assistant", "content": text},
-    ]
-    return str(tokenizer.apply_chat_template(messages, tokenize=False))
+def prompts(tokenizer: PreTrainedTokenizerBase, n: int) -> list[tuple[str, str]]:
+    """`n` held-out (format, generation prompt) pairs, the model's formats in turn."""
+    wanted = formats_for(tokenizer)
+    pools: dict[str, list[str]] = {f: [] for f in wanted}
+    for doc in documents("heldout"):
+        fmt, prompt = doc.prompt(tokenizer)
+        pools[fmt].append(prompt)
+    return [(wanted[i % len(wanted)], pools[wanted[i % len(wanted)]][i // len(wanted)]) for i in range(n)]
 
 
-def prompt_for(tokenizer: PreTrainedTokenizerBase, text: str, index: int) -> str:
-    """A generation prompt from a held-out text: the user turn for chat models, the text's first half otherwise."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": USER_PROMPTS[index % len(USER_PROMPTS)] + " " + text[:80]}]
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    words = text.split()
-    return " ".join(words[: max(3, len(words) // 2)])
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, *, plain: bool = True) -> Tensor:
+    """Token ids of a rendered text. A chat template writes its own special tokens (Gemma's <bos> too), as a chat
+    endpoint tokenizes it; plain text takes whatever the tokenizer adds, as a completions endpoint does."""
+    return tokenizer(text, add_special_tokens=plain, return_tensors="pt").input_ids[0][:max_tokens]
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> Tensor:
-    ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[0]
-    return ids[:max_tokens]
+def scored_positions(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]], ids: Tensor, *,
+                     plain: bool) -> Tensor:  # fmt: skip
+    """Bool[Tensor, "seq"]: the positions whose next-token prediction is generated text (`Document.answers`): those
+    followed by a token of an answer span, or by the token that ends one (end of turn), or inside the last span."""
+    enc = tokenizer(text, add_special_tokens=plain, return_offsets_mapping=True)
+    offsets = enc.offset_mapping[: len(ids)]
+    inside = [hi > lo and any(lo < end and start < hi for start, end in spans) for lo, hi in offsets]
+    target = list(inside)
+    for i in range(1, len(inside)):
+        if inside[i - 1] and not inside[i]:
+            target[i] = True  # the end-of-turn token: the model must stop
+    scored = torch.zeros(len(ids), dtype=torch.bool)
+    if len(ids):
+        scored[:-1] = torch.tensor(target[1:], dtype=torch.bool)
+        scored[-1] = inside[-1]
+    return scored
 
 
 @dataclass(frozen=True)
 class Batch:
     input_ids: Tensor  # Long[Tensor, "batch seq"], right-padded
     attention_mask: Tensor  # Long[Tensor, "batch seq"]
-    doc_index: Tensor  # Long[Tensor, "batch"]: the text's index within its split
+    doc_index: Tensor  # Long[Tensor, "batch"]: the document's index within its split
+    formats: tuple[str, ...] = ()  # per row: the format it was read in
+    sources: tuple[str, ...] = ()  # per row: the document's source
+    scored: Tensor | None = None  # Bool[Tensor, "batch seq"]: positions whose prediction is generated text
+
+    @property
+    def measured(self) -> Tensor:
+        """Bool[Tensor, "batch seq"]: where fidelity is measured, the answer positions (all real tokens if unknown)."""
+        return self.attention_mask.bool() if self.scored is None else self.scored & self.attention_mask.bool()
 
 
 def batches(
@@ -100,11 +243,11 @@ def batches(
     split: Split,
     max_tokens: int,
     *,
-    max_doc_tokens: int = 128,
+    max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS,
     batch_size: int = 8,
     by_length: bool = False,
 ) -> Iterator[Batch]:
-    """Tokenized, chat-formatted texts of one split until `max_tokens` real tokens have been yielded.
+    """Tokenized documents of one split, each in its format, until `max_tokens` real tokens have been yielded.
 
     by_length batches texts of similar length together: the same texts and tokens with far less padding (it was
     42% of the calibration pass and 52% of verification's), for passes whose result does not depend on order.
@@ -119,28 +262,51 @@ def batches(
         yield collate(items[start : start + batch_size], pad)
 
 
-def _texts_until(
-    tokenizer: PreTrainedTokenizerBase, split: Split, max_tokens: int, max_doc_tokens: int
-) -> list[tuple[int, Tensor]]:
-    items: list[tuple[int, Tensor]] = []
+Item = tuple[int, Tensor, str, str, Tensor]  # (index in split, token ids, format, source, scored positions)
+
+
+def _texts_until(tokenizer: PreTrainedTokenizerBase, split: Split, max_tokens: int, max_doc_tokens: int) -> list[Item]:
+    """Documents until the budget is spent, the next one always from the format, then the source, that has had the
+    fewest generated tokens so far (by SOURCE_WEIGHTS): formats and sources differ in length (a two-turn chat is three
+    plain texts, a Jargon File entry five WordNet definitions), and each format should weigh the same."""
+    queues: dict[str, dict[str, list[tuple[int, Document]]]] = {}
+    for i, doc in enumerate(documents(split)):
+        queues.setdefault(doc.render(tokenizer)[0], {}).setdefault(doc.source, []).append((i, doc))
+    used = {f: dict.fromkeys(sources, 0) for f, sources in queues.items()}
+    # A small budget still holds several formats, and a document still reaches its answer.
+    per_doc = min(max_doc_tokens, max(128, max_tokens // len(queues)))
+    items: list[Item] = []
     total = 0
-    for i, text in enumerate(split_texts(split)):
-        ids = encode(tokenizer, format_text(tokenizer, text, i), min(max_doc_tokens, max_tokens - total))
+    while total < max_tokens:
+        open_formats = [f for f, sources in queues.items() if any(sources.values())]
+        if not open_formats:
+            break
+        fmt = min(open_formats, key=lambda f: sum(used[f].values()))
+        source = min((s for s, q in queues[fmt].items() if q), key=lambda s: used[fmt][s] / SOURCE_WEIGHTS.get(s, 1.0))
+        i, doc = queues[fmt][source].pop(0)
+        text = doc.render(tokenizer)[1]
+        ids = encode(tokenizer, text, min(per_doc, max_tokens - total), plain=fmt == "plain")
         if len(ids) == 0:
             continue
-        items.append((i, ids))
+        scored = scored_positions(tokenizer, text, doc.answers(text), ids, plain=fmt == "plain")
+        items.append((i, ids, fmt, source, scored))
+        # Balanced on generated positions (a chat's answers), so each format weighs the same where it is measured.
+        used[fmt][source] += int(scored.sum())
         total += len(ids)
-        if total >= max_tokens:
-            break
     return items
 
 
-def collate(items: list[tuple[int, Tensor]], pad: int) -> Batch:
-    """Right-pad (index, token ids) items into one batch with its attention mask."""
-    width = max(len(ids) for _, ids in items)
+def collate(items: Sequence[tuple[int, Tensor] | Item], pad: int) -> Batch:
+    """Right-pad (index, token ids[, format, source, scored]) items into one batch with its attention mask."""
+    width = max(len(item[1]) for item in items)
     input_ids = torch.full((len(items), width), pad, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (_, ids) in enumerate(items):
-        input_ids[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
-    return Batch(input_ids, mask, torch.tensor([i for i, _ in items]))
+    scored = torch.zeros((len(items), width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        input_ids[row, : len(item[1])] = item[1]
+        mask[row, : len(item[1])] = 1
+        scored[row, : len(item[1])] = item[4] if len(item) > 4 else True
+    tags = [item[2:4] for item in items]
+    formats = tuple(str(t[0]) for t in tags if t)
+    sources = tuple(str(t[1]) for t in tags if len(t) > 1)
+    return Batch(input_ids, mask, torch.tensor([item[0] for item in items]), formats, sources, scored)

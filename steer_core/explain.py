@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from steer_core.card import by_format_table
 from steer_core.feature import SAESource, same_model
 from steer_core.labels import FeatureLabel, FeatureLabels, TokenFeatures, strongest_on
 from steer_core.vector import SteeringVector
 
 SEARCH_COLUMNS = ["feature", "score", "fires on", "promotes"]
-ACTIVE_COLUMNS = ["feature", "max activation", "on tokens", "promotes"]
+ACTIVE_COLUMNS = ["feature", "activation ÷ its max", "activation", "fired on", "promotes"]
 
 
 def _escape(text: str) -> str:
@@ -64,13 +65,12 @@ def _plain(tokens: tuple[str, ...], n: int = 6) -> str:
 
 
 def active_rows(active: list[TokenFeatures], labels: FeatureLabels | None, k: int = 15) -> list[list[Any]]:
-    """The strongest features anywhere in the prompt, with the tokens they fire on."""
+    """The features most active on the prompt, relative to their own maximum, with the token each fired on."""
     rows = []
-    for feature, value in strongest_on(active, k):
-        on = [t.token for t in active if any(f == feature for f, _ in t.features)]
-        label = labels.labels.get(feature) if labels else None
+    for hit in strongest_on(active, k, labels):
+        label = labels.labels.get(hit.feature) if labels else None
         promoted = _plain(label.promoted) if label else ""
-        rows.append([feature, value, " ".join(repr(t)[1:-1] for t in on[:8]), promoted])
+        rows.append([hit.feature, hit.relative, hit.activation, repr(hit.token)[1:-1], promoted])
     return rows
 
 
@@ -110,11 +110,16 @@ def mismatch_note(vector: SteeringVector) -> str:
 
 
 def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) -> str:
-    """The export's verdict, in the words of the model card (report: a steer_core.verify.FidelityReport)."""
-    verdict = "✅" if report.top1_agreement >= 0.9 and report.kl_ratio <= 0.1 else "⚠️"
+    """The export's verdict, in the words of the model card (report: a steer_core.verify.FidelityReport), judged on
+    the worst input format: a user whose traffic is all in that format gets that fidelity."""
+    worst = report.by_format.get(report.worst_format) if report.worst_format else None
+    top1, ratio = (worst["top1_agreement"], worst["kl_ratio"]) if worst else (report.top1_agreement, report.kl_ratio)
+    verdict = "✅" if top1 >= 0.9 and ratio <= 0.1 else "⚠️"
+    per_format = by_format_table(report.to_dict()) + "\n\nAll formats together:\n\n" if worst else ""
     return (
         f"### {verdict} Verified on {report.tokens} held-out tokens (adapter vs hook steering)\n"
-        f"| measure | value |\n|---|---|\n"
+        + per_format
+        + "| measure | value |\n|---|---|\n"
         f"| top-1 next-token agreement | **{report.top1_agreement:.1%}** |\n"
         f"| KL(hook ‖ adapter) | {report.kl_hook_adapter:.4g} nats/token |\n"
         f"| KL(hook ‖ unsteered) | {report.kl_hook_base:.4g} nats/token |\n"

@@ -47,6 +47,18 @@ def format_prompt(lm: LoadedModel, prompt: str) -> str:
     return prompt
 
 
+def left_pad(
+    rows: list[list[int]], pad: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token rows padded on the left, so a batched generation continues every row
+    from its last real token. Padded by hand: the tokenizer is shared with concurrent requests, so its padding_side
+    is not ours to flip."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event

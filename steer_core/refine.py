@@ -57,7 +57,7 @@ def train(
             tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens, batch_size=batch_size
         ):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            keep = mask.bool()
+            keep = mask.bool()  # prompt positions too: their keys and values shape the answers
             with torch.no_grad(), steering(model, vector, skip_bos=skip_bos):
                 target = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
             with lowrank_updates(model, params):

@@ -32,6 +32,7 @@ from steer_core.constants import (
     STEERING_VECTOR_FILENAME,
 )
 from steer_core.divergence import kl_per_token
+from steer_core.generate import left_pad
 from steer_core.steer import ablation, steering
 from steer_core.vector import SteeringVector
 
@@ -54,16 +55,63 @@ class FidelityReport:
     fit_abs_error: dict[str, float] = field(default_factory=dict)  # mean |A·x − target| / mean |target|, per module
     kl_by_position: list[float] = field(default_factory=list)
     max_abs_logit_diff: float = 0.0
+    # The same figures per input format (chat, system, multiturn, plain) and per source of the held-out text: a
+    # served adapter meets them all, and the overall mean hides the worst.
+    by_format: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"worst_format": self.worst_format, **asdict(self)}  # the worst first, where a reader starts
+
+    @property
+    def worst_format(self) -> str | None:
+        """The format with the lowest top-1 agreement (None when verified on one format only)."""
+        if len(self.by_format) < 2:
+            return None
+        return min(self.by_format, key=lambda f: self.by_format[f]["top1_agreement"])
 
     def summary(self) -> str:
-        return (
+        overall = (
             f"top-1 agreement {self.top1_agreement:.1%}, KL(hook‖adapter) {self.kl_hook_adapter:.4g} vs "
             f"KL(hook‖base) {self.kl_hook_base:.4g} (ratio {self.kl_ratio:.3g}), greedy agreement "
             f"{self.greedy_prefix_mean:.1f}/{self.greedy_tokens} tokens, on {self.tokens} held-out tokens"
         )
+        worst = self.worst_format
+        if worst is None:
+            return overall
+        w = self.by_format[worst]
+        formats = ", ".join(f"{f} {g['top1_agreement']:.1%}" for f, g in self.by_format.items())
+        return (
+            f"worst format {worst}: top-1 agreement {w['top1_agreement']:.1%}, KL ratio {w['kl_ratio']:.3g}; "
+            f"all formats: {overall}; top-1 by format: {formats}"
+        )
+
+
+class _Tally:
+    """Token counts and sums per group (a format, a source), for the figures of FidelityReport."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, group: str, agree: Tensor, agree_base: Tensor, kl_a: Tensor, kl_b: Tensor) -> None:
+        if len(kl_a) == 0:
+            return  # a document cut off before its answer
+        s = self.sums.setdefault(group, [0.0] * 5)
+        for i, value in enumerate((len(kl_a), agree.sum(), agree_base.sum(), kl_a.sum(), kl_b.sum())):
+            s[i] += float(value)
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for group, (n, agree, agree_base, kl_a, kl_b) in self.sums.items():
+            out[group] = {
+                "tokens": int(n),
+                "top1_agreement": agree / n,
+                "kl_hook_adapter": kl_a / n,
+                "kl_hook_base": kl_b / n,
+                "kl_ratio": kl_a / kl_b if kl_b > 0 else float("nan"),
+                "top1_hook_vs_base": agree_base / n,
+            }
+        return out
 
 
 def read_steering_json(folder: Path) -> dict[str, Any]:
@@ -136,7 +184,9 @@ def heldout_batches(model: nn.Module, tokenizer: Any, tokens: int) -> Iterator[c
     """The held-out text verification measures on, in batches whose vocabulary-wide logits stay near 150M floats."""
     vocab = int(model.config.get_text_config().vocab_size)
     batch_size = max(1, min(8, int(1.5e8 // (vocab * DEFAULT_MAX_DOC_TOKENS))))
-    return corpus.batches(tokenizer, "heldout", tokens, batch_size=batch_size, by_length=True)
+    return corpus.batches(
+        tokenizer, "heldout", tokens, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS, batch_size=batch_size, by_length=True
+    )
 
 
 def verify(
@@ -163,13 +213,16 @@ def verify(
     pos_sum = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
     pos_n = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
     fit_acc: dict[str, list[float]] = {}
+    by_format, by_source = _Tally(), _Tally()
     skip_bos = bool(meta.get("skip_bos", False))
     bos_id = getattr(model.config, "bos_token_id", None)
     first = _first_changed_block(vector, meta, saved) if isinstance(adapted, PeftModel) else None
     with torch.no_grad(), _fit_error(model, meta, saved, fit_acc) as fit_state:
         for batch in heldout_batches(model, tokenizer, tokens):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            keep = mask.bool()
+            keep = batch.measured.to(device)  # generated positions: a chat's answers, all of a plain text
+            if not keep.any():
+                continue  # documents cut off before their answers
             fit_state["mask"] = torch.zeros_like(keep)
             fit_state["steered"] = steered_positions(ids, skip_bos, bos_id)
             if first is None:
@@ -177,9 +230,9 @@ def verify(
             else:
                 with recording_block_calls(model, first) as calls:
                     base_logits = model(input_ids=ids, attention_mask=mask).logits
-            # Only real tokens from here on: vocabulary-wide work on padding was a tenth of verify's time.
+            # Only measured tokens from here on: vocabulary-wide work on padding was a tenth of verify's time.
             base = F.log_softmax(base_logits[keep].float(), -1)
-            fit_state["mask"] = keep  # the fit is measured on the hook-steered pass only
+            fit_state["mask"] = mask.bool()  # the fit: every real token, on the hook-steered pass only
             with reference(model, vector, meta):
                 hook_logits = (
                     model(input_ids=ids, attention_mask=mask).logits
@@ -198,8 +251,14 @@ def verify(
             kl_a = kl_per_token(hook, adapt, hook_p)
             kl_b = kl_per_token(hook, base, hook_p)
             top_h = hook.argmax(-1)
-            agree += int((top_h == adapt.argmax(-1)).sum())
-            agree_base += int((top_h == base.argmax(-1)).sum())
+            same_a, same_b = top_h == adapt.argmax(-1), top_h == base.argmax(-1)
+            agree += int(same_a.sum())
+            agree_base += int(same_b.sum())
+            rows = keep.nonzero()[:, 0].cpu()
+            for tally, tags in ((by_format, batch.formats), (by_source, batch.sources)):
+                for tag in set(tags):
+                    sel = torch.isin(rows, torch.tensor([r for r, t in enumerate(tags) if t == tag])).to(kl_a.device)
+                    tally.add(tag, same_a[sel], same_b[sel], kl_a[sel], kl_b[sel])
             kl_ha += float(kl_a.sum())
             kl_hb += float(kl_b.sum())
             n += len(kl_a)
@@ -208,7 +267,20 @@ def verify(
             pos_sum.index_add_(0, positions[inside], kl_a.double().cpu()[inside])
             pos_n.index_add_(0, positions[inside], torch.ones(int(inside.sum()), dtype=torch.float64))
             max_diff = max(max_diff, float((hook - adapt).abs().max()))
-    prefix, full = _greedy_agreement(model, adapted, tokenizer, vector, meta, greedy_prompts, greedy_tokens)
+    if n == 0:
+        raise ValueError(
+            f"{tokens} held-out tokens held no answer tokens to measure; raise the verification tokens "
+            "(--verify-tokens on export, --tokens on verify)"
+        )
+    greedy = _greedy_agreement(model, adapted, tokenizer, vector, meta, greedy_prompts, greedy_tokens)
+    prefixes = [p for _fmt, p in greedy]
+    prefix = sum(prefixes) / len(prefixes) if prefixes else float("nan")
+    full = sum(p == greedy_tokens for p in prefixes) / len(prefixes) if prefixes else float("nan")
+    formats = by_format.figures()
+    for fmt, figures in formats.items():
+        mine = [p for f, p in greedy if f == fmt]
+        figures["greedy_prefix_mean"] = sum(mine) / len(mine) if mine else float("nan")
+        figures["greedy_prompts"] = len(mine)
     kl_by_pos = (pos_sum / pos_n.clamp(min=1))[pos_n > 0].tolist()
     return FidelityReport(
         mode=meta["mode"],
@@ -225,6 +297,8 @@ def verify(
         fit_abs_error={k: v[0] / max(v[1], 1e-30) for k, v in fit_acc.items()},
         kl_by_position=kl_by_pos,
         max_abs_logit_diff=max_diff,
+        by_format=formats,
+        by_source=by_source.figures(),
     )
 
 
@@ -248,23 +322,22 @@ def _greedy_agreement(
     meta: dict[str, Any],
     prompts: int,
     new_tokens: int,
-) -> tuple[float, float]:
-    """Mean tokens before the adapter's greedy continuation first differs from the hook's, and the full-match rate.
+) -> list[tuple[str, int]]:
+    """(format, tokens before the adapter's greedy continuation first differs from the hook's) per held-out prompt.
 
     Until the first difference both continuations share their prefix, so the adapter's greedy choice at each step is
     its argmax on the hook's own continuation: one batched hook generation and one adapter forward pass measure it.
     """
     if prompts <= 0:
-        return float("nan"), float("nan")
+        return []
     device = next(model.parameters()).device
-    texts = corpus.split_texts("heldout")[:prompts]
-    # Left padding, so generation continues every row from its last real token. Padded by hand: the tokenizer is
-    # shared with concurrent requests, so its padding_side is not ours to flip.
-    rows = [tokenizer(corpus.prompt_for(tokenizer, t, i)).input_ids for i, t in enumerate(texts)]
-    width = max(len(r) for r in rows)
+    pairs = corpus.prompts(tokenizer, prompts)
+    # The last DEFAULT_MAX_DOC_TOKENS tokens of a long multi-turn prompt: the turns it answers, within verify's window.
+    rows = [corpus.encode(tokenizer, text, 10**6, plain=fmt == "plain")[-DEFAULT_MAX_DOC_TOKENS:].tolist()
+            for fmt, text in pairs]  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    ids, mask = left_pad(rows, pad, device)
+    width = ids.shape[1]
     with torch.no_grad():
         with reference(model, vector, meta):
             seq = model.generate(
@@ -283,4 +356,4 @@ def _greedy_agreement(
         logits[..., token] = float("-inf")
     same = (logits.argmax(-1) == seq[:, width:]).long()
     prefixes = same.cumprod(dim=1).sum(dim=1).tolist()
-    return sum(prefixes) / len(prefixes), sum(p == new_tokens for p in prefixes) / len(prefixes)
+    return [(fmt, int(p)) for (fmt, _text), p in zip(pairs, prefixes, strict=True)]

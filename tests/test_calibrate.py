@@ -100,9 +100,15 @@ def test_balance_keeps_the_product() -> None:
 
 
 def test_corpus_splits_are_disjoint_and_deterministic() -> None:
-    cal, held = corpus.split_texts("calibration"), corpus.split_texts("heldout")
-    assert len(held) > 300 and len(cal) == 4 * len(held)
-    assert not set(cal) & set(held)
+    cal, held = corpus.documents("calibration"), corpus.documents("heldout")
+    assert len(held) > 500 and len(cal) > 4 * len(held)
+    assert not {d.text for d in cal} & {d.text for d in held}
+    # Generated documents are split by topic: no held-out topic was ever calibrated on, in any format.
+    topics = [{d.topic for d in docs if d.source == "generated"} for docs in (cal, held)]
+    assert len(topics[1]) > 150 and not topics[0] & topics[1]
+    for docs in (cal, held):
+        assert {d.source for d in docs} == {"generated", "wordnet", "fortunes", "jargon"}
+        assert {d.format for d in docs} == set(corpus.FORMATS)
     lm = tiny_lm("llama")
     first = [b.input_ids for b in corpus.batches(lm.tokenizer, "heldout", 600)]
     again = [b.input_ids for b in corpus.batches(lm.tokenizer, "heldout", 600)]
@@ -127,11 +133,35 @@ def test_batching_by_length_keeps_the_tokens_and_cuts_padding() -> None:
     assert padded < 0.8 * sum(b.attention_mask.numel() for b in plain)
 
 
-def test_chat_models_calibrate_on_chat_format() -> None:
+def test_chat_models_read_every_format_in_equal_measure_and_base_models_plain_text() -> None:
     chat, plain = tiny_lm("llama", chat=True), tiny_lm("llama", chat=False)
-    text = corpus.split_texts("calibration")[0]
-    assert corpus.format_text(chat.tokenizer, text, 0).startswith("<bos>user: ")
-    assert corpus.format_text(plain.tokenizer, text, 0) == text
+    rows = [
+        (f, ids)
+        for b in corpus.batches(chat.tokenizer, "heldout", 4000)
+        for f, ids in zip(b.formats, b.input_ids, strict=True)
+    ]
+    batches = list(corpus.batches(chat.tokenizer, "heldout", 4000))
+    measured = {f: 0 for f in corpus.FORMATS}
+    for b in batches:
+        for f, row in zip(b.formats, b.measured, strict=True):
+            measured[f] += int(row.sum())
+    # any budget holds each format about equally where it is measured (documents come whole, so not exactly)
+    assert max(measured.values()) < 1.6 * min(measured.values()), measured
+    bos = chat.tokenizer.bos_token_id
+    for fmt, ids in rows:
+        if fmt == "plain":  # plain text: what the tokenizer adds, here nothing (the tiny tokenizer adds no BOS)
+            assert ids[0] != bos or chat.tokenizer("x").input_ids[0] == bos
+        else:  # the template's own special tokens, once: not a second BOS from the tokenizer
+            assert ids[0] == bos and ids[1] != bos
+    system = next(d for d in corpus.documents("heldout") if d.format == "system")
+    assert system.render(chat.tokenizer)[1].startswith("<bos>system: ")
+    multi = next(d for d in corpus.documents("heldout") if d.format == "multiturn")
+    assert multi.render(chat.tokenizer)[1].count("<bos>user: ") == 2
+    assert {f for b in corpus.batches(plain.tokenizer, "heldout", 4000) for f in b.formats} == {"plain"}
+    assert system.render(plain.tokenizer) == ("plain", system.text)
+    fmts = [f for f, _ in corpus.prompts(chat.tokenizer, 8)]
+    assert fmts == list(corpus.FORMATS) * 2
+    assert all(p.endswith("<bos>assistant: ") for f, p in corpus.prompts(chat.tokenizer, 8) if f != "plain")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
@@ -291,7 +321,7 @@ def test_train_passes_over_the_held_in_text_again() -> None:
 
     lm = tiny_lm("llama")
     vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
-    held_in = sum(len(ids) for _, ids in corpus._texts_until(lm.tokenizer, "calibration", 10**9, 32))
+    held_in = sum(len(item[1]) for item in corpus._texts_until(lm.tokenizer, "calibration", 10**9, 32))
     name = "model.layers.1.mlp.down_proj"
     module = lm.model.get_submodule(name)
     a = torch.zeros(2, module.in_features, requires_grad=True)

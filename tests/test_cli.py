@@ -49,9 +49,14 @@ def test_export_then_verify_json(
     ]
     assert main(argv) == 0
     assert "top-1 agreement" in capsys.readouterr().out
-    assert main(["verify", "--model", str(model_dir), "--adapter", str(out), "--tokens", "256", "--json"]) == 0
+    assert main(["verify", "--model", str(model_dir), "--adapter", str(out), "--tokens", "1024", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {"top1_agreement", "kl_hook_adapter", "kl_hook_base"} <= report.keys()
+    # every input format the chat model is served in, measured on its own held-out tokens, the worst named
+    assert set(report["by_format"]) == {"chat", "system", "multiturn", "plain"}
+    assert sum(g["tokens"] for g in report["by_format"].values()) == report["tokens"]
+    assert report["worst_format"] == min(report["by_format"], key=lambda f: report["by_format"][f]["top1_agreement"])
+    assert set(report["by_source"]) <= {"generated", "wordnet", "fortunes", "jargon"} and report["by_source"]
     meta = json.loads((out / "steering.json").read_text())
     assert meta["vector"]["provenance"]["strength"] == 4.0
     assert meta["calibration"]["refine"] is None  # pre-norm: no refinement unless asked for

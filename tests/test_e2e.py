@@ -18,6 +18,16 @@ from steer_core.vector import SteeringVector
 pytestmark = pytest.mark.e2e
 
 
+def _check_formats(rep, floors: dict[str, float]) -> None:
+    """Every format a chat model is served in was verified on its own ~quarter of the held-out tokens, with its own
+    greedy prompts, and each reaches its floor (measured minus noise)."""
+    assert set(rep.by_format) == {"chat", "system", "multiturn", "plain"}, rep.by_format
+    for fmt, floor in floors.items():
+        figures = rep.by_format[fmt]
+        assert figures["tokens"] >= 0.2 * rep.tokens and figures["greedy_prompts"] == 2
+        assert figures["top1_agreement"] >= floor, (fmt, figures)
+
+
 def _random_vector(lm: LoadedModel, point: HookPoint, k: float, unit: str) -> SteeringVector:
     g = torch.Generator().manual_seed(point.layer)
     v = torch.randn(lm.model.config.hidden_size, generator=g)
@@ -39,9 +49,18 @@ def test_cached_smollm2_matches_the_gguf_load(smollm2: LoadedModel) -> None:
     assert smollm2.is_chat and smollm2.model.config.num_hidden_layers == 30
 
 
-@pytest.mark.parametrize(("layer", "floor"), [(15, 0.99), (25, 0.97)])
-def test_smollm2_portable_at_4x(smollm2: LoadedModel, tmp_path: Path, layer: int, floor: float) -> None:
-    """SmolLM2, vector norm 4× the layer's median residual norm (the issue's bar: top-1 ≥ 95%)."""
+@pytest.mark.parametrize(
+    ("layer", "floor", "format_floor"),
+    [
+        (15, 0.99, 0.98),  # broad held-out text, answer positions: 99.6%; by format 99.3-99.9% (system worst)
+        (25, 0.97, 0.97),  # 99.1%; by format 98.4-99.4% (plain worst)
+    ],
+)
+def test_smollm2_portable_at_4x(
+    smollm2: LoadedModel, tmp_path: Path, layer: int, floor: float, format_floor: float
+) -> None:
+    """SmolLM2, vector norm 4× the layer's median residual norm (the issue's bar: top-1 ≥ 95%), in every format:
+    a plain-text prompt, a system-prompted chat, a single and a two-turn chat, each on its own held-out tokens."""
     vec = _random_vector(smollm2, HookPoint(layer, "resid_post"), 4.0, "resid")
     result = export(smollm2, vec, tmp_path / "a")
     rep = result.report
@@ -49,17 +68,23 @@ def test_smollm2_portable_at_4x(smollm2: LoadedModel, tmp_path: Path, layer: int
     assert rep.top1_agreement >= floor
     assert rep.kl_ratio <= 0.01
     assert rep.kl_hook_base > 1.0, "a 4x vector changes the model a lot"
+    _check_formats(rep, dict.fromkeys(("chat", "system", "multiturn", "plain"), format_floor))
+    assert result.meta["fidelity"]["by_format"] == rep.by_format
 
 
 def test_smollm2_early_layer_weighs_the_attention_sink(smollm2: LoadedModel, tmp_path: Path) -> None:
-    """L6 at 4×: fitting position 0 like any token gave 42.4% / KL ratio 0.061; calibration now weighs it."""
+    """L6 at 4×: fitting position 0 like any token gave 42.4% / KL ratio 0.061; calibration now weighs it.
+
+    On the broad held-out text (answer positions) this layer is far from the hook in every format: 32.1% / 0.0506,
+    against 28.5% / 0.0855 (plain text 7.5%) with the earlier chat-only calibration, same vector (the closing note)."""
     vec = _random_vector(smollm2, HookPoint(6, "resid_post"), 4.0, "resid")
     result = export(smollm2, vec, tmp_path / "a")
     rep = result.report
     print(f"smollm2 L6 4x: {rep.summary()}; calibration {result.meta['calibration']}")
     assert result.meta["calibration"]["first_weight"] > 1
-    assert rep.top1_agreement >= 0.60  # measured 64.1%
-    assert rep.kl_ratio <= 0.035  # measured 0.0251
+    assert rep.top1_agreement >= 0.29  # measured 32.1%
+    assert rep.kl_ratio <= 0.065  # measured 0.0506
+    _check_formats(rep, {"plain": 0.22})  # measured 26.4% (7.5% with the chat-only calibration)
 
 
 def test_smollm2_exact_is_exact(smollm2: LoadedModel, tmp_path: Path) -> None:
@@ -79,16 +104,20 @@ def test_smollm2_contrastive_vector_passes_verify(smollm2: LoadedModel, tmp_path
     )  # fmt: skip
     rep = export(smollm2, recipe.build(smollm2), tmp_path / "a").report
     print(f"smollm2 joy L10 0.3x: {rep.summary()}")
-    assert rep.top1_agreement >= 0.94  # measured 95.5%
-    assert rep.kl_ratio <= 0.02  # measured 0.0092
+    # broad held-out text, answer positions: 92.3% / 0.019 (the earlier chat-only calibration and resid scale: 88.9%
+    # / 0.0448 on the same text)
+    assert rep.top1_agreement >= 0.90
+    assert rep.kl_ratio <= 0.025
+    _check_formats(rep, dict.fromkeys(("chat", "system", "multiturn", "plain"), 0.88))  # 90.8-93.7%
 
 
 @pytest.mark.parametrize(
     ("layer", "floor", "kl_ceiling", "shares"),
     [
-        # measured 85.9% / 0.067 with the fitted shares (66.0% / 0.461 split; 59.5% / 0.747 MLP writer alone)
-        (9, 0.83, 0.09, "fitted"),
-        (5, 0.36, 0.33, "split"),  # measured 39.1% / 0.300: held-in KL 0.92 split vs 1.13 fitted
+        # measured 82.8% / 0.065 on the broad held-out text (the earlier calibration: 82.3% / 0.0657, same vector);
+        # on the earlier quotations 85.9% / 0.067 (66.0% / 0.461 split; 59.5% / 0.747 MLP writer alone)
+        (9, 0.80, 0.09, "fitted"),
+        (5, 0.35, 0.33, "split"),  # measured 37.9% / 0.289 (39.1% / 0.300 on the quotations)
     ],
 )
 def test_gemma_portable_reports_its_fidelity(

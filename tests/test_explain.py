@@ -1,4 +1,4 @@
-from types import SimpleNamespace
+from dataclasses import replace
 
 import torch
 
@@ -7,6 +7,7 @@ from steer_core.feature import SAESource
 from steer_core.labels import Context, FeatureLabel, FeatureLabels, TokenFeatures
 from steer_core.sites import HookPoint
 from steer_core.vector import SteeringVector
+from steer_core.verify import FidelityReport
 
 LABEL = FeatureLabel(7, 0.0123, 4.5, (Context("the big", " dog*", " barks", 4.5),), (" dog", "puppy", " #"))
 
@@ -24,7 +25,9 @@ def test_tables_for_search_and_prompt() -> None:
     assert explain.search_rows([(LABEL, 2.5)]) == [[7, 2.5, "the big dog* barks", "dog puppy #"]]
     active = [TokenFeatures("a", ((7, 1.0), (2, 0.5))), TokenFeatures("b", ((7, 3.0),))]
     rows = explain.active_rows(active, FeatureLabels({}, {7: LABEL}))
-    assert rows == [[7, 3.0, "a b", "dog puppy #"], [2, 0.5, "a", ""]]
+    # relative to the feature's own maximum (LABEL's is 4.5); a feature without a label comes last
+    assert rows[0] == [7, round(3.0 / LABEL.max_activation, 3), 3.0, "b", "dog puppy #"]
+    assert rows[1][0] == 2 and rows[1][2:] == [0.5, "a", ""]
 
 
 def test_sae_summary_warns_only_for_another_model() -> None:
@@ -43,13 +46,16 @@ def test_strength_line_and_mismatch_note() -> None:
 
 
 def test_fidelity_markdown_and_repo_name() -> None:
-    rep = SimpleNamespace(top1_agreement=0.95, kl_ratio=0.01, tokens=2048, kl_hook_adapter=0.001, kl_hook_base=0.5,
-                          greedy_prefix_mean=15.0, greedy_tokens=20)  # fmt: skip
+    rep = FidelityReport("portable", 2048, 0.95, 0.001, 0.5, 0.01, 0.1, 15.0, 0.5, 20, 8)
     text = explain.fidelity_markdown(rep, {"calibrate": 3.2, "verify": 10.0}, ["a note"])
     assert text.startswith("### ✅ Verified on 2048") and "**95.0%**" in text and "> a note" in text
-    assert explain.fidelity_markdown(SimpleNamespace(**{**vars(rep), "top1_agreement": 0.5}), {}, []).startswith(
-        "### ⚠️"
-    )
+    assert explain.fidelity_markdown(replace(rep, top1_agreement=0.5), {}, []).startswith("### ⚠️")
+    # judged on the worst format, shown first: 95% overall does not hide 80% on plain text
+    fmt = {"tokens": 512, "kl_hook_adapter": 0.001, "kl_hook_base": 0.5, "top1_hook_vs_base": 0.1}
+    by_format = {"chat": {**fmt, "top1_agreement": 0.99, "kl_ratio": 0.002}, "plain": {**fmt, "top1_agreement": 0.8,
+                 "kl_ratio": 0.05, "greedy_prefix_mean": 3.0}}  # fmt: skip
+    text = explain.fidelity_markdown(replace(rep, by_format=by_format), {}, [])
+    assert text.startswith("### ⚠️") and text.index("plain text (no chat template) | 80.00%") < text.index("99.00%")
     meta = {"base_model": "Org/Model-1B", "mode": "portable", "vector": {"provenance": {"source": "sae",
             "features": [{"index": 3}, {"index": 9}]}}}  # fmt: skip
     assert explain.repo_name(meta) == "steer-model-1b-f3-9-portable"

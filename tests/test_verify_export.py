@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import D_MODEL, tiny_lm
+from steer_core import corpus
 from steer_core.constants import ADAPTER_WEIGHTS_FILENAME
 from steer_core.export import export
 from steer_core.sites import HookPoint
@@ -62,6 +63,28 @@ def test_portable_export_writes_a_complete_verified_folder(tmp_path: Path, famil
         "calibration included (input statistics kept from an earlier export)"
         in (second.folder / "README.md").read_text()
     )
+
+
+def test_fidelity_per_format_adds_up_to_the_whole(tmp_path: Path) -> None:
+    """Per-format figures are the overall ones restricted to that format's tokens; a base model has plain text only."""
+    lm = tiny_lm("llama")
+    rep = export(lm, _vec(), tmp_path / "a", calibration_tokens=2048, verify_tokens=1024).report
+    by = rep.by_format
+    assert set(by) == set(corpus.FORMATS) and all(g["tokens"] >= 50 for g in by.values())
+    assert max(g["tokens"] for g in by.values()) < 3 * min(g["tokens"] for g in by.values())  # balanced
+    n = sum(g["tokens"] for g in by.values())
+    assert n == rep.tokens
+    assert sum(g["top1_agreement"] * g["tokens"] for g in by.values()) / n == pytest.approx(rep.top1_agreement)
+    assert sum(g["kl_hook_adapter"] * g["tokens"] for g in by.values()) / n == pytest.approx(rep.kl_hook_adapter)
+    assert sum(g["greedy_prompts"] for g in by.values()) == rep.greedy_prompts == 8  # two prompts per format
+    assert sum(g["tokens"] for g in rep.by_source.values()) == rep.tokens
+    card = (tmp_path / "a" / "README.md").read_text()
+    worst = min(by, key=lambda f: by[f]["top1_agreement"])
+    assert rep.worst_format == worst and card.index("By input format") < card.index("All formats together")
+    assert rep.summary().startswith(f"worst format {worst}: top-1 agreement")
+    base = tiny_lm("llama", chat=False)
+    plain = export(base, _vec(), tmp_path / "b", calibration_tokens=2048, verify_tokens=512).report
+    assert set(plain.by_format) == {"plain"} and plain.worst_format is None
 
 
 def test_portable_is_close_on_pre_norm(tmp_path: Path) -> None:
