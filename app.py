@@ -17,7 +17,7 @@ from typing import Any
 
 import gradio as gr
 
-from steer_core import catalog, explain
+from steer_core import catalog, explain, search
 from steer_core.card import MODE_WHERE
 from steer_core.constants import DEFAULT_MODEL
 from steer_core.feature import embedded_sae_for
@@ -200,7 +200,8 @@ def search_features(model_name: str, sae_pick: str, sae_folder: str, query: str)
     lm = get_model(model_name)
     choice = _choice(model_name, sae_pick, sae_folder)
     with user_errors("Search"):
-        rows = explain.search_rows(workspace.labels(choice, lm).search(query, k=25))
+        sae, labels = workspace.sae(choice, lm), workspace.labels(choice, lm)
+        rows = explain.search_rows(search.search(labels, sae, lm.model, lm.tokenizer, query, k=25))
     if not rows:
         gr.Warning(f"No feature matches {query!r}; try another word.")
     return rows

@@ -310,6 +310,7 @@ def _cmd_control_vector(args: argparse.Namespace, parser: argparse.ArgumentParse
 def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.feature import load_sae
     from steer_core.labels import active_features, labels_for, strongest_on
+    from steer_core.search import search
 
     if (args.query is None) == (args.active is None):
         parser.error("give either search words or --active PROMPT")
@@ -320,11 +321,15 @@ def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     labels = labels_for(sae, lm.model, lm.tokenizer)
     if args.active is not None:
         active = active_features(sae, lm.model, lm.tokenizer, args.active)
-        hits = [(labels[f], act) for f, act in strongest_on(active, args.top)]
-        print(f"features most active on the prompt ({sae.source.describe()}), with their activation:")
+        on = strongest_on(active, args.top, labels)
+        hits = [(labels[h.feature], h.relative) for h in on]
+        print(
+            f"features most active on the prompt ({sae.source.describe()}), with their activation over their own "
+            "maximum (dense features left out); fired on: " + ", ".join(f"#{h.feature} {h.token!r}" for h in on)
+        )
     else:
-        hits = labels.search(args.query, args.top)
-        print(f"features matching {args.query!r} ({sae.source.describe()}), with their score:")
+        hits = search(labels, sae, lm.model, lm.tokenizer, args.query, args.top)
+        print(f"features matching {args.query!r} or words near it ({sae.source.describe()}), with their score:")
     if not hits:
         print("  none")
     for label, value in hits:

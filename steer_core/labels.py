@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -227,33 +228,67 @@ class TokenFeatures:
     features: tuple[tuple[int, float], ...]  # (feature, activation), strongest first
 
 
-@torch.no_grad()
-def active_features(sae: LoadedSAE, model: Any, tokenizer: Any, prompt: str, k: int = 5) -> list[TokenFeatures]:
-    """For each token of `prompt` (after position 0), the k features that fire most on it.
+# A feature that fires on more than this fraction of tokens says little about any one word of a prompt.
+DENSE_FEATURE = 0.1
 
-    Chat models see the prompt as a user turn, as in the preview, so position 0 is the template's first token and not
-    the prompt's first word.
+
+@torch.no_grad()
+def active_features(
+    sae: LoadedSAE, model: Any, tokenizer: Any, prompt: str, k: int | None = None
+) -> list[TokenFeatures]:
+    """For each token of `prompt`, the k features that fire most on it (all that fire, by default: the strongest in
+    raw activation are mostly dense ones, which strongest_on leaves out).
+
+    Chat models see the prompt as a user turn, as in the preview; only the prompt's own tokens are reported (not the
+    template's role markers and default system prompt), and never position 0, the attention sink.
     """
     if not prompt.strip():
         raise ValueError("the prompt is empty: type some text to see which features fire on it")
-    text = prompt
+    text, start = prompt, 0
     if getattr(tokenizer, "chat_template", None):
         text = str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False))
-    acts, ids, _ = text_activations(model, tokenizer, sae.source.point, sae_unit(sae.source), [text])
+        start = text.rindex(prompt)
+    end = start + len(prompt)
+    spans = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True).offset_mapping
+    acts, ids, where = text_activations(model, tokenizer, sae.source.point, sae_unit(sae.source), [text])
     param = sae.decoder
     feats = sae.sae.encode(acts.to(param.device, param.dtype)).float().cpu()
     out = []
-    for pos, row in enumerate(feats, start=1):
-        top = row.topk(min(k, len(row)))
+    for (_text, pos), row in zip(where, feats, strict=True):
+        lo, hi = spans[pos]
+        if hi <= start or lo >= end:
+            continue
+        top = row.topk(min(k or int((row > 0).sum()), len(row)))
         pairs = tuple((int(i), round(float(v), 3)) for v, i in zip(top.values, top.indices, strict=True) if v > 0)
         out.append(TokenFeatures(tokenizer.decode(ids[0][pos : pos + 1]), pairs))
     return out
 
 
-def strongest_on(active: list[TokenFeatures], k: int = 10) -> list[tuple[int, float]]:
-    """The features with the highest activation anywhere in the prompt."""
-    best: dict[int, float] = {}
+@dataclass(frozen=True)
+class ActiveFeature:
+    feature: int
+    activation: float  # its strongest activation on the prompt
+    relative: float  # that activation over the feature's own maximum on the labelling text (1 = as strong as ever)
+    token: str  # the token it fired on most strongly
+
+
+def strongest_on(active: list[TokenFeatures], k: int = 10, labels: FeatureLabels | None = None) -> list[ActiveFeature]:
+    """The features most active anywhere in the prompt, each with the token it fired on.
+
+    With labels, features are ranked by activation relative to their own maximum, and dense features (firing on more
+    than DENSE_FEATURE of tokens) are left out: raw activations favour features that are large everywhere.
+    """
+    best: dict[int, tuple[float, str]] = {}
     for tok in active:
         for feature, value in tok.features:
-            best[feature] = max(best.get(feature, 0.0), value)
-    return sorted(best.items(), key=lambda item: -item[1])[:k]
+            if value > best.get(feature, (0.0, ""))[0]:
+                best[feature] = (value, tok.token)
+    hits = []
+    for feature, (value, token) in best.items():
+        label = labels.labels.get(feature) if labels else None
+        if label is not None and label.density > DENSE_FEATURE:
+            continue
+        relative = value / label.max_activation if label is not None and label.max_activation > 0 else float("nan")
+        hits.append(ActiveFeature(feature, value, round(relative, 3), token))
+    key = (lambda h: -h.relative) if labels is not None else (lambda h: -h.activation)
+    return sorted(hits, key=lambda h: (math.isnan(h.relative), key(h)))[:k]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -26,6 +27,9 @@ def sae_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = build_sae(tmp_path_factory.mktemp("sae") / "sae", d_sae=16, model_name="tiny-llama")
     lm = tiny_lm("llama")
     labels = compute_labels(load_sae_from_disk(folder), lm.model, lm.tokenizer, split_texts("heldout")[:20])
+    # A random SAE's features all fire everywhere; a trained one's mostly do not: make the even ones sparse.
+    for f in range(0, 16, 2):
+        labels.labels[f] = dataclasses.replace(labels.labels[f], density=0.01)
     save_labels(labels, folder / "labels.json.gz")
     return str(folder)
 
@@ -103,7 +107,9 @@ def test_feature_card_search_and_prompt_features(sae_folder: str) -> None:
     rows = app.search_features("tiny", "", sae_folder, word)
     assert rows and any(r[0] == 5 for r in rows) and all(r[1] > 0 for r in rows)
     active = app.features_on_prompt("tiny", "", sae_folder, "hello there")
-    assert active and all(0 <= r[0] < 16 and r[1] > 0 for r in active)
+    # dense features (the odd ones here) are left out; each row says which token of the prompt it fired on
+    assert active and all(r[0] % 2 == 0 and 0 <= r[0] < 16 and r[1] > 0 for r in active)
+    assert all(r[3] in "hello there" for r in active)
     assert app.pick_row(gr.SelectData(None, {"index": [0, 1], "value": 0.4, "row_value": [7, 0.4, "", ""]})) == 7
 
 

@@ -84,3 +84,17 @@ def test_a_searched_feature_exports_to_a_faithful_adapter(smollm2, tmp_path) -> 
     # measured 97.2% / 0.0047 (feature 639 at 0.5 × the residual norm)
     assert report.top1_agreement >= 0.95, report.summary()
     assert report.kl_ratio <= 0.01, report.summary()
+
+
+@pytest.mark.e2e
+def test_search_finds_the_concept_through_other_forms_of_the_word(smollm2) -> None:
+    """Exact-token search needs the word itself among a feature's top contexts; search by meaning reads the model's
+    own embedding neighbours and what the features fire on and write. (The shipped SAE has few everyday concepts
+    to find: `scripts.concept_benchmark`.)"""
+    from steer_core.search import search
+
+    labels, sae = load_labels(SPEC.labels_path), load_sae_from_disk(SPEC.path)
+    assert labels.search("loving", 1)[0][0].feature != SPEC.default_feature  # exact-token search misses it
+    for query in ("love", "loving", "loved", "lovely"):
+        top = search(labels, sae, smollm2.model, smollm2.tokenizer, query, k=3)
+        assert top[0][0].feature == SPEC.default_feature, (query, [(label.feature, s) for label, s in top])

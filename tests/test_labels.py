@@ -10,6 +10,7 @@ from steer_core.labels import (
     Context,
     FeatureLabel,
     FeatureLabels,
+    TokenFeatures,
     active_features,
     compute_labels,
     load_labels,
@@ -110,18 +111,39 @@ def test_labels_round_trip_through_gzip(tmp_path: Path, lm, sae) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_active_features_per_token_on_the_chat_formatted_prompt(lm, sae) -> None:
+def test_active_features_per_token_of_the_prompt_only(lm, sae) -> None:
     active = active_features(sae, lm.model, lm.tokenizer, "hello", k=3)
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
     ids = lm.tokenizer(text).input_ids
-    assert [t.token for t in active] == [lm.tokenizer.decode([i]) for i in ids[1:]]
-    acts, _, _ = text_activations(lm.model, lm.tokenizer, sae.source.point, "resid", [text])
+    # the template's role markers are not the prompt: only its own five characters are reported
+    assert [t.token for t in active] == list("hello")
+    acts, _, where = text_activations(lm.model, lm.tokenizer, sae.source.point, "resid", [text])
+    start = text.rindex("hello")
+    spans = lm.tokenizer(text, return_offsets_mapping=True).offset_mapping
+    mine = [i for i, (_t, pos) in enumerate(where) if start <= spans[pos][0] < start + 5]
     with torch.no_grad():
-        feats = sae.sae.encode(acts)
+        feats = sae.sae.encode(acts)[mine]
+    assert len(ids) - 1 == len(where) and len(mine) == 5
     for row, tok in zip(feats, active, strict=True):
         if tok.features:
             assert tok.features[0][0] == int(row.argmax())
     strongest = strongest_on(active, k=2)
-    assert strongest[0][1] == pytest.approx(float(feats.max()), abs=1e-3)
+    assert strongest[0].activation == pytest.approx(float(feats.max()), abs=1e-3)
+    assert strongest[0].token == active[int(feats.max(-1).values.argmax())].token
     with pytest.raises(ValueError, match="empty"):
         active_features(sae, lm.model, lm.tokenizer, "   ")
+
+
+def test_strongest_on_ranks_by_own_maximum_and_leaves_out_dense_features() -> None:
+    active = [
+        TokenFeatures("the", ((0, 9.0), (1, 2.0))),
+        TokenFeatures(" dog", ((2, 3.0), (1, 1.0))),
+    ]
+    labels = FeatureLabels(
+        {"sae": "synthetic"}, {0: _label(0, ("a",), density=0.6), 1: _label(1, ("b",)), 2: _label(2, ("c",))}
+    )
+    labels.labels[1] = FeatureLabel(1, 0.01, 20.0, labels.labels[1].contexts, ("b",))
+    labels.labels[2] = FeatureLabel(2, 0.01, 3.0, labels.labels[2].contexts, ("c",))
+    hits = strongest_on(active, 5, labels)
+    assert [(h.feature, h.token, h.relative) for h in hits] == [(2, " dog", 1.0), (1, "the", 0.1)]
+    assert [h.feature for h in strongest_on(active, 5)] == [0, 2, 1]  # no labels: raw activation
