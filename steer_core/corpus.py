@@ -205,19 +205,17 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, *, pl
     return tokenizer(text, add_special_tokens=plain, return_tensors="pt").input_ids[0][:max_tokens]
 
 
-def scored_positions(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]], ids: Tensor, *,
-                     plain: bool) -> Tensor:  # fmt: skip
-    """Bool[Tensor, "seq"]: the positions whose next-token prediction is generated text (`Document.answers`): those
-    followed by a token of an answer span, or by the token that ends one (end of turn), or inside the last span."""
-    enc = tokenizer(text, add_special_tokens=plain, return_offsets_mapping=True)
-    offsets = enc.offset_mapping[: len(ids)]
+def scored_positions(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> Tensor:
+    """Bool[Tensor, "seq"]: of tokens with these character offsets, the positions whose next-token prediction is
+    generated text (`Document.answers`): those followed by a token of an answer span or by the token that ends one
+    (end of turn), and the last position when it is inside a span."""
     inside = [hi > lo and any(lo < end and start < hi for start, end in spans) for lo, hi in offsets]
     target = list(inside)
     for i in range(1, len(inside)):
         if inside[i - 1] and not inside[i]:
             target[i] = True  # the end-of-turn token: the model must stop
-    scored = torch.zeros(len(ids), dtype=torch.bool)
-    if len(ids):
+    scored = torch.zeros(len(offsets), dtype=torch.bool)
+    if len(offsets):
         scored[:-1] = torch.tensor(target[1:], dtype=torch.bool)
         scored[-1] = inside[-1]
     return scored
@@ -285,10 +283,13 @@ def _texts_until(tokenizer: PreTrainedTokenizerBase, split: Split, max_tokens: i
         source = min((s for s, q in queues[fmt].items() if q), key=lambda s: used[fmt][s] / SOURCE_WEIGHTS.get(s, 1.0))
         i, doc = queues[fmt][source].pop(0)
         text = doc.render(tokenizer)[1]
-        ids = encode(tokenizer, text, min(per_doc, max_tokens - total), plain=fmt == "plain")
-        if len(ids) == 0:
+        # as encode() tokenizes it, with character offsets to find the answers
+        enc = tokenizer(text, add_special_tokens=fmt == "plain", return_offsets_mapping=True)
+        n = min(per_doc, max_tokens - total, len(enc.input_ids))
+        if n == 0:
             continue
-        scored = scored_positions(tokenizer, text, doc.answers(text), ids, plain=fmt == "plain")
+        ids = torch.tensor(enc.input_ids[:n], dtype=torch.long)
+        scored = scored_positions(enc.offset_mapping[:n], doc.answers(text))
         items.append((i, ids, fmt, source, scored))
         # Balanced on generated positions (a chat's answers), so each format weighs the same where it is measured.
         used[fmt][source] += int(scored.sum())
