@@ -1,14 +1,14 @@
 """Rebuild steer_core/data/corpus.json.gz: broad, offline, deterministic text for calibration, verification and labels.
 
-    apt-get install wordnet-base fortunes dict-jargon     # Debian packages; licences recorded in the output
-    .venv/bin/python -m scripts.build_corpus              # ~30 min on a 2-core CPU (the model's answers), resumable
+    apt-get install wordnet-base fortunes dict-jargon    # Debian packages; licences recorded in the output
+    .venv/bin/python -m scripts.build_corpus      # ~11 min on 2 CPU cores (10 of them the model's answers, cached)
 
 Sources:
 - **wordnet**: WordNet 3.0 glosses with their example sentences (definitions of everyday words, every domain);
 - **fortunes**: quotations, jokes and remarks (Debian's `fortunes`);
 - **jargon**: entries of the Jargon File (computer slang, in prose);
 - **generated**: the embedded model's own greedy answers on thousands of everyday topics (the most frequent WordNet
-  nouns and verbs of 36 domains: animals, food, places, weather, sport, work, feelings, science, history, code...),
+  nouns and verbs of 37 domains: animals, food, places, weather, sport, work, feelings, science, history, code...),
   generated as a single-turn chat, a chat with a system prompt, a two-turn chat and a plain continuation without a
   chat template. That is the text a served instruct model reads and writes.
 
@@ -282,7 +282,7 @@ def run_generation(plan: list[dict], max_new_tokens: int, batch_size: int) -> li
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--topics-per-domain", type=int, default=36, help="36 domains: ~1,300 generated documents")
+    p.add_argument("--topics-per-domain", type=int, default=36, help="37 domains: ~1,300 generated documents")
     p.add_argument("--answer-tokens", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--wordnet", type=int, default=1500, help="WordNet entries (a seeded sample)")
