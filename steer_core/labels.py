@@ -76,9 +76,9 @@ class FeatureLabels:
             raise ValueError("search query has no words; try e.g. 'dog' or 'python code'")
         scored = []
         for label in self.labels.values():
-            score = sum(_term_score(label, term) for term in terms)
+            score = sum(term_score(label, term) for term in terms)
             if score > 0:
-                score /= 1.0 + 10.0 * label.density
+                score /= density_discount(label.density)
                 scored.append((label, round(score, 4)))
         scored.sort(key=lambda item: (-item[1], -item[0].max_activation))
         return scored[:k]
@@ -88,7 +88,13 @@ def _norm_token(token: str) -> str:
     return token.strip().lower()
 
 
-def _term_score(label: FeatureLabel, term: str) -> float:
+def density_discount(density: float) -> float:
+    """What a search score is divided by for a feature firing on `density` of tokens: a feature that fires
+    everywhere is about no word in particular (1 at density 0, 2 at 10%)."""
+    return 1.0 + 10.0 * density
+
+
+def term_score(label: FeatureLabel, term: str) -> float:
     """Highlighted tokens count most (what the feature fires on), then promoted tokens (what it writes), then
     the word appearing anywhere in a top context. Prefixes match both ways ("dog" ~ "dogs"), from 3 letters."""
 

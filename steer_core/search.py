@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from steer_core.activations import text_activations
 from steer_core.feature import LoadedSAE, sae_unit
-from steer_core.labels import FeatureLabel, FeatureLabels, _term_score
+from steer_core.labels import FeatureLabel, FeatureLabels, density_discount, term_score
 from steer_core.sites import architecture_for
 
 NEIGHBOURS = 12  # embedding neighbours per query word
@@ -178,9 +178,9 @@ def search(
             score += (z - Z_FLOOR).clamp_min(0).max(-1).values
         for feature, label in labels.labels.items():
             if feature < n:
-                score[feature] += sum(sim * _term_score(label, token) for token, sim in near.items())
-    density = torch.tensor([labels.labels[f].density if f in labels.labels else 1.0 for f in range(n)])
-    score = score / (1.0 + 10.0 * density)
+                score[feature] += sum(sim * term_score(label, token) for token, sim in near.items())
+    score = score / torch.tensor([density_discount(labels.labels[f].density if f in labels.labels else 1.0)
+                                  for f in range(n)])  # fmt: skip
     top = score.topk(min(k, n))
     return [
         (labels.labels[int(f)], round(float(s), 4))
