@@ -428,8 +428,8 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
                     _default_spec.default_feature if _default_spec else 0, precision=0, minimum=0, label="Feature"
                 )
                 show_btn = gr.Button("Show feature")
-            with gr.Tab("Search labels"):
-                query = gr.Textbox(label="Words", placeholder="e.g. wedding, python code, sad")
+            with gr.Tab("Search by meaning"):
+                query = gr.Textbox(label="Words", placeholder="e.g. love, puppy, rain")
                 search_btn = gr.Button("Search")
                 search_df = gr.Dataframe(
                     elem_id="search-results",

@@ -103,7 +103,7 @@ def test_new_user_goes_from_page_to_downloaded_verified_adapter(served: tuple[st
             box.fill(stand_in)
             box.press("Enter")
         expect(page.get_by_text("features · reads").first).to_be_visible()
-        page.get_by_role("tab", name="Search labels").click()
+        page.get_by_role("tab", name="Search by meaning").click()
         page.get_by_label("Words").fill("the")
         page.get_by_role("button", name="Search", exact=True).click()
         first = page.locator("#search-results").get_by_role("gridcell").first
