@@ -184,9 +184,10 @@ def fortune_texts() -> list[str]:
     return sorted(set(out))
 
 
-def jargon_texts() -> list[str]:
-    """Entries of the Jargon File's dictd database (a gzip of the entries, indexed in base64 offsets)."""
-    raw = gzip.decompress((JARGON.with_suffix(".dict.dz")).read_bytes()).decode("utf-8", errors="replace")
+def dictd_entries(name: str) -> list[tuple[str, str]]:
+    """(headword, raw entry) of a dictd database (a gzip of the entries, indexed by base64 offsets)."""
+    path = JARGON.parent / name
+    raw = gzip.decompress(path.with_suffix(".dict.dz").read_bytes())
     digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
     def b64(s: str) -> int:
@@ -195,15 +196,44 @@ def jargon_texts() -> list[str]:
             n = n * 64 + digits.index(c)
         return n
 
-    out = []
-    for line in JARGON.with_suffix(".index").read_text(encoding="utf-8", errors="replace").splitlines():
+    out, seen = [], set()
+    for line in path.with_suffix(".index").read_text(encoding="utf-8", errors="replace").splitlines():
         word, off, length = line.split("\t")[:3]
-        if word.startswith("00-"):
-            continue  # database headers
-        body = raw.encode("utf-8")[b64(off) : b64(off) + b64(length)].decode("utf-8", errors="replace")
+        if word.startswith("00-") or (off, length) in seen:
+            continue  # database headers; several headwords share one entry
+        seen.add((off, length))
+        out.append((word, raw[b64(off) : b64(off) + b64(length)].decode("utf-8", errors="replace")))
+    return out
+
+
+def jargon_texts(hi: int = 500) -> list[str]:
+    """Entries of the Jargon File. hi=500 for the shipped corpus: longer entries would outweigh the other sources."""
+    out = []
+    for _word, body in dictd_entries("jargon"):
         body = re.sub(r"\{([^}]*)\}", r"\1", body)  # cross-reference braces
-        text = clean(body, 120, 500)  # longer entries would outweigh the other sources token for token
-        if text:
+        if text := clean(body, 120, hi):
+            out.append(text)
+    return sorted(set(out))
+
+
+def foldoc_texts() -> list[str]:
+    """FOLDOC entries (computing), without their subject tags, cross-reference braces and dates."""
+    out = []
+    for _word, body in dictd_entries("foldoc"):
+        body = re.sub(r"\{([^}]*)\}", r"\1", re.sub(r"<[^>]*>|\(\d{4}-\d\d-\d\d\)", "", body))
+        if text := clean(body, 120, 1500):
+            out.append(text)
+    return sorted(set(out))
+
+
+def gcide_texts() -> list[str]:
+    """GCIDE (Webster 1913 + WordNet) definitions as "word: definition", without pronunciation, etymology and
+    source tags; literary quotations kept."""
+    out = []
+    for word, body in dictd_entries("gcide"):
+        lines = body.split("\n")[1:]  # the first line is the headword's pronunciation and grammar
+        body = re.sub(r"\[[^\]]*\]|\{([^}]*)\}|--[A-Z][\w. ]*", lambda m: m.group(1) or "", "\n".join(lines))
+        if text := clean(f"{word}: {body}", 60, 1200):
             out.append(text)
     return sorted(set(out))
 

@@ -1,20 +1,24 @@
-"""Train the embedded SAE: a BatchTopK sparse autoencoder on SmolLM2-135M-Instruct's residual stream (CPU).
+"""Train the embedded SAE: a BatchTopK sparse autoencoder on SmolLM2-135M-Instruct's residual stream.
 
 Reproducible from registry packages alone (never run in CI):
 
-    apt-get install fortunes python3-doc        # the text (Debian; BSD and PSF licences)
-    .venv/bin/python -m scripts.train_sae       # ~50 min on a 2-core CPU; --help for the knobs
+    apt-get install wordnet-base fortunes dict-jargon dict-foldoc dict-gcide   # Debian; licences in quality.json
+    .venv/bin/python -m scripts.build_corpus    # the shipped corpus and its model-generated documents (cached)
+    .venv/bin/python -m scripts.train_sae       # ~2 h on a 2-core CPU, minutes on a GPU; --help for the knobs
 
 Steps, each cached under $STEER_CORE_CACHE/sae_train/ so a rerun resumes:
-1. texts: Debian `fortunes` (quotations, jokes), the Python 3.11 documentation's prose paragraphs, and chat
-   conversations whose answers the model itself writes (greedy, so deterministic); half the fortunes are
-   chat-formatted too, because a served adapter mostly sees chat. A text is held out when its SHA-1 says so: the
-   split does not depend on order, and training never sees a held-out text.
+1. texts: the broad corpus's sources at full size (scripts.build_corpus: WordNet, fortunes, the Jargon File, the
+   model's own answers on everyday topics) plus FOLDOC and GCIDE, every document in one of the four input formats
+   (chat, system, multiturn, plain; steer_core.corpus renders them as a served model reads them), short
+   definitions grouped into paragraphs so a chat template does not outweigh its content. Only documents of the
+   corpus's *calibration* split (sha1 of text or topic) are trained on: held-out and label documents never are.
 2. activations: `blocks.L.hook_resid_post` (the output of decoder layer L) for every token except position 0 (the
-   attention sink, whose norm is ~50x a typical token's and which no feature should have to explain).
+   attention sink, whose norm is ~50x a typical token's and which no feature should have to explain), in chunks
+   saved as they finish.
 3. training with sae_lens' own `BatchTopKTrainingSAE` + `SAETrainer`, saved as its inference form (JumpReLU).
-4. quality on the held-out split -> quality.json; held-out texts -> heldout.json.gz (the test fixture).
-Labels are a separate step: scripts/label_sae.py.
+4. quality on the shipped corpus's held-out split, per source and per format -> quality.json; the held-out
+   documents as plain text -> heldout.json.gz (the test fixture).
+Labels are a separate step: scripts/label_sae.py (the corpus's labels split, every source).
 
 Why BatchTopK: L0 is set directly (no L1 coefficient to tune on a short CPU budget), the batch-level top-k lets
 frequent tokens use more features than rare ones at the same mean L0 (lower FVU than per-token TopK), the aux-k loss
@@ -25,208 +29,115 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
-import html.parser
 import json
 import random
-import re
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from scripts import build_corpus as bc
+from steer_core import corpus
 from steer_core.activations import forward_until, recording
 from steer_core.constants import cache_dir
-from steer_core.generate import left_pad
 from steer_core.hooks import gated_hooks, retuple, untuple
 from steer_core.model import EMBEDDED_MODELS, load_model
 
 MODEL = "smollm2-135m-instruct"
-FORTUNES = Path("/usr/share/games/fortunes")
-# General prose, quotations and jokes; offensive-leaning, ASCII-art and non-English files are skipped.
-FORTUNE_FILES = [
-    "computers", "cookie", "definitions", "education", "food", "fortunes", "goedel", "humorists", "kids", "law",
-    "linux", "literature", "love", "magic", "medicine", "miscellaneous", "news", "paradoxum", "people", "pets",
-    "platitudes", "politics", "pratchett", "riddles", "science", "songs-poems", "sports", "startrek", "tao", "wisdom",
-    "work", "zippy",
-]  # fmt: skip
-PYDOC = Path("/usr/share/doc/python3.11/html")
-PYDOC_DIRS = ["tutorial", "howto", "faq", "library", "reference", "whatsnew", "glossary.html"]
-HELDOUT_PERCENT = 5
 OUT = Path(__file__).resolve().parents[1] / "steer_core" / "data" / "saes"
-
-# Chat prompts: templates x topics, so the model writes about many everyday concepts (features to steer with).
-TOPICS = [
-    "dogs", "cats", "the ocean", "mountains", "coffee", "baking bread", "football", "chess", "music", "jazz",
-    "painting", "poetry", "space travel", "the moon", "rain", "winter", "summer holidays", "gardening", "trees",
-    "birds", "money", "saving for retirement", "job interviews", "friendship", "love", "weddings", "grief",
-    "anger", "happiness", "fear", "sleep", "dreams", "running", "cooking pasta", "pizza", "chocolate", "wine",
-    "cars", "trains", "airplanes", "computers", "programming", "the internet", "robots", "history of Rome",
-    "ancient Egypt", "pirates", "dragons", "ghosts", "Halloween", "Christmas", "birthdays", "school", "exams",
-    "teachers", "doctors", "hospitals", "medicine", "the weather", "climate change", "volcanoes", "earthquakes",
-    "fishing", "camping", "Paris", "London", "Tokyo", "New York", "mathematics", "physics", "chemistry", "biology",
-    "politics", "elections", "law and courts", "crime", "detectives", "movies", "books", "libraries", "fashion",
-    "shoes", "houses", "cleaning", "babies", "old age", "horses", "flowers", "the sun", "fire", "water", "gold",
-]  # fmt: skip
-TEMPLATES = [
-    "Tell me about {t}.",
-    "Write a short poem about {t}.",
-    "Give me three tips about {t}.",
-    "Why do people like {t}?",
-    "Write a short story involving {t}.",
-    "Explain {t} to a child.",
-    "What are the downsides of {t}?",
-    "Describe {t} in a few sentences.",
-]
+# Token budget per source in the training split (the labels split is built with --scale 0.2): all of the model's own
+# answers, the quotations and the Jargon File; of the large dictionaries (WordNet 2.5M tokens, FOLDOC 1.0M, GCIDE's
+# Webster 1913 4.6M) enough for 3.3M in all, three times the first SAE's text, so no dictionary dominates.
+ALL = 10**9
+BUDGETS = {"generated": ALL, "fortunes": ALL, "jargon": ALL, "wordnet": 1_200_000, "foldoc": 700_000, "gcide": 600_000}
+GROUPED = {"wordnet", "gcide"}  # one-line definitions, grouped into paragraphs of about GROUP_CHARS
+GROUP_CHARS = 500
 
 
-def _heldout(text: str) -> bool:
-    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+def source_items(split: str) -> dict[str, list[dict]]:
+    """Corpus items ({source, text[, format, messages, topic]}) of one split, by source, every source at full size."""
+    out: dict[str, list[dict]] = {}
+    generated = cache_dir() / "corpus_build"
+    for path in sorted(generated.glob("generated-*.json")):
+        for doc in json.loads(path.read_text()):
+            if bc.split_of("topic:" + doc["topic"]) == split:
+                if "continuation" in doc:
+                    prompt = doc["prompt"]
+                    doc = {**doc, "text": prompt + ("" if prompt[-1:].isspace() else " ") + doc["continuation"]}
+                out.setdefault("generated", []).append(doc)
+    wordnet = [t for *_, words, gloss in bc.wordnet_synsets() if (t := bc.clean(f"{words[0]}: {gloss}", 20, 600))]
+    for source, texts in (
+        ("wordnet", wordnet),
+        ("fortunes", bc.fortune_texts()),
+        ("jargon", bc.jargon_texts(hi=1500)),
+        ("foldoc", bc.foldoc_texts()),
+        ("gcide", bc.gcide_texts()),
+    ):
+        texts = [t for t in sorted(set(texts)) if bc.split_of(f"{source}:{t}") == split]
+        random.Random(0).shuffle(texts)
+        if source in GROUPED:
+            texts = _grouped(texts)
+        out[source] = [{"source": source, "text": t} for t in texts]
+    return out
 
 
-def _package_version(name: str) -> str:
-    try:
-        return subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", name], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _grouped(texts: list[str]) -> list[str]:
+    groups, current = [], ""
+    for t in texts:
+        current = f"{current}\n{t}" if current else t
+        if len(current) >= GROUP_CHARS:
+            groups.append(current)
+            current = ""
+    return groups + ([current] if current else [])
 
 
-def fortune_texts() -> list[str]:
-    out = []
-    for name in FORTUNE_FILES:
-        raw = (FORTUNES / name).read_text(encoding="utf-8", errors="replace")
-        for item in raw.split("\n%\n"):
-            body = re.sub(r"\s+", " ", item).strip()
-            if 40 <= len(body) <= 1500 and sum(c.isalpha() or c.isspace() for c in body) / len(body) >= 0.8:
-                out.append(body)
-    return sorted(set(out))
-
-
-class _Paragraphs(html.parser.HTMLParser):
-    """Text of <p> elements outside code blocks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.depth = 0
-        self.current: list[str] = []
-        self.paragraphs: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: object) -> None:
-        if tag == "p":
-            self.depth += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "p" and self.depth:
-            self.depth -= 1
-            text = re.sub(r"\s+", " ", "".join(self.current)).strip()
-            if len(text) >= 60:
-                self.paragraphs.append(text.replace("¶", ""))
-            self.current = []
-
-    def handle_data(self, data: str) -> None:
-        if self.depth:
-            self.current.append(data)
-
-
-def pydoc_texts(max_chars: int = 900, keep: int = 2200) -> list[str]:
-    """`keep` chunks (a seeded sample) of the Python docs' prose, paragraphs grouped per page up to `max_chars`.
-
-    All of it would be ~1.3M tokens of API reference, twice the rest of the corpus together."""
-    pages: list[Path] = []
-    for entry in PYDOC_DIRS:
-        path = PYDOC / entry
-        pages += [path] if path.is_file() else sorted(path.rglob("*.html"))
-    out = []
-    for page in pages:
-        parser = _Paragraphs()
-        parser.feed(page.read_text(encoding="utf-8", errors="replace"))
-        chunk = ""
-        for para in parser.paragraphs:
-            if chunk and len(chunk) + len(para) > max_chars:
-                out.append(chunk)
-                chunk = ""
-            chunk = f"{chunk} {para}".strip()
-        if chunk:
-            out.append(chunk)
-    return random.Random(0).sample(sorted(set(out)), keep)
-
-
-def chat_prompts() -> list[str]:
-    return [tpl.format(t=topic) for topic in TOPICS for tpl in TEMPLATES]
-
-
-@torch.no_grad()
-def generate_answers(lm, prompts: list[str], max_new_tokens: int, batch_size: int = 48) -> list[str]:
-    """Greedy answers of the model to each prompt (deterministic), batched with left padding."""
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        t0 = time.time()
-        chunk = prompts[start : start + batch_size]
-        encoded = [
-            tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False).input_ids
-            for p in chunk
-        ]  # fmt: skip
-        ids, mask = left_pad(encoded, pad)
-        width = ids.shape[1]
-        out = lm.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-        )
-        answers += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-        print(f"  answers {start + len(chunk)}/{len(prompts)} ({time.time() - t0:.0f} s)", flush=True)
-    return answers
-
-
-def chat_format(tok, user: str, answer: str) -> str:
-    return str(
-        tok.apply_chat_template(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
-        )
-    )
-
-
-def build_texts(lm, work: Path, max_new_tokens: int) -> dict:
-    path = work / "texts.json"
+def build_texts(lm, work: Path, split: str, scale: float) -> list[dict]:
+    """{source, format, text}: documents of `split` rendered in their formats, each source up to its budget."""
+    path = work / f"texts-{split}-{scale}.json"
     if path.exists():
         return json.loads(path.read_text())
-    print("building texts", flush=True)
-    fortunes = fortune_texts()
-    pydoc = pydoc_texts()
-    prompts = chat_prompts()
-    answers = generate_answers(lm, prompts, max_new_tokens)
+    tok = lm.tokenizer
     rng = random.Random(0)
-    asks = ["Tell me something worth remembering.", "Share a quote you like.", "Say something clever.",
-            "Any words of wisdom?", "Tell me a joke.", "What's on your mind?"]  # fmt: skip
     texts = []
-    for i, t in enumerate(fortunes):
-        texts.append({"source": "fortunes", "text": chat_format(lm.tokenizer, rng.choice(asks), t) if i % 2 else t})
-    texts += [{"source": "python3-doc", "text": t} for t in pydoc]
-    texts += [
-        {"source": "chat", "text": chat_format(lm.tokenizer, p, a)} for p, a in zip(prompts, answers, strict=True)
-    ]
-    doc = {
-        "sources": {
-            "fortunes": f"Debian package fortunes {_package_version('fortunes')} files {FORTUNE_FILES}; "
-            "licence BSD (fortune-mod), see /usr/share/doc/fortunes-min/copyright",
-            "python3-doc": f"Debian package python3.11-doc {_package_version('python3.11-doc')}, <p> prose of "
-            f"{PYDOC_DIRS}; licence PSF-2.0, see /usr/share/doc/python3.11-doc/copyright",
-            "chat": f"{len(prompts)} prompts (templates x topics in scripts/train_sae.py) answered greedily by "
-            f"{EMBEDDED_MODELS[MODEL].hub_id} (Apache-2.0), at most {max_new_tokens} new tokens",
-        },
-        "texts": texts,
+    for source, items in source_items(split).items():
+        budget, used = BUDGETS[source] * scale, 0
+        for i, item in enumerate(items):
+            if used >= budget:
+                break
+            fmt = item.get("format") or corpus.FORMATS[i % len(corpus.FORMATS)]
+            doc = corpus.document_from(item, fmt, items[(i + 1) % len(items)], rng)
+            fmt, text = doc.render(tok)
+            used += len(tok(text, add_special_tokens=fmt == "plain").input_ids)
+            texts.append({"source": source, "format": fmt, "text": text})
+        print(f"  {split} {source}: {len(texts)} documents so far, {used:,} tokens", flush=True)
+    path.write_text(json.dumps(texts, ensure_ascii=False))
+    return texts
+
+
+def sources_doc() -> dict[str, str]:
+    return {
+        **corpus.sources(),
+        "foldoc": f"Debian package dict-foldoc {bc.package_version('dict-foldoc')}: the Free On-line Dictionary of "
+        "Computing; licence GFDL 1.1+, see /usr/share/doc/dict-foldoc/copyright",
+        "gcide": f"Debian package dict-gcide {bc.package_version('dict-gcide')}: GNU Collaborative International "
+        "Dictionary of English (Webster 1913 + WordNet); licence GPL-3+, see /usr/share/doc/dict-gcide/copyright",
     }
-    path.write_text(json.dumps(doc, ensure_ascii=False))
-    return doc
 
 
-def tokenize(lm, texts: list[str], max_tokens: int) -> list[list[int]]:
-    # Chat-formatted texts carry their own special tokens; plain ones get whatever the tokenizer adds.
-    return [lm.tokenizer(t, add_special_tokens=True).input_ids[:max_tokens] for t in texts]
+def tokenize(lm, texts: list[dict], max_tokens: int) -> list[list[int]]:
+    """As a server tokenizes them: a chat template writes its own special tokens, plain text takes the tokenizer's."""
+    return [corpus.encode(lm.tokenizer, t["text"], max_tokens, plain=t["format"] == "plain").tolist() for t in texts]
+
+
+def collect_chunked(lm, layer: int, seqs: list[list[int]], path: Path, chunk: int = 2000) -> torch.Tensor:
+    """collect() in chunks of `chunk` texts, each saved as it finishes: a CPU run that is stopped resumes."""
+    parts = []
+    for n, start in enumerate(range(0, len(seqs), chunk)):
+        part = path.with_name(f"{path.stem}.part{n:03d}.pt")
+        if not part.exists():
+            torch.save(collect(lm, layer, seqs[start : start + chunk]), part)
+        parts.append(torch.load(part))
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -252,10 +163,10 @@ def collect(lm, layer: int, seqs: list[list[int]], batch_tokens: int = 4096) -> 
             mask[r, : len(seqs[i])] = 1
         captured.clear()
         with recording(lm.model, [name], lambda _n, t: captured.append(t), what="output"):
-            forward_until(lm.model, layer, input_ids=ids, attention_mask=mask)
+            forward_until(lm.model, layer, input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
         acts = captured[0]
         for r, i in enumerate(idx):
-            per_seq[i] = acts[r, 1 : len(seqs[i])].to(torch.float16)
+            per_seq[i] = acts[r, 1 : len(seqs[i])].to("cpu", torch.float16)
         start += n
         done += int(mask.sum())
         if start % 50 < n:
@@ -263,12 +174,12 @@ def collect(lm, layer: int, seqs: list[list[int]], batch_tokens: int = 4096) -> 
     return torch.cat([per_seq[i] for i in range(len(seqs))])
 
 
-def batches_forever(acts: torch.Tensor, batch_size: int, seed: int):
+def batches_forever(acts: torch.Tensor, batch_size: int, seed: int, device: str):
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(acts), generator=g)
         for s in range(0, len(perm) - batch_size + 1, batch_size):
-            yield acts[perm[s : s + batch_size]].float()
+            yield acts[perm[s : s + batch_size]].to(device, torch.float32)
 
 
 def train(acts: torch.Tensor, args, hook_name: str, model_name: str):
@@ -283,7 +194,7 @@ def train(acts: torch.Tensor, args, hook_name: str, model_name: str):
         d_sae=args.d_sae,
         k=args.k,
         dtype="float32",
-        device="cpu",
+        device=args.device,
         normalize_activations="expected_average_only_in",
         decoder_init_norm=0.1,
         metadata=SAEMetadata(
@@ -305,21 +216,26 @@ def train(acts: torch.Tensor, args, hook_name: str, model_name: str):
         feature_sampling_window=max(steps // 4, 1),
         n_batches_for_norm_estimate=50,
     )
-    trainer = SAETrainer(trainer_cfg, sae, batches_forever(acts, args.batch_size, args.seed))
+    trainer = SAETrainer(trainer_cfg, sae, batches_forever(acts, args.batch_size, args.seed, args.device))
     t0 = time.time()
     trainer.fit()
     return sae, time.time() - t0
 
 
 @torch.no_grad()
-def quality(lm, sae, layer: int, acts: torch.Tensor, seqs: list[list[int]], ce_tokens: int) -> dict:
-    """FVU, L0 and dead features on held-out activations; CE loss with the SAE spliced in vs without."""
+def reconstruction(sae, acts: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """(FVU, mean L0, which features fired) on activations; FVU relative to their own variance."""
     x = acts.float()
     feats = sae.encode(x)
-    recon = sae.decode(feats)
-    fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    l0 = float((feats > 0).float().sum(-1).mean())
-    fired = (feats > 0).any(0)
+    fvu = float((x - sae.decode(feats)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    return fvu, float((feats > 0).float().sum(-1).mean()), (feats > 0).any(0)
+
+
+@torch.no_grad()
+def quality(lm, sae, layer: int, acts: torch.Tensor, seqs: list[list[int]], ce_tokens: int) -> dict:
+    """FVU, L0 and dead features on held-out activations; CE loss with the SAE spliced in vs without."""
+    fvu, l0, fired = reconstruction(sae, acts)
+    x = acts
     block = lm.model.get_submodule(f"{lm.arch.layers_path}.{layer}")
 
     def splice(_m, _a, output):
@@ -390,19 +306,42 @@ def write_readme(out: Path, report: dict) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
+def heldout_texts(lm) -> list[dict]:
+    """The shipped corpus's held-out documents, {source, format, text}, as the model reads them."""
+    out = []
+    for doc in corpus.documents("heldout"):
+        fmt, text = doc.render(lm.tokenizer)
+        out.append({"source": doc.source, "format": fmt, "text": text})
+    return out
+
+
+def by_group(sae, acts: torch.Tensor, seqs: list[list[int]], items: list[dict], key: str) -> dict[str, dict]:
+    """FVU and mean L0 per source or per format (each relative to its own variance)."""
+    owner = torch.cat([torch.full((max(len(s) - 1, 0),), i) for i, s in enumerate(seqs)])
+    out = {}
+    for name in sorted({t[key] for t in items}):
+        rows = torch.tensor([i for i, t in enumerate(items) if t[key] == name])
+        pick = torch.isin(owner, rows)
+        fvu, l0, _ = reconstruction(sae, acts[pick])
+        out[name] = {"tokens": int(pick.sum()), "fvu": round(fvu, 4), "mean_l0": round(l0, 2)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layer", type=int, default=15)
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--k", type=float, default=48)
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--dead-window", type=int, default=150, help="steps without firing before a feature counts dead")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per text")
-    p.add_argument("--answer-tokens", type=int, default=96)
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every source's token budget (BUDGETS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ce-tokens", type=int, default=20000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stop-after", choices=["texts", "activations"], help="stop after this step (a CPU run in parts)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -410,29 +349,35 @@ def main() -> None:
     work = cache_dir() / "sae_train"
     work.mkdir(parents=True, exist_ok=True)
     lm = load_model(MODEL)
+    lm.model.to(args.device)
     hook_name = f"blocks.{args.layer}.hook_resid_post"
     model_name = EMBEDDED_MODELS[MODEL].hub_id
     t_start = time.time()
-    doc = build_texts(lm, work, args.answer_tokens)
-    train_items = [t for t in doc["texts"] if not _heldout(t["text"])]
-    held_items = [t for t in doc["texts"] if _heldout(t["text"])]
-    print(f"{len(train_items)} training texts, {len(held_items)} held out", flush=True)
+    items = {"train": build_texts(lm, work, "calibration", args.scale), "heldout": heldout_texts(lm)}
+    print(f"{len(items['train'])} training texts, {len(items['heldout'])} held out", flush=True)
+    if args.stop_after == "texts":
+        return
 
     seqs = {}
     acts = {}
-    for split, items in (("train", train_items), ("heldout", held_items)):
-        seqs[split] = tokenize(lm, [t["text"] for t in items], args.max_tokens)
-        path = work / f"acts_L{args.layer}_{split}_{args.max_tokens}.pt"
+    for split in ("train", "heldout"):
+        seqs[split] = tokenize(lm, items[split], args.max_tokens)
+        path = work / f"acts_L{args.layer}_{split}_{args.max_tokens}_{args.scale}.pt"
         if not path.exists():
             print(f"activations: {split}", flush=True)
-            torch.save(collect(lm, args.layer, seqs[split]), path)
+            torch.save(collect_chunked(lm, args.layer, seqs[split], path), path)
+            for part in path.parent.glob(f"{path.stem}.part*.pt"):
+                part.unlink()
         acts[split] = torch.load(path)
         print(f"{split}: {len(acts[split])} activation vectors", flush=True)
     t_acts = time.time() - t_start
+    if args.stop_after == "activations":
+        return
 
     torch.set_grad_enabled(True)
     sae, t_train = train(acts["train"], args, hook_name, model_name)
     torch.set_grad_enabled(False)
+    sae.to("cpu")
 
     out = args.out or OUT / f"{MODEL}-res-L{args.layer}"
     out.mkdir(parents=True, exist_ok=True)
@@ -445,31 +390,40 @@ def main() -> None:
 
     from sae_lens import SAE
 
+    lm.model.to("cpu")
     shipped = SAE.load_from_disk(str(out))
     report = quality(lm, shipped, args.layer, acts["heldout"], seqs["heldout"], args.ce_tokens)
     report.update(
         {
+            "by_source": by_group(shipped, acts["heldout"], seqs["heldout"], items["heldout"], "source"),
+            "by_format": by_group(shipped, acts["heldout"], seqs["heldout"], items["heldout"], "format"),
             "model": model_name,
             "hook_name": hook_name,
             "architecture": "batchtopk (saved as jumprelu)",
             "d_sae": args.d_sae,
             "k": args.k,
             "training_tokens": len(acts["train"]),
+            "training_tokens_by_source": {
+                s: sum(len(q) - 1 for q, t in zip(seqs["train"], items["train"], strict=True) if t["source"] == s)
+                for s in BUDGETS
+            },
             "epochs": args.epochs,
             "training_samples": int(args.epochs * len(acts["train"])),
             "minutes_activations": round(t_acts / 60, 1),
             "minutes_training": round(t_train / 60, 1),
-            "sources": doc["sources"],
-            "split": f"a text is held out when int(sha1(text), 16) % 100 < {HELDOUT_PERCENT}",
+            "device": args.device,
+            "sources": sources_doc(),
+            "split": "trained on the corpus's calibration split (scripts.build_corpus.split_of); measured on its "
+            "held-out split, every format; labelled on its labels split",
             "position_0": "excluded from training and from FVU/L0 (attention sink); kept unspliced in the CE test",
             "trained_by": "scripts/train_sae.py "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "stop_after")),
         }
     )
     (out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
     write_readme(out, report)
     with gzip.open(out / "heldout.json.gz", "wt", encoding="utf-8") as f:
-        json.dump({"split": report["split"], "texts": held_items}, f, ensure_ascii=False)
+        json.dump({"split": report["split"], "texts": items["heldout"]}, f, ensure_ascii=False)
     print(json.dumps({k: v for k, v in report.items() if k != "sources"}, indent=1))
     print(f"saved to {out}")
 

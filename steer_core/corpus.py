@@ -40,6 +40,8 @@ CORPUS_FILE = "data/corpus.json.gz"
 ASKS = {
     "wordnet": ["What does '{head}' mean?", "Define '{head}' and use it in a sentence.", "Explain the word {head}."],
     "jargon": ["What does '{head}' mean in hacker slang?", "Tell me about the term {head}."],
+    "foldoc": ["What is {head}?", "Explain {head} in computing."],
+    "gcide": ["Look up these words in the dictionary for me.", "What do these words mean?"],
     "fortunes": [
         "Tell me something worth remembering.",
         "Share a quote you like.",
@@ -122,6 +124,11 @@ def _corpus() -> dict:
     return json.loads(gzip.decompress(raw))
 
 
+def sources() -> dict[str, str]:
+    """Each source's provenance and licence, as recorded by the corpus build."""
+    return dict(_corpus()["sources"])
+
+
 def corpus_info() -> dict[str, str]:
     doc = _corpus()
     return {
@@ -137,7 +144,8 @@ def _head(text: str) -> str:
     return text.split(":", 1)[0] if ":" in text[:60] else text.split(".", 1)[0][:40]
 
 
-def _from_json(item: dict, fmt: str, partner: dict, rng: random.Random) -> Document:
+def document_from(item: dict, fmt: str, partner: dict, rng: random.Random) -> Document:
+    """A corpus item read in `fmt` (a generated one keeps its own); a multi-turn chat answers with `partner` next."""
     if "messages" in item:  # generated: a conversation in its own format
         turns = tuple((m["role"], m["content"]) for m in item["messages"])
         text = "\n\n".join(content for role, content in turns if role != "system")
@@ -169,7 +177,7 @@ def documents(split: Split) -> tuple[Document, ...]:
     pools: dict[str, dict[str, list[Document]]] = {f: {} for f in FORMATS}
     for source, group in by_source.items():
         for i, item in enumerate(group):
-            doc = _from_json(item, item.get("format") or FORMATS[i % len(FORMATS)], group[(i + 1) % len(group)], rng)
+            doc = document_from(item, item.get("format") or FORMATS[i % len(FORMATS)], group[(i + 1) % len(group)], rng)
             pools[doc.format].setdefault(source, []).append(doc)
     by_format = []
     for sources in pools.values():
