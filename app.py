@@ -21,12 +21,13 @@ from steer_core import catalog, explain, search
 from steer_core.card import MODE_WHERE
 from steer_core.constants import DEFAULT_MODEL
 from steer_core.feature import embedded_sae_for
-from steer_core.generate import GenerationConfig, stream
+from steer_core.generate import GenerationConfig, stream_sides
 from steer_core.labels import active_features
 from steer_core.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
 from steer_core.model import LoadedModel, keep_freed_memory, load_model
 from steer_core.recipe import VectorRecipe
 from steer_core.refine import default_steps
+from steer_core.served import read_adapter
 from steer_core.workspace import Workspace
 
 try:  # ZeroGPU on Spaces: a GPU is attached only while a decorated handler runs
@@ -245,9 +246,10 @@ def on_unit(unit: str, strength: float) -> Any:
 
 @gpu
 def preview(
-    model_name: str, prompt: str, max_new: float, temperature: float, seed: float, *vector_args: Any
-) -> Iterator[tuple[str, str, str]]:
-    """Unsteered, then steered, with the same seed; each streamed. Closing the stream removes the steering hooks."""
+    model_name: str, prompt: str, max_new: float, temperature: float, seed: float, served: str, *vector_args: Any
+) -> Iterator[tuple[str, str, str, str]]:
+    """Unsteered, hook-steered and (given an adapter) served side by side: rows of one batched generation, streamed
+    together. Closing the stream removes the steering hooks."""
     lm = get_model(model_name)
     with user_errors("Bad generation settings"):
         if not (prompt or "").strip():
@@ -257,12 +259,15 @@ def preview(
     with user_errors("Strength"):
         norms = {p.tl_name: workspace.resid_norm(lm, p) for p in vector.points}
     info = explain.strength_line(vector, norms) + explain.mismatch_note(vector)
-    base = ""
+    sides: list[Any] = [None, vector]
+    if (served or "").strip():
+        with user_errors("Served adapter"):
+            adapter = read_adapter(served.strip(), token=os.environ.get("HF_TOKEN"))
+        sides.append(adapter)
+        info += explain.served_note(adapter, lm.base_model_id)
     try:
-        for base in stream(lm, prompt, config=config):
-            yield base, "", info
-        for steered in stream(lm, prompt, vector=vector, config=config):
-            yield base, steered, info
+        for texts in stream_sides(lm, prompt, sides, config=config):
+            yield texts[0], texts[1], texts[2] if len(texts) > 2 else "", info
     except (ValueError, RuntimeError) as err:
         raise gr.Error(f"Generation failed: {err}") from err
 
@@ -310,6 +315,20 @@ def run_export(
         str(result.folder),
         explain.repo_name(result.meta),
     )
+
+
+@gpu(duration=300)
+def run_map(model_name: str, *vector_args: Any, progress=gr.Progress()) -> tuple[str, Any]:
+    """Predicted fidelity at nearby layers or strengths (a miniature export each), and what is servable."""
+    import pandas as pd
+
+    from steer_core.servability import servability_map
+
+    lm = get_model(model_name)
+    recipe = _recipe(model_name, *vector_args)
+    with user_errors("Servability map"):
+        result = servability_map(lm, recipe, progress=lambda f, m: progress(f, desc=f"mapping: {m}"))
+    return explain.map_markdown(result), pd.DataFrame(explain.map_rows(result))
 
 
 def run_control_vector(model_name: str, *vector_args: Any) -> str:
@@ -479,11 +498,19 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
         with gr.Row():
             max_new = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
             temperature = gr.Slider(0, 2, value=0, step=0.1, label="Temperature (0 = greedy)")
-            seed = gr.Number(0, label="Seed (same for both sides)", precision=0)
+            seed = gr.Number(0, label="Seed", precision=0)
+        served = gr.Textbox(
+            label="Served adapter: an adapter folder or Hub repo (an export fills it in)",
+            placeholder="empty: preview the hook only; after an export: also what an endpoint serves",
+            elem_id="served-src",
+        )
         go = gr.Button("Generate", variant="primary")
         with gr.Row():
             out_base = gr.Textbox(label="Unsteered", lines=7, elem_id="out-base")
-            out_steer = gr.Textbox(label="Steered", lines=7, elem_id="out-steered")
+            out_steer = gr.Textbox(label="Steered (hook: what the steering means)", lines=7, elem_id="out-steered")
+            out_served = gr.Textbox(
+                label="Served adapter (what a LoRA endpoint generates)", lines=7, elem_id="out-served"
+            )
         steer_info = gr.Markdown(elem_id="steer-info")
 
     with gr.Tab("4 · Export"):
@@ -507,6 +534,13 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
                 label="Refinement steps (portable; 2-4 s each on a CPU, more faithful)",
                 info="On a GPU 300 (512 tokens a step); on a CPU 60 on post-norm models (Gemma 2/3), 0 elsewhere",
             )
+        with gr.Accordion("Before exporting: which layers or strengths serve faithfully? (~20 s a cell)", open=False):
+            map_btn = gr.Button("Map the predicted fidelity")
+            with gr.Row():
+                map_md = gr.Markdown()
+                map_plot = gr.BarPlot(
+                    x="cell", y="predicted top-1 (%)", color="servable", y_lim=[0, 100], height=220, label="Servability"
+                )
         export_btn = gr.Button("Calibrate → build → verify", variant="primary")
         with gr.Row():
             with gr.Column(scale=3):
@@ -551,13 +585,16 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
     add_btn.click(add_feature, [mix, feature, strength, unit], mix)
     unit.change(on_unit, [unit, strength], strength)
     go.click(
-        preview, [model_name, prompt, max_new, temperature, seed, *vector_inputs], [out_base, out_steer, steer_info]
+        preview,
+        [model_name, prompt, max_new, temperature, seed, served, *vector_inputs],
+        [out_base, out_steer, out_served, steer_info],
     )
     export_btn.click(
         run_export,
         [model_name, mode, tokens, refine_steps, *vector_inputs],
         [report, plot, download, card, folder, repo_id],
-    )
+    ).then(lambda f: f, folder, served)
+    map_btn.click(run_map, [model_name, *vector_inputs], [map_md, map_plot])
     cv_btn.click(run_control_vector, [model_name, *vector_inputs], cv_file)
     compare_btn.click(run_compare, [model_name, sae_folder, *vector_inputs], compared)
     push_btn.click(run_push, [folder, repo_id, private, token], pushed)

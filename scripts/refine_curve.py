@@ -19,63 +19,20 @@ import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scripts.benchmark import random_vector
 from steer_core.calibrate import Calibration, WriterFit, balance, calibrate
-from steer_core.divergence import kl_per_token
 from steer_core.export import export
 from steer_core.model import LoadedModel, load_model
 from steer_core.refine import cosine_decay, default_lr, train
+from steer_core.servability import HeldOut
 from steer_core.sites import HookPoint
-from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
-from steer_core.verify import heldout_batches
-
-
-class HeldOut:
-    """Hook-steered and base next-token distributions on verify's held-out text, computed once per vector."""
-
-    def __init__(self, lm: LoadedModel, vector: SteeringVector, tokens: int, skip_bos: bool = False) -> None:
-        self.model = lm.model
-        held = list(heldout_batches(lm.model, lm.tokenizer, tokens))
-        self.batches = [(b.input_ids.to(lm.device), b.attention_mask.to(lm.device)) for b in held]
-        self.measured = [b.measured.to(lm.device) for b in held]  # where verify measures
-        self.hook: list[torch.Tensor] = []
-        kl_base = 0.0
-        self.n = 0
-        with torch.no_grad():
-            for (ids, mask), keep in zip(self.batches, self.measured, strict=True):
-                base = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
-                with steering(self.model, vector, skip_bos=skip_bos):
-                    hook = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
-                kl_base += float(kl_per_token(hook, base).sum())
-                self.hook.append(hook)
-                self.n += len(hook)
-        self.kl_base = kl_base / self.n
-
-    def measure(self, params: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Top-1 agreement and KL ratio of the low-rank updates `params` against the hook."""
-        return self.under(lambda: lowrank_updates(self.model, params))
-
-    def under(self, intervention: Callable[[], AbstractContextManager[None]]) -> dict[str, float]:
-        """Top-1 agreement and KL ratio against the hook, each batch run inside a fresh `intervention()`."""
-        agree, kl = 0, 0.0
-        with torch.no_grad():
-            for (ids, mask), keep, hook in zip(self.batches, self.measured, self.hook, strict=True):
-                with intervention():
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits[keep].float()
-                pred = F.log_softmax(logits, -1)
-                kl += float(kl_per_token(hook, pred).sum())
-                agree += int((hook.argmax(-1) == pred.argmax(-1)).sum())
-        return {"top1": agree / self.n, "kl_ratio": kl / self.n / self.kl_base, "kl_hook_base": self.kl_base}
 
 
 def init_params(

@@ -38,6 +38,15 @@ def _what(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _effect_rows(rep: dict[str, Any]) -> list[str]:
+    """The behaviour figure, in reports that have it (adapters exported before it existed do not)."""
+    if "effect_kept" not in rep:
+        return []
+    promoted = ", ".join(f"`{t.strip() or repr(t)}`" for t in rep.get("promoted_tokens", [])[:8])
+    return [f"| steering effect kept: the hook's log-probability gain on the tokens it promotes most ({promoted}) "
+            f"that the adapter also gives | {rep['effect_kept']:.0%} |"]  # fmt: skip
+
+
 def by_format_table(rep: dict[str, Any]) -> str:
     """Fidelity per input format, worst top-1 first: the format a user's traffic is in may be the worst one."""
     rows = sorted(rep["by_format"].items(), key=lambda item: item[1]["top1_agreement"])
@@ -100,6 +109,7 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
                 f"| KL ratio (0 = identical to hook, 1 = no steering) | {rep['kl_ratio']:.3g} |",
                 f"| greedy tokens before first divergence (of {rep['greedy_tokens']}) "
                 f"| {rep['greedy_prefix_mean']:.1f} |",
+                *_effect_rows(rep),
                 f"| held-out tokens | {rep['tokens']} |",
                 *(
                     f"| mean abs error of A·x against its target, `{module}` (relative) | {err:.3g} |"

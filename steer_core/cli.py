@@ -15,6 +15,8 @@ from steer_core.constants import (
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_VERIFY_TOKENS,
+    MAP_CALIBRATION_TOKENS,
+    MAP_EVAL_TOKENS,
     MODES,
     SITES,
     STRENGTH_UNITS,
@@ -105,13 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate with an adapter or with hook steering, next to the unsteered")
     _model_args(g)
-    g.add_argument("--adapter", help="an adapter folder (loaded with PEFT)")
+    g.add_argument(
+        "--adapter", help="an adapter folder or Hub repo; with a vector source too: unsteered, hook and served together"
+    )
     _steering_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-baseline", action="store_true", help="skip the unsteered generation")
+
+    m = sub.add_parser(
+        "map",
+        help="before an export: the predicted fidelity of the portable adapter at nearby layers (file and "
+        "contrastive vectors) or strengths (SAE features, control vectors), and what is servable",
+    )
+    _model_args(m)
+    _steering_args(m)
+    m.add_argument("--layers", type=int, nargs="+", help="layers to map (default: every n/8th and the chosen one)")
+    m.add_argument("--calibration-tokens", type=int, default=MAP_CALIBRATION_TOKENS)
+    m.add_argument("--eval-tokens", type=int, default=MAP_EVAL_TOKENS)
+    m.add_argument("--json", action="store_true", help="print the map as one JSON object")
 
     c = sub.add_parser("control-vector", help="write the steering vector as a llama.cpp control vector (GGUF)")
     _model_args(c)
@@ -264,30 +280,72 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from steer_core.generate import GenerationConfig, complete
+    from steer_core.generate import GenerationConfig, complete, stream_sides
     from steer_core.model import LoadedModel
 
     has_vector = _check_steering_args(parser, args, required=False)
-    if has_vector == bool(args.adapter):
-        parser.error("give either --adapter DIR or a steering vector source")
+    if not has_vector and not args.adapter:
+        parser.error("give --adapter DIR, a steering vector source, or both (then the three side by side)")
     config = GenerationConfig(args.max_new_tokens, args.temperature, args.seed)
     recipe = recipe_from_args(args) if has_vector else None
     lm = _load(args)
+    if recipe is not None:
+        vector = recipe.build(lm)
+        print(strength_note(lm, vector), file=sys.stderr)
+        sides: list = [None, vector]
+        names = ["unsteered", f"steered ({', '.join(p.tl_name for p in vector.points)})"]
+        if args.adapter:  # what an endpoint serves, beside the hook: one batched generation, as in the app
+            from steer_core.served import read_adapter
+
+            sides.append(read_adapter(args.adapter))
+            names.append(f"served adapter {args.adapter}")
+        texts: tuple[str, ...] = ()
+        for texts in stream_sides(lm, args.prompt, sides, config=config, skip_bos=args.skip_bos):  # noqa: B007
+            pass
+        for i, (name, text) in enumerate(zip(names, texts, strict=True)):
+            if i or not args.no_baseline:
+                print(f"--- {name} ---")
+                print(text)
+        return 0
     if not args.no_baseline:
         print("--- unsteered ---")
         print(complete(lm, args.prompt, config=config))
-    if args.adapter:
-        from steer_core.verify import load_peft
+    from steer_core.verify import load_peft
 
-        adapted = LoadedModel(load_peft(lm.model, Path(args.adapter)), lm.tokenizer, lm.name, lm.base_model_id)  # type: ignore[arg-type]
-        print(f"--- with adapter {args.adapter} ---")
-        print(complete(adapted, args.prompt, config=config))
-    else:
-        assert recipe is not None
-        vector = recipe.build(lm)
-        print(strength_note(lm, vector), file=sys.stderr)
-        print(f"--- steered ({', '.join(p.tl_name for p in vector.points)}) ---")
-        print(complete(lm, args.prompt, vector=vector, config=config, skip_bos=args.skip_bos))
+    adapted = LoadedModel(load_peft(lm.model, Path(args.adapter)), lm.tokenizer, lm.name, lm.base_model_id)  # type: ignore[arg-type]
+    print(f"--- with adapter {args.adapter} (loaded with PEFT) ---")
+    print(complete(adapted, args.prompt, config=config))
+    return 0
+
+
+def _cmd_map(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from steer_core.servability import servability_map
+
+    _check_steering_args(parser, args, required=True)
+    recipe = recipe_from_args(args)
+    if args.layers and recipe.layer is None:
+        parser.error("--layers applies to --vector and --contrastive; an SAE feature or control vector maps strengths")
+    lm = _load(args)
+    result = servability_map(
+        lm,
+        recipe,
+        layers=args.layers,
+        calibration_tokens=args.calibration_tokens,
+        eval_tokens=args.eval_tokens,
+        skip_bos=args.skip_bos,
+        progress=lambda _f, what: print(f"  {what}", file=sys.stderr, flush=True),
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(f"{'layer':>5} {'strength':>9} {'top-1':>7} {'KL ratio':>9}  servable")
+    for c in result.cells:
+        mark = " (chosen)" if (c.layer, c.strength) == result.chosen else ""
+        servable = "yes" if c.servable else "no"
+        print(f"{c.layer:>5} {c.strength:>9.4g} {c.top1:>7.1%} {c.kl_ratio:>9.3g}  {servable}{mark}")
+    print(result.recommendation())
+    print(f"({result.seconds:.0f} s; predicted from {result.calibration_tokens} calibration and {result.eval_tokens} "
+          "held-out tokens per cell)")  # fmt: skip
     return 0
 
 
@@ -374,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_search(args, parser)
         if args.command == "features":
             return _cmd_features(args, parser)
+        if args.command == "map":
+            return _cmd_map(args, parser)
         return _cmd_generate(args, parser)
     except (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

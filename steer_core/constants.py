@@ -17,6 +17,10 @@ LABELS_FILENAME = "labels.json.gz"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CALIBRATION_TOKENS = 16_384
+# The servability map (steer_core.servability): a miniature export per cell, and the top-1 that counts as servable.
+MAP_CALIBRATION_TOKENS = 8_192
+MAP_EVAL_TOKENS = 1_024
+SERVABLE_TOP1 = 0.95
 DEFAULT_VERIFY_TOKENS = 4_096  # ~700 answer tokens for each of the four input formats (2,765 measured of 4,096)
 DEFAULT_MAX_DOC_TOKENS = 256  # a two-turn chat's second answer starts near token 130
 DEFAULT_GREEDY_PROMPTS = 8  # two per input format

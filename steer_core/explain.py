@@ -109,6 +109,25 @@ def mismatch_note(vector: SteeringVector) -> str:
     )
 
 
+def served_note(adapter: Any, model_id: str) -> str:
+    """What the served column shows: which adapter, how faithful its own report says it is, for which model."""
+    meta = adapter.meta
+    line = f"\n\n**Served adapter** `{adapter.source}`"
+    fid = meta.get("fidelity") or {}
+    if fid:
+        worst = fid.get("worst_format")
+        figures = fid.get("by_format", {}).get(worst, fid) if worst else fid
+        where = f" on {worst} text (its worst format)" if worst else ""
+        line += (
+            f" ({meta.get('mode', '?')} mode): top-1 agreement with the hook {figures['top1_agreement']:.1%}{where}. "
+            "One early disagreement changes the rest of a greedy answer, so the served text can part from the "
+            "hook's after a few words even at high agreement."
+        )
+    if adapter.base_model and model_id and adapter.base_model != model_id:
+        line += f" ⚠️ Made for `{adapter.base_model}`, previewed on `{model_id}`."
+    return line
+
+
 def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) -> str:
     """The export's verdict, in the words of the model card (report: a steer_core.verify.FidelityReport), judged on
     the worst input format: a user whose traffic is all in that format gets that fidelity."""
@@ -125,7 +144,34 @@ def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) 
         f"| KL(hook ‖ unsteered) | {report.kl_hook_base:.4g} nats/token |\n"
         f"| KL ratio (0 = identical to hook, 1 = no steering) | {report.kl_ratio:.3g} |\n"
         f"| greedy tokens before first divergence | {report.greedy_prefix_mean:.1f} / {report.greedy_tokens} |\n"
+        f"| steering effect kept (log-probability gain on the tokens the hook promotes) | {report.effect_kept:.0%} |\n"
         f"| time | {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())} |\n" + "".join(f"\n> {n}\n" for n in notes)
+    )
+
+
+def map_rows(result: Any) -> list[dict[str, Any]]:
+    """A servability map (steer_core.servability.ServabilityMap) as plot rows, in map order."""
+    unit = "" if result.unit == "abs" else "×"
+    return [
+        {
+            "cell": f"L{c.layer}" if result.varies == "layer" else f"{c.strength:g}{unit}",
+            "predicted top-1 (%)": round(100 * c.top1, 1),
+            "servable": "yes" if c.servable else "no",
+        }
+        for c in result.cells
+    ]
+
+
+def map_markdown(result: Any) -> str:
+    rows = "\n".join(
+        f"| {c.layer} | {c.strength:g} | {c.top1:.1%} | {c.kl_ratio:.3g} | {'✅' if c.servable else '—'} |"
+        for c in result.cells
+    )
+    return (
+        f"{result.recommendation()}\n\n| layer | strength | predicted top-1 | KL ratio | servable |\n"
+        f"|---|---|---|---|---|\n{rows}\n\n*Each cell: a portable adapter calibrated on {result.calibration_tokens} "
+        f"tokens, measured against the hook on {result.eval_tokens} held-out tokens of every format "
+        f"({result.seconds:.0f} s in all).*"
     )
 
 

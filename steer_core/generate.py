@@ -1,18 +1,21 @@
-"""Preview: unsteered and steered generations with the same seed, streamed token by token."""
+"""Preview: unsteered, hook-steered and served-adapter generations as rows of one batch, streamed together."""
 
 from __future__ import annotations
 
 import contextvars
+import queue
 import threading
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from steer_core.model import LoadedModel
+from steer_core.served import ServedAdapter
 from steer_core.steer import steering
 from steer_core.vector import SteeringVector
 
@@ -67,23 +70,64 @@ class _Cancelled(StoppingCriteria):
         return self.event.is_set()
 
 
-def stream(
+Side = SteeringVector | ServedAdapter | None  # unsteered, hook-steered, or an adapter as an endpoint serves it
+
+
+class _RowsStreamer(BaseStreamer):
+    """Hands each decode step's new tokens (one per batch row) to the consuming thread."""
+
+    def __init__(self, timeout: float) -> None:
+        self.steps: queue.Queue[list[int] | None] = queue.Queue()
+        self.timeout = timeout
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.steps.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.steps.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (step := self.steps.get(timeout=self.timeout)) is not None:
+            yield step
+
+
+def _stop_ids(lm: LoadedModel) -> set[int]:
+    eos = getattr(lm.model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) | {lm.tokenizer.eos_token_id}
+    return {i for i in ids if i is not None}
+
+
+def stream_sides(
     lm: LoadedModel,
     prompt: str,
+    sides: Sequence[Side],
     *,
-    vector: SteeringVector | None = None,
     config: GenerationConfig = GenerationConfig(),
     skip_bos: bool = False,
-) -> Iterator[str]:
-    """Yield the growing completion. Closing the iterator early stops the generation and removes the hooks."""
+) -> Iterator[tuple[str, ...]]:
+    """Yield every side's growing completion, all generated as rows of one batch, side by side.
+
+    Each side's steering acts on its own row only (gated hooks with a row mask), so the rows are exactly what each
+    would generate alone, at little more than one row's cost: decoding a small model is memory-bound. With
+    sampling, every row draws from the seeded generator in turn, so a seed reproduces the whole preview (the rows
+    do not share their draws). Closing the iterator early stops the generation and removes the hooks.
+    """
+    if not sides:
+        raise ValueError("nothing to generate: give at least one side (None for unsteered)")
     text = format_prompt(lm, prompt)
-    inputs = lm.tokenizer(text, return_tensors="pt", add_special_tokens=not lm.is_chat).to(lm.device)
-    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=not lm.is_chat).input_ids.to(lm.device)
+    ids = ids.repeat(len(sides), 1)  # the same prompt in every row: no padding, so each row is as it runs alone
+    streamer = _RowsStreamer(timeout=600)
     cancel = threading.Event()
     errors: list[BaseException] = []
     sampling = config.temperature > 0
     kwargs: dict[str, Any] = {
-        **inputs,
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
         "max_new_tokens": config.max_new_tokens,
         "do_sample": sampling,
         "streamer": streamer,
@@ -96,8 +140,8 @@ def stream(
     def run() -> None:
         try:
             with GLOBAL_RNG_TURN if sampling else nullcontext(), torch.no_grad():
-                # The same seed samples the same way for unsteered and steered. Greedy runs must not reseed: they
-                # hold no lock, and reseeding the global RNG would move a sampled run that is going on meanwhile.
+                # Greedy runs must not reseed: they hold no lock, and reseeding the global RNG would move a sampled
+                # run that is going on meanwhile.
                 if sampling:
                     torch.manual_seed(config.seed)
                 lm.model.generate(**kwargs)
@@ -105,20 +149,44 @@ def stream(
             errors.append(err)
             streamer.end()
 
-    with steering(lm.model, vector, skip_bos=skip_bos) if vector is not None else nullcontext():
+    with ExitStack() as stack:
+        for row, side in enumerate(sides):
+            if isinstance(side, ServedAdapter):
+                stack.enter_context(side.applied(lm.model, rows=[row]))
+            elif side is not None:
+                stack.enter_context(steering(lm.model, side, skip_bos=skip_bos, rows=[row]))
         # The worker thread runs in a copy of this context, so the gated hooks are active there and nowhere else.
         worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True)
         worker.start()
+        stops = _stop_ids(lm)
+        tokens: list[list[int]] = [[] for _ in sides]
+        done = [False] * len(sides)
         try:
-            out = ""
-            for piece in streamer:
-                out += piece
-                yield out
+            for step in streamer:
+                for row, token in enumerate(step):
+                    if not done[row]:
+                        done[row] = token in stops
+                        tokens[row].append(token)
+                yield tuple(lm.tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
         finally:
             cancel.set()
             worker.join()
     if errors:
         raise errors[0]
+
+
+def stream(
+    lm: LoadedModel,
+    prompt: str,
+    *,
+    vector: SteeringVector | None = None,
+    config: GenerationConfig = GenerationConfig(),
+    skip_bos: bool = False,
+) -> Iterator[str]:
+    """Yield the growing completion of one side. Closing the iterator early stops the generation and removes the
+    hooks."""
+    for (text,) in stream_sides(lm, prompt, [vector], config=config, skip_bos=skip_bos):
+        yield text
 
 
 def complete(lm: LoadedModel, prompt: str, **kwargs: Any) -> str:

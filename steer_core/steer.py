@@ -7,7 +7,7 @@ steering, and they exist only inside these context managers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,10 +20,12 @@ from steer_core.vector import SteeringVector
 
 
 class _BosMask:
-    """Which positions of the current forward pass hold the leading BOS token (prefill only)."""
+    """Which positions of the current forward pass are steered: not the leading BOS token (prefill only, when
+    skipped), and only the batch rows asked for (`rows`), so one generate call can hold steered and unsteered rows."""
 
-    def __init__(self, bos_token_id: int | None) -> None:
+    def __init__(self, bos_token_id: int | None, rows: Sequence[int] | None = None) -> None:
         self.bos_token_id = bos_token_id
+        self.rows = None if rows is None else sorted(set(rows))
         self.keep: Tensor | None = None
 
     def pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -43,9 +45,19 @@ class _BosMask:
         self.keep = keep
 
     def apply(self, hidden: Tensor, delta: Tensor) -> Tensor:
-        if self.keep is not None and self.keep.shape == hidden.shape[:2]:
-            return hidden + delta * self.keep.unsqueeze(-1).to(hidden.device, hidden.dtype)
-        return hidden + delta
+        weight = self.weight(hidden)
+        return hidden + delta if weight is None else hidden + delta * weight
+
+    def weight(self, hidden: Tensor) -> Tensor | None:
+        """[batch, seq, 1] with 1 where steered and 0 elsewhere, or None when every position is steered."""
+        keep = self.keep if self.keep is not None and self.keep.shape == hidden.shape[:2] else None
+        if self.rows is not None:
+            if self.rows and self.rows[-1] >= hidden.shape[0]:
+                raise ValueError(f"steered rows {self.rows} but the batch has {hidden.shape[0]} rows")
+            in_rows = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            in_rows[self.rows] = True
+            keep = in_rows if keep is None else keep.to(hidden.device) & in_rows
+        return None if keep is None else keep.unsqueeze(-1).to(hidden.device, hidden.dtype)
 
 
 def _add_at(hooks: HookSet, model: nn.Module, point: HookPoint, delta: Tensor, bos: _BosMask) -> None:
@@ -72,13 +84,16 @@ def _add_at(hooks: HookSet, model: nn.Module, point: HookPoint, delta: Tensor, b
 
 
 @contextmanager
-def steering(model: nn.Module, vector: SteeringVector, *, skip_bos: bool = False) -> Iterator[None]:
+def steering(
+    model: nn.Module, vector: SteeringVector, *, skip_bos: bool = False, rows: Sequence[int] | None = None
+) -> Iterator[None]:
     """Add `vector` at its sites on every position of every forward pass in this context, decode steps included.
 
     skip_bos leaves the leading BOS token alone (it is an attention sink with massive activations). Only forward
     passes of the top-level model (`model(...)`, `model.generate(...)`) are recognised for that.
+    rows steers only those rows of each batch (all when None): a batched preview's steered side.
     """
-    bos = _BosMask(getattr(model.config, "bos_token_id", None) if skip_bos else None)
+    bos = _BosMask(getattr(model.config, "bos_token_id", None) if skip_bos else None, rows)
     with gated_hooks() as hooks:
         if skip_bos:
             hooks.pre(model, bos.pre_hook)
@@ -113,23 +128,39 @@ def ablation(model: nn.Module, direction: Tensor, *, include_embedding: bool = F
 
 
 @contextmanager
-def lowrank_updates(model: nn.Module, params: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Add B(A·x) to each named writer's output, differentiably: the adapter, without PEFT.
+def lowrank_updates(
+    model: nn.Module,
+    params: dict[str, tuple[Tensor, Tensor]],
+    *,
+    scaling: dict[str, float] | None = None,
+    biases: dict[str, Tensor] | None = None,
+    rows: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Add scaling·B(A·x) to each named writer's output, differentiably: a LoRA adapter applied as a server applies
+    it (unmerged, beside the base weights), without PEFT.
 
-    A is (d_in,) or (rank, d_in), B is (d_out,) or (d_out, rank): PEFT's lora_A and lora_B at scaling 1.
+    A is (d_in,) or (rank, d_in), B is (d_out,) or (d_out, rank): PEFT's lora_A and lora_B; scaling is
+    lora_alpha / r (1 when not given); biases are lora_B's (PEFT's lora_bias). rows applies them to those batch rows
+    only (all when None).
     """
+    only = _BosMask(None, rows)
 
-    def make(a: Tensor, b: Tensor) -> Any:
+    def make(a: Tensor, b: Tensor, scale: float, bias: Tensor | None) -> Any:
         a2 = a if a.dim() == 2 else a.unsqueeze(0)
         b2 = b if b.dim() == 2 else b.unsqueeze(1)
 
         def hook(_m: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             x = args[0]
-            return output + (x @ a2.to(x.dtype).T) @ b2.to(output.dtype).T
+            # PEFT's order of operations (lora_B(lora_A(x)) * scaling), so a served row matches PEFT's output
+            delta = (x @ a2.to(x.dtype).T) @ b2.to(output.dtype).T
+            if bias is not None:
+                delta = delta + bias.to(output.dtype)
+            return only.apply(output, delta * scale if scale != 1 else delta)
 
         return hook
 
     with gated_hooks() as hooks:
         for name, (a, b) in params.items():
-            hooks.forward(model.get_submodule(name), make(a, b), prepend=True)
+            scale, bias = (scaling or {}).get(name, 1.0), (biases or {}).get(name)
+            hooks.forward(model.get_submodule(name), make(a, b, scale, bias), prepend=True)
         yield

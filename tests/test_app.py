@@ -93,7 +93,7 @@ def test_sae_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
         app.on_sae("tiny", "", str(wide))
     deep = build_sae(tmp_path / "deep", hook_name="blocks.7.hook_resid_post")
     with pytest.raises(gr.Error, match="layer 7"):
-        list(app.preview("tiny", "hi", 8, 0, 0, *sae_args(str(deep))))
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(str(deep))))
 
 
 def test_feature_card_search_and_prompt_features(sae_folder: str) -> None:
@@ -125,27 +125,28 @@ def test_features_combine_each_with_its_own_strength() -> None:
 
 
 def test_preview_streams_both_sides_with_the_strength_in_both_units(sae_folder: str) -> None:
-    outputs = list(app.preview("tiny", "hello", 8, 0, 0, *sae_args(sae_folder, "3:8, 5:-4")))
-    base, steered, info = outputs[-1]
+    outputs = list(app.preview("tiny", "hello", 8, 0, 0, "", *sae_args(sae_folder, "3:8, 5:-4")))
+    base, steered, served, info = outputs[-1]
     assert base and steered and base != steered
-    assert outputs[0][1] == ""  # the unsteered side streams first
+    assert len(outputs) > 2 and all(o[0] and o[1] for o in outputs), "both sides stream together, token by token"
+    assert served == ""  # no adapter given
     assert "× median residual norm" in info and "vector norm" in info
 
 
 def test_preview_contrastive_still_works() -> None:
-    base, steered, _ = list(app.preview("tiny", "hello", 8, 0, 0, *contrastive_args(3.0)))[-1]
+    base, steered, _, _ = list(app.preview("tiny", "hello", 8, 0, 0, "", *contrastive_args(3.0)))[-1]
     assert base and steered
 
 
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["tiny", " ", 8, 0, 0, *contrastive_args()], "prompt is empty"),
-        (["tiny", "hi", 8, 0, 0, *contrastive_args(float("nan"))], "finite"),
-        (["tiny", "hi", 8, 0, 0, *contrastive_args(1e9)], "too large"),
-        (["tiny", "hi", 8, 9, 0, *contrastive_args()], "temperature"),
-        (["", "hi", 8, 0, 0, *contrastive_args()], "Pick or type a model"),
-        (["tiny", "hi", 8, 0, 0, "SAE features", "", "", "1:2", 1, UNIT, "", "", 1, "resid_post", None], "no SAE"),
+        (["tiny", " ", 8, 0, 0, "", *contrastive_args()], "prompt is empty"),
+        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(float("nan"))], "finite"),
+        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(1e9)], "too large"),
+        (["tiny", "hi", 8, 9, 0, "", *contrastive_args()], "temperature"),
+        (["", "hi", 8, 0, 0, "", *contrastive_args()], "Pick or type a model"),
+        (["tiny", "hi", 8, 0, 0, "", "SAE features", "", "", "1:2", 1, UNIT, "", "", 1, "resid_post", None], "no SAE"),
     ],
 )
 def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
@@ -159,8 +160,8 @@ def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
 )
 def test_bad_feature_mixes_are_named(sae_folder: str, mix: str, match: str) -> None:
     with pytest.raises(gr.Error, match=match):
-        list(app.preview("tiny", "hi", 8, 0, 0, *sae_args(sae_folder, mix)))
-    base, _, _ = list(app.preview("tiny", "hi", 4, 0, 0, *sae_args(sae_folder)))[-1]  # and the app keeps working
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(sae_folder, mix)))
+    base, _, _, _ = list(app.preview("tiny", "hi", 4, 0, 0, "", *sae_args(sae_folder)))[-1]  # and the app keeps working
     assert base
 
 
@@ -178,6 +179,24 @@ def test_export_gives_report_plot_zip_card_and_repo_name(sae_folder: str) -> Non
     meta = json.loads(Path(folder, "steering.json").read_text())
     assert [f["index"] for f in meta["vector"]["provenance"]["features"]] == [3, 5]
     assert repo == "steer-tiny-llama-f3-5-exact"
+
+
+def test_the_preview_serves_the_exported_adapter_beside_the_hook(sae_folder: str) -> None:
+    *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, *sae_args(sae_folder), **NO_PROGRESS)
+    outputs = list(app.preview("tiny", "hello", 8, 0, 0, folder, *sae_args(sae_folder)))
+    base, steered, served, info = outputs[-1]
+    assert served == steered != base  # exact mode: what an endpoint serves is the hook's steering
+    assert all(o[2] for o in outputs[1:]), "the served side streams with the others"
+    assert "Served adapter" in info and "top-1 agreement with the hook" in info
+    with pytest.raises(gr.Error, match="Served adapter: .*not a PEFT LoRA adapter"):
+        list(app.preview("tiny", "hello", 8, 0, 0, str(Path(folder).parent), *sae_args(sae_folder)))
+
+
+def test_the_servability_map_shows_each_cell_and_a_recommendation(sae_folder: str) -> None:
+    text, frame = app.run_map("tiny", *sae_args(sae_folder, "3:8"), **NO_PROGRESS)
+    assert list(frame["cell"]) == ["2×", "4×", "8×", "16×", "32×"]  # the chosen strength's multiples
+    assert set(frame["servable"]) <= {"yes", "no"} and frame["predicted top-1 (%)"].between(0, 100).all()
+    assert "predicted top-1" in text and "| layer | strength |" in text
 
 
 def test_export_bad_calibration_size_is_a_message() -> None:

@@ -30,12 +30,12 @@ def shared_model() -> None:
 
 
 def _args(folder: str, mix: str, temperature: float = 0.0, seed: int = 0) -> list:
-    return ["shared", "hello there", 12, temperature, seed, "SAE features", "", folder, mix, 1.0, UNIT,
+    return ["shared", "hello there", 12, temperature, seed, "", "SAE features", "", folder, mix, 1.0, UNIT,
             "", "", 1, "resid_post", None]  # fmt: skip
 
 
 def _final(args: list) -> tuple[str, str]:
-    base, steered, _ = list(app.preview(*args))[-1]
+    base, steered, _, _ = list(app.preview(*args))[-1]
     return base, steered
 
 
@@ -66,8 +66,8 @@ def test_cancelled_preview_leaves_no_hook(sae_folder: str) -> None:
     model = app._models["shared"].model
     base_alone = _final(_args(sae_folder, "3:8"))[0]
     stream = app.preview(*_args(sae_folder, "3:8"))
-    for _base, steered, _ in stream:
-        if steered:  # the steered half has started: its hooks are on the model
+    for _base, steered, _, _ in stream:
+        if steered:  # the generation has started: the steered row's hooks are on the model
             assert _hooks(model) > 0
             break
     stream.close()  # what Gradio does when the user leaves or presses stop
@@ -82,7 +82,7 @@ def test_failed_generation_leaves_no_hook(sae_folder: str, monkeypatch: pytest.M
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the steered run fails halfway through the request
+        if calls["n"] == 1:  # the batched generation fails with the steering hooks on
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 

@@ -165,6 +165,13 @@ def test_generate_with_adapter_and_with_hooks(
     assert "--- unsteered ---" in with_adapter
     # exact mode: the adapter's greedy text equals the hook's
     assert with_adapter.split("---\n")[-1] == with_hooks.split("---\n")[-1]
+    vector_args = ["--vector", str(vector_file), "--layer", "1", "--prompt", "hi", "--max-new-tokens", "5"]
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(out), *vector_args]) == 0
+    sections = capsys.readouterr().out.split("--- ")[1:]
+    assert [s.split(" ")[0] for s in sections] == ["unsteered", "steered", "served"]
+    texts = [s.split("---\n", 1)[1] for s in sections]
+    assert texts[1] == texts[2] == with_hooks.split("---\n")[-1]  # one batch, the same three texts as alone
+    assert texts[0] == with_adapter.split("---\n")[1].split("--- with adapter")[0]
 
 
 @pytest.mark.parametrize(

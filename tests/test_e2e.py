@@ -28,6 +28,16 @@ def _check_formats(rep, floors: dict[str, float]) -> None:
         assert figures["top1_agreement"] >= floor, (fmt, figures)
 
 
+def _check_prediction(lm: LoadedModel, vector: SteeringVector, layer: int, measured: float) -> None:
+    """The servability map's cell for this vector (a miniature export) predicts the full export's top-1 within 5
+    points (scripts/map_check.py: 9 of 10 benchmark rows, errors -2.3 to +5.7 points, L6 4× -2.3, L15 4× -0.2)."""
+    from steer_core.servability import predict
+
+    cell = predict(lm, vector, layer, 4.0)
+    assert abs(cell.top1 - measured) <= 0.05, (layer, cell, measured)
+    assert cell.servable == (measured >= 0.95) or abs(measured - 0.95) < 0.02
+
+
 def _random_vector(lm: LoadedModel, point: HookPoint, k: float, unit: str) -> SteeringVector:
     g = torch.Generator().manual_seed(point.layer)
     v = torch.randn(lm.model.config.hidden_size, generator=g)
@@ -70,6 +80,7 @@ def test_smollm2_portable_at_4x(
     assert rep.kl_hook_base > 1.0, "a 4x vector changes the model a lot"
     _check_formats(rep, dict.fromkeys(("chat", "system", "multiturn", "plain"), format_floor))
     assert result.meta["fidelity"]["by_format"] == rep.by_format
+    _check_prediction(smollm2, vec, layer, rep.top1_agreement)
 
 
 def test_smollm2_early_layer_weighs_the_attention_sink(smollm2: LoadedModel, tmp_path: Path) -> None:
@@ -85,6 +96,7 @@ def test_smollm2_early_layer_weighs_the_attention_sink(smollm2: LoadedModel, tmp
     assert rep.top1_agreement >= 0.29  # measured 32.1%
     assert rep.kl_ratio <= 0.065  # measured 0.0506
     _check_formats(rep, {"plain": 0.22})  # measured 26.4% (7.5% with the chat-only calibration)
+    _check_prediction(smollm2, vec, 6, rep.top1_agreement)
 
 
 def test_smollm2_exact_is_exact(smollm2: LoadedModel, tmp_path: Path) -> None:

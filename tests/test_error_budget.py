@@ -10,8 +10,8 @@ import torch
 
 from helpers import tiny_lm
 from scripts.error_budget import budget, calibration_batches, least_squares_floor, writer_inputs
-from scripts.refine_curve import HeldOut
 from steer_core.calibrate import calibrate
+from steer_core.servability import HeldOut
 from steer_core.sites import HookPoint
 from steer_core.vector import SteeringVector
 

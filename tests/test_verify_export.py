@@ -152,6 +152,24 @@ def test_verify_detects_a_wrong_adapter(tmp_path: Path) -> None:
     assert rep.kl_ratio > 0.5
 
 
+def test_effect_kept_measures_how_much_of_the_steering_the_adapter_does(tmp_path: Path) -> None:
+    """1 for the exact adapter; less the less of the update an adapter applies; negative when it steers away. A log-
+    probability gain saturates (a token made near-certain by a tenth of the update is near-certain), so it grows
+    faster than linearly: a behaviour figure, where top-1 and KL are distribution figures."""
+    lm = tiny_lm("llama")
+    folder = export(lm, _vec(scale=0.3), tmp_path / "a", mode="exact", verify_tokens=512).folder
+    exact = verify(lm.model, lm.tokenizer, folder, tokens=512)
+    assert exact.effect_kept == pytest.approx(1.0, abs=1e-3)
+    assert len(exact.promoted_tokens) == 10 and "effect kept 100%" in exact.summary()
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILENAME))
+    kept = {}
+    for scale in (0.02, 0.1, -1.0):
+        scaled = {k: v * scale if "lora_B" in k else v for k, v in tensors.items()}
+        save_file(scaled, str(folder / ADAPTER_WEIGHTS_FILENAME))
+        kept[scale] = verify(lm.model, lm.tokenizer, folder, tokens=512).effect_kept
+    assert kept[-1.0] < 0 < kept[0.02] < 0.5 < kept[0.1] < 0.99, kept  # measured -0.51, 0.21, 0.75
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_forward_from_a_block_replays_the_full_pass(family: str) -> None:
     from steer_core.activations import forward_from, recording_block_calls
