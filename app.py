@@ -277,7 +277,13 @@ def preview(
 
 @gpu(duration=300)
 def run_export(
-    model_name: str, mode: str, tokens: float, refine_steps: float, *vector_args: Any, progress=gr.Progress()
+    model_name: str,
+    mode: str,
+    tokens: float,
+    refine_steps: float,
+    target: str,
+    *vector_args: Any,
+    progress=gr.Progress(),
 ) -> tuple[Any, ...]:
     from steer_core.export import export
 
@@ -295,6 +301,7 @@ def run_export(
                 calibration_tokens=int(tokens),
                 refine_steps=int(refine_steps),
                 progress=lambda f, m: progress(f, desc=m),
+                target=target or "peft",
             )
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -306,7 +313,7 @@ def run_export(
     plot = pd.DataFrame({"position": range(len(rep.kl_by_position)), "KL(hook‖adapter)": rep.kl_by_position})
     card = (result.folder / "README.md").read_text(encoding="utf-8")
     return (
-        explain.fidelity_markdown(rep, result.seconds, result.meta["notes"]),
+        explain.fidelity_markdown(rep, result.seconds, result.meta["notes"]) + explain.serve_line(result.meta),
         plot,
         gr.DownloadButton(
             f"Download adapter ({Path(archive).stat().st_size / 1024:.0f} KB zip)", value=archive, visible=True
@@ -541,6 +548,13 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
                 map_plot = gr.BarPlot(
                     x="cell", y="predicted top-1 (%)", color="servable", y_lim=[0, 100], height=220, label="Servability"
                 )
+        target = gr.Radio(
+            ["peft", "fireworks", "llama.cpp", "ollama"],
+            value="peft",
+            label="Where will you serve it?",
+            info="peft: PEFT, vLLM, SGLang, LoRAX, Together · fireworks: rank padded to 4 · llama.cpp: + GGUF LoRA and "
+            "control vector · ollama: + GGUF LoRA and Modelfile",
+        )
         export_btn = gr.Button("Calibrate → build → verify", variant="primary")
         with gr.Row():
             with gr.Column(scale=3):
@@ -591,7 +605,7 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
     )
     export_btn.click(
         run_export,
-        [model_name, mode, tokens, refine_steps, *vector_inputs],
+        [model_name, mode, tokens, refine_steps, target, *vector_inputs],
         [report, plot, download, card, folder, repo_id],
     ).then(lambda f: f, folder, served)
     map_btn.click(run_map, [model_name, *vector_inputs], [map_md, map_plot])

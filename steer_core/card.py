@@ -73,6 +73,15 @@ FORMAT_NAMES = {
 }
 
 
+def _target_lines(meta: dict[str, Any]) -> str:
+    """How to load what the export wrote for its target engine (steer_core.targets), when it is not plain PEFT."""
+    serve = meta.get("serve")
+    if not serve or meta.get("target", "peft") == "peft":
+        return ""
+    files = ", ".join(f"`{f}`" for f in meta.get("target_files", []))
+    return f"\nExported for **{meta['target']}**" + (f" ({files})" if files else "") + f": {serve}.\n"
+
+
 def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     base = meta["base_model"]
     mode = meta["mode"]
@@ -158,7 +167,7 @@ Serve it with vLLM (any adapter rank up to `--max-lora-rank`; several adapters c
 ```
 vllm serve {base} --enable-lora --max-lora-rank 8 --lora-modules steer={name}
 ```
-{vllm_bias}
+{vllm_bias}{_target_lines(meta)}
 `steering.json` holds the provenance and the full fidelity report; `steering_vector.safetensors` holds the hook
 vector, so `python -m steer_core verify --model {base} --adapter DIR` can re-measure it.
 """

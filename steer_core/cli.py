@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e)
     e.add_argument("--out", required=True, help="the adapter folder to create")
     e.add_argument("--mode", choices=MODES, default="portable")
+    e.add_argument(
+        "--target",
+        choices=["peft", "fireworks", "llama.cpp", "ollama"],
+        default="peft",
+        help="where it will be served: peft (vLLM, SGLang, LoRAX, Together), fireworks (rank padded to 4), llama.cpp "
+        "(+ adapter.gguf, control_vector.gguf), ollama (+ adapter.gguf, Modelfile)",
+    )
     _steering_args(e)
     e.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
     e.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS)
@@ -253,13 +260,15 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         refine_steps=default_steps(lm.model) if args.refine_steps is None else args.refine_steps,
         overwrite=args.overwrite,
         progress=lambda f, m: log.info("%3.0f%% %s", 100 * f, m),
+        target=args.target,
     )
     if args.json:
         print(json.dumps(result.report.to_dict()))
     else:
-        print(f"wrote {result.folder}")
+        print(f"wrote {result.folder}" + "".join(f", {f}" for f in result.meta["target_files"]))
         print(result.report.summary())
         print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+        print(f"serve it ({args.target}): {result.meta['serve']}")
     if args.push:
         from steer_core.publish import push
 

@@ -149,6 +149,12 @@ def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) 
     )
 
 
+def serve_line(meta: dict[str, Any]) -> str:
+    """Where the export will be served and how to load it (steer_core.targets)."""
+    files = "".join(f" + `{f}`" for f in meta.get("target_files", []))
+    return f"\n\n**Serve it ({meta.get('target', 'peft')})**: the adapter folder{files}. {meta.get('serve', '')}"
+
+
 def map_rows(result: Any) -> list[dict[str, Any]]:
     """A servability map (steer_core.servability.ServabilityMap) as plot rows, in map order."""
     unit = "" if result.unit == "abs" else "×"

@@ -21,9 +21,19 @@ from steer_core.constants import (
     MODES,
     STEERING_JSON_FILENAME,
 )
+from steer_core.controlvector import save_control_vector
 from steer_core.model import LoadedModel
 from steer_core.refine import refine
 from steer_core.sites import architecture_for, num_layers
+from steer_core.targets import (
+    CONTROL_VECTOR_FILENAME,
+    GGUF_LORA_FILENAME,
+    Target,
+    check_target,
+    pad_rank,
+    write_gguf_lora,
+    write_modelfile,
+)
 from steer_core.vector import SteeringVector, check_fits_model
 from steer_core.verify import FidelityReport, verify
 
@@ -55,8 +65,12 @@ def export(
     overwrite: bool = False,
     progress: Progress | None = None,
     calibration: Calibration | None = None,
+    target: str = "peft",
 ) -> ExportResult:
     """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails.
+
+    `target` adds what that engine loads (steer_core.targets): fireworks pads the rank to 4, llama.cpp writes a GGUF
+    LoRA and the control vector, ollama a GGUF LoRA and a Modelfile. The PEFT folder is always there and verified.
 
     `calibration` (portable mode) exports a calibration made earlier for this vector instead of making one (refined
     further if `refine_steps` asks).
@@ -72,6 +86,7 @@ def export(
     out = Path(out)
     _check_out(out, overwrite)
     arch = architecture_for(model)
+    engine = check_target(target, mode, model)
     for point in vector.points:
         point.writer()  # resid_pre 0 has no writer: fail before any work
     report = progress or (lambda _f, _m: None)
@@ -113,11 +128,16 @@ def export(
             raise ValueError(f"mode 'ablate' removes one direction; this vector has {len(vector.points)} sites")
         built = build_ablate(model, next(iter(vector.directions.values())), lm.base_model_id)
 
+    if engine.min_rank > 1:
+        built = pad_rank(built, engine.min_rank)
+
     report(0.72, "writing adapter")
     meta: dict[str, Any] = {
         "steer_core_version": __version__,
         "mode": mode,
-        "rank": 1,
+        "rank": built.config.r,
+        "target": target,
+        "serve": engine.how,
         "base_model": lm.base_model_id,
         "model": lm.name,
         "architecture": arch.family,
@@ -169,6 +189,8 @@ def export(
         seconds["verify"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - start
         meta["fidelity"] = fidelity.to_dict()
+        meta["target_files"], target_notes = _write_target_files(engine, lm, vector, tmp, skip_bos)
+        meta["notes"] += target_notes
         meta["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
         write_json(tmp / STEERING_JSON_FILENAME, meta)
         (tmp / MODEL_CARD_FILENAME).write_text(model_card(meta), encoding="utf-8")
@@ -181,6 +203,26 @@ def export(
         raise
     report(1.0, "done")
     return ExportResult(out, fidelity, meta, seconds)
+
+
+def _write_target_files(
+    engine: Target, lm: LoadedModel, vector: SteeringVector, folder: Path, skip_bos: bool
+) -> tuple[list[str], list[str]]:
+    """What the target engine loads besides the PEFT folder: (file names, notes)."""
+    if not engine.gguf:
+        return [], []
+    files = [write_gguf_lora(folder, lm.model, folder / GGUF_LORA_FILENAME).name]
+    notes = []
+    if engine.name == "ollama":
+        files.append(write_modelfile(folder, lm.base_model_id).name)
+    else:
+        try:
+            if skip_bos:
+                raise ValueError("llama.cpp adds a control vector at every position; --skip-bos cannot be written")
+            files.append(save_control_vector(vector, folder / CONTROL_VECTOR_FILENAME).name)
+        except ValueError as err:
+            notes.append(f"no llama.cpp control vector: {err}")
+    return files, notes
 
 
 def _sae_notes(vector: SteeringVector, model_id: str) -> list[str]:

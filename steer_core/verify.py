@@ -200,8 +200,9 @@ def _fit_error(
     if not fits:
         yield state
         return
-    a = {f["module"]: saved[f"base_model.model.{f['module']}.lora_A.weight"].reshape(-1) for f in fits}
-    b_norm = {f["module"]: float(saved[f"base_model.model.{f['module']}.lora_B.weight"].norm()) for f in fits}
+    # The rank-1 update is the first rank (a rank-padded adapter's others are zero).
+    a = {f["module"]: saved[f"base_model.model.{f['module']}.lora_A.weight"][0] for f in fits}
+    b_norm = {f["module"]: float(saved[f"base_model.model.{f['module']}.lora_B.weight"][:, 0].norm()) for f in fits}
     v_norm = {f["module"]: f["b_unscaled_norm"] for f in fits}
     layer_kind = {f["module"]: (f["writer_layer"], f["writer_kind"]) for f in fits}
 

@@ -128,3 +128,16 @@ def build_sae(
         sae.W_dec.copy_(torch.randn(d_sae, d_in))
     sae.save_model(path)
     return path
+
+
+def run_llama_cpp_script(src: Path, script: str, *args: str) -> None:
+    """One of llama.cpp's Python converters from its source tree, with the gguf-py it ships (not ours)."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, str(src / script), *args],
+        check=True,
+        capture_output=True,
+        env={"PYTHONPATH": str(src / "gguf-py"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )

@@ -170,7 +170,7 @@ def test_bad_feature_mixes_are_named(sae_folder: str, mix: str, match: str) -> N
 
 def test_export_gives_report_plot_zip_card_and_repo_name(sae_folder: str) -> None:
     summary, plot, download, card, folder, repo = app.run_export(
-        "tiny", "exact", 1024, 0, *sae_args(sae_folder, "3:8, 5:-4"), **NO_PROGRESS
+        "tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder, "3:8, 5:-4"), **NO_PROGRESS
     )
     assert "Verified on" in summary and "| top-1 next-token agreement | **100.0%** |" in summary
     assert len(plot) > 0 and "library_name: peft" in card
@@ -182,7 +182,7 @@ def test_export_gives_report_plot_zip_card_and_repo_name(sae_folder: str) -> Non
 
 
 def test_the_preview_serves_the_exported_adapter_beside_the_hook(sae_folder: str) -> None:
-    *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, *sae_args(sae_folder), **NO_PROGRESS)
+    *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder), **NO_PROGRESS)
     outputs = list(app.preview("tiny", "hello", 8, 0, 0, folder, *sae_args(sae_folder)))
     base, steered, served, info = outputs[-1]
     assert served == steered != base  # exact mode: what an endpoint serves is the hook's steering
@@ -199,9 +199,20 @@ def test_the_servability_map_shows_each_cell_and_a_recommendation(sae_folder: st
     assert "predicted top-1" in text and "| layer | strength |" in text
 
 
+def test_export_for_llama_cpp_zips_the_gguf_files_and_says_how_to_serve(sae_folder: str) -> None:
+    summary, _, download, card, _, _ = app.run_export(
+        "tiny", "portable", 1024, 0, "llama.cpp", *sae_args(sae_folder), **NO_PROGRESS
+    )
+    names = set(zipfile.ZipFile(download.value["path"]).namelist())
+    assert {"adapter.gguf", "control_vector.gguf", "adapter_model.safetensors"} <= names
+    assert "**Serve it (llama.cpp)**" in summary and "--lora" in summary and "Exported for **llama.cpp**" in card
+    with pytest.raises(gr.Error, match="cannot load"):
+        app.run_export("tiny", "exact", 1024, 0, "ollama", *sae_args(sae_folder), **NO_PROGRESS)
+
+
 def test_export_bad_calibration_size_is_a_message() -> None:
     with pytest.raises(gr.Error, match="calibration tokens"):
-        app.run_export("tiny", "portable", 10, 0, *contrastive_args(), **NO_PROGRESS)
+        app.run_export("tiny", "portable", 10, 0, "peft", *contrastive_args(), **NO_PROGRESS)
 
 
 def test_control_vector_download() -> None:
@@ -241,7 +252,7 @@ def test_push_one_commit_under_the_users_namespace(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     FakeHub.calls = []
-    *_, folder, repo = app.run_export("tiny", "exact", 1024, 0, *sae_args(sae_folder), **NO_PROGRESS)
+    *_, folder, repo = app.run_export("tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder), **NO_PROGRESS)
     text = app.run_push(folder, repo, True, "hf_secret_token")
     assert text == f"✅ Pushed: [https://huggingface.co/alice/{repo}](https://huggingface.co/alice/{repo})"
     assert [c[0] for c in FakeHub.calls] == ["create_repo", "upload_folder"]
@@ -269,7 +280,7 @@ def test_push_error_never_echoes_the_token(monkeypatch: pytest.MonkeyPatch, sae_
             raise RuntimeError(f"401 for token {self.token}")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Leaky)
-    *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, *sae_args(sae_folder), **NO_PROGRESS)
+    *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder), **NO_PROGRESS)
     with pytest.raises(gr.Error) as err:
         app.run_push(folder, "me/x", False, "hf_secret_token")
     assert "hf_secret_token" not in str(err.value) and "***" in str(err.value)

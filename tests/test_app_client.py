@@ -32,7 +32,7 @@ def test_preview_and_export_through_the_public_api(client: tuple[Client, str]) -
     c, sae = client
     base, steered, _, info = c.predict("tiny", "hello", 8, 0, 0, "", *_vector(sae, "3:8"), api_name="/preview")
     assert base and steered and base != steered and "vector norm" in info
-    job = c.submit("tiny", "exact", 1024, 0, *_vector(sae, "3:8, 5:-2"), api_name="/run_export")
+    job = c.submit("tiny", "exact", 1024, 0, "peft", *_vector(sae, "3:8, 5:-2"), api_name="/run_export")
     summary, _plot, download, card, repo = job.result(timeout=300)  # the adapter folder is per-session state
     assert "Verified on" in summary and "library_name: peft" in card and repo.endswith("-f3-5-exact")
     assert {"adapter_config.json", "adapter_model.safetensors", "steering.json"} <= set(

