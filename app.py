@@ -264,7 +264,7 @@ def preview(
         with user_errors("Served adapter"):
             adapter = read_adapter(served.strip(), token=os.environ.get("HF_TOKEN"))
         sides.append(adapter)
-        info += explain.served_note(adapter, lm.base_model_id)
+        info += explain.served_note(adapter, lm.base_model_id, vector)
     try:
         for texts in stream_sides(lm, prompt, sides, config=config):
             yield texts[0], texts[1], texts[2] if len(texts) > 2 else "", info

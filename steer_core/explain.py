@@ -109,8 +109,9 @@ def mismatch_note(vector: SteeringVector) -> str:
     )
 
 
-def served_note(adapter: Any, model_id: str) -> str:
-    """What the served column shows: which adapter, how faithful its own report says it is, for which model."""
+def served_note(adapter: Any, model_id: str, vector: SteeringVector | None = None) -> str:
+    """What the served column shows: which adapter, how faithful its own report says it is, for which model, and
+    whether it was exported from the vector now selected (a user may have changed the selection since)."""
     meta = adapter.meta
     line = f"\n\n**Served adapter** `{adapter.source}`"
     fid = meta.get("fidelity") or {}
@@ -125,6 +126,9 @@ def served_note(adapter: Any, model_id: str) -> str:
         )
     if adapter.base_model and model_id and adapter.base_model != model_id:
         line += f" ⚠️ Made for `{adapter.base_model}`, previewed on `{model_id}`."
+    saved = adapter.vector
+    if vector is not None and saved is not None and not vector.same_as(saved):
+        line += " ⚠️ It was exported from another vector than the one selected now: export again to compare."
     return line
 
 

@@ -22,7 +22,9 @@ from peft import LoraConfig
 from peft.utils import load_peft_weights
 from torch import Tensor, nn
 
+from steer_core.constants import STEERING_JSON_FILENAME, STEERING_VECTOR_FILENAME
 from steer_core.steer import lowrank_updates
+from steer_core.vector import SteeringVector
 
 # LoRA variants whose forward pass is not scaling·B(A·x) on a plain module; a served preview refuses them.
 _UNSUPPORTED = {
@@ -42,6 +44,7 @@ class ServedAdapter:
     biases: dict[str, Tensor] = field(default_factory=dict)  # lora_B's bias (PEFT's lora_bias: exact mode)
     base_model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # steering.json, when the adapter is one of ours
+    vector: SteeringVector | None = None  # the hook vector it stands for, when the adapter is one of ours
 
     def __post_init__(self) -> None:
         if not self.params:
@@ -102,8 +105,11 @@ def read_adapter(source: str | Path, *, token: str | None = None) -> ServedAdapt
             biases[name] = bias.float()
         scaling[name] = _scaling(config, name, a.shape[0])
     folder = Path(where)
-    meta = json.loads((folder / "steering.json").read_text()) if (folder / "steering.json").is_file() else {}
-    return ServedAdapter(where, params, scaling, biases, str(config.base_model_name_or_path or ""), meta)
+    meta_file = folder / STEERING_JSON_FILENAME
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    vector_file = folder / STEERING_VECTOR_FILENAME
+    vector = SteeringVector.load(vector_file) if vector_file.is_file() else None
+    return ServedAdapter(where, params, scaling, biases, str(config.base_model_name_or_path or ""), meta, vector)
 
 
 def _scaling(config: LoraConfig, name: str, rank: int) -> float:

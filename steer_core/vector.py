@@ -74,6 +74,13 @@ class SteeringVector:
         parts = [self.provenance, other.provenance]
         return SteeringVector(merged, {"combined": parts})
 
+    def same_as(self, other: SteeringVector, rtol: float = 1e-4) -> bool:
+        """The same sites and directions (to float32 rounding: a saved vector is float32)."""
+        return set(self.directions) == set(other.directions) and all(
+            torch.allclose(v.float().cpu(), other.directions[p].float().cpu(), rtol=rtol, atol=rtol * float(v.norm()))
+            for p, v in self.directions.items()
+        )
+
     def save(self, path: str | Path) -> None:
         tensors = {_point_key(p): v.detach().float().cpu().contiguous() for p, v in self.directions.items()}
         save_file(tensors, str(path), metadata={"provenance": json.dumps(self.provenance)})

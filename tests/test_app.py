@@ -187,7 +187,9 @@ def test_the_preview_serves_the_exported_adapter_beside_the_hook(sae_folder: str
     base, steered, served, info = outputs[-1]
     assert served == steered != base  # exact mode: what an endpoint serves is the hook's steering
     assert all(o[2] for o in outputs[1:]), "the served side streams with the others"
-    assert "Served adapter" in info and "top-1 agreement with the hook" in info
+    assert "Served adapter" in info and "top-1 agreement with the hook" in info and "another vector" not in info
+    *_, other = list(app.preview("tiny", "hello", 8, 0, 0, folder, *sae_args(sae_folder, "5:8")))[-1]
+    assert "exported from another vector than the one selected now" in other
     with pytest.raises(gr.Error, match="Served adapter: .*not a PEFT LoRA adapter"):
         list(app.preview("tiny", "hello", 8, 0, 0, str(Path(folder).parent), *sae_args(sae_folder)))
 
