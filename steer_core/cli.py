@@ -278,12 +278,13 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from steer_core.verify import read_steering_json, verify
+    from steer_core.verify import read_adapter_files, read_steering_json, verify
 
     folder = Path(args.adapter)
     read_steering_json(folder)  # fail before loading the model
+    read_adapter_files(folder)
     lm = _load(args)
-    report = verify(lm.model, lm.tokenizer, folder, tokens=args.tokens)
+    report = verify(lm.model, lm.tokenizer, folder, tokens=args.tokens, base_model=lm.base_model_id)
     print(json.dumps(report.to_dict()) if args.json else report.summary())
     return 0
 
@@ -316,12 +317,14 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 print(f"--- {name} ---")
                 print(text)
         return 0
+    from steer_core.verify import load_peft
+
+    # loaded (and so checked) before anything is printed: a damaged folder gets one message and no half output
+    peft = load_peft(lm.model, Path(args.adapter), base_model=lm.base_model_id)
+    adapted = LoadedModel(peft, lm.tokenizer, lm.name, lm.base_model_id)  # type: ignore[arg-type]
     if not args.no_baseline:
         print("--- unsteered ---")
         print(complete(lm, args.prompt, config=config))
-    from steer_core.verify import load_peft
-
-    adapted = LoadedModel(load_peft(lm.model, Path(args.adapter)), lm.tokenizer, lm.name, lm.base_model_id)  # type: ignore[arg-type]
     print(f"--- with adapter {args.adapter} (loaded with PEFT) ---")
     print(complete(adapted, args.prompt, config=config))
     return 0

@@ -185,7 +185,7 @@ def export(
         write_json(tmp / STEERING_JSON_FILENAME, meta)
         report(0.75, "verifying against hook steering on held-out text")
         t = time.perf_counter()
-        fidelity = verify(model, lm.tokenizer, tmp, tokens=verify_tokens)
+        fidelity = verify(model, lm.tokenizer, tmp, tokens=verify_tokens, base_model=lm.base_model_id)
         seconds["verify"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - start
         meta["fidelity"] = fidelity.to_dict()

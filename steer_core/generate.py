@@ -73,6 +73,19 @@ class _Cancelled(StoppingCriteria):
 Side = SteeringVector | ServedAdapter | None  # unsteered, hook-steered, or an adapter as an endpoint serves it
 
 
+def check_length(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation that would run past the model's context, naming the limit (past it a model degrades
+    silently: transformers only warns)."""
+    limit = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+    total = prompt_tokens + max_new_tokens
+    if limit and total > limit:
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: {total} in all, "
+            f"past this model's context of {limit} tokens; shorten the prompt or ask for at most "
+            f"{max(limit - prompt_tokens, 0)} new tokens"
+        )
+
+
 class _RowsStreamer(BaseStreamer):
     """Hands each decode step's new tokens (one per batch row) to the consuming thread."""
 
@@ -120,6 +133,7 @@ def stream_sides(
         raise ValueError("nothing to generate: give at least one side (None for unsteered)")
     text = format_prompt(lm, prompt)
     ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=not lm.is_chat).input_ids.to(lm.device)
+    check_length(lm, ids.shape[1], config.max_new_tokens)
     ids = ids.repeat(len(sides), 1)  # the same prompt in every row: no padding, so each row is as it runs alone
     streamer = _RowsStreamer(timeout=600)
     cancel = threading.Event()

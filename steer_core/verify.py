@@ -23,6 +23,7 @@ from steer_core.activations import forward_from, recording, recording_block_call
 from steer_core.adapter import check_tensors
 from steer_core.calibrate import steered_positions, writer_target
 from steer_core.constants import (
+    ADAPTER_CONFIG_FILENAME,
     ADAPTER_WEIGHTS_FILENAME,
     DEFAULT_GREEDY_PROMPTS,
     DEFAULT_GREEDY_TOKENS,
@@ -167,14 +168,53 @@ def reference(model: nn.Module, vector: SteeringVector, meta: dict[str, Any]) ->
     return steering(model, vector, skip_bos=bool(meta.get("skip_bos", False)))
 
 
-def load_peft(model: nn.Module, folder: Path) -> nn.Module:
+def read_adapter_files(folder: Path, base_model: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(adapter_config.json, the weights) of an adapter folder, or an error that names the damaged file and why:
+    missing, unreadable, truncated, non-finite, a rank its config does not declare, or (given `base_model`) made
+    for another base model."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG_FILENAME, folder / ADAPTER_WEIGHTS_FILENAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: not a complete adapter folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err})") from err
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+        raise ValueError(f"{weights_path} is damaged or truncated ({err}); export the adapter again") from err
+    try:
+        check_tensors(tensors)
+    except ValueError as err:
+        raise ValueError(f"{weights_path}: {err}") from err
+    rank, patterns = config.get("r"), config.get("rank_pattern") or {}
+    for key, t in tensors.items():
+        if key.endswith("lora_A.weight") and not patterns and t.shape[0] != rank:
+            raise ValueError(f"{weights_path}: {key} has rank {t.shape[0]}, but {config_path.name} says r={rank}")
+    named = config.get("base_model_name_or_path")
+    if base_model and named and named != base_model:
+        raise ValueError(
+            f"{config_path} names base model {named!r}, but the model loaded is {base_model!r}: load the adapter "
+            "on the model it was made for (--model)"
+        )
+    return config, tensors
+
+
+def load_peft(model: nn.Module, folder: Path, base_model: str | None = None) -> nn.Module:
     """A PeftModel on a private copy of `model`, so requests using the base model never see the adapter."""
+    _config, saved = read_adapter_files(folder, base_model)
     base = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(base, str(folder))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(base, str(folder))
+    except RuntimeError as err:  # PEFT's size mismatch: the weights do not fit this model's modules
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ValueError(f"{Path(folder) / ADAPTER_WEIGHTS_FILENAME} does not fit this model: {first}") from err
     peft_model.eval()
-    _check_loaded(peft_model, load_file(str(folder / ADAPTER_WEIGHTS_FILENAME)))
+    _check_loaded(peft_model, saved)
     return peft_model
 
 
@@ -238,12 +278,14 @@ def verify(
     greedy_prompts: int = DEFAULT_GREEDY_PROMPTS,
     greedy_tokens: int = DEFAULT_GREEDY_TOKENS,
     peft_model: nn.Module | None = None,
+    base_model: str | None = None,
 ) -> FidelityReport:
-    """Compare the adapter (reloaded with PeftModel.from_pretrained) with hook steering on held-out text."""
+    """Compare the adapter (reloaded with PeftModel.from_pretrained) with hook steering on held-out text.
+    `base_model`: the loaded model's id, checked against the one the adapter's config names."""
     folder = Path(folder)
     meta = read_steering_json(folder)
     vector = SteeringVector.load(folder / STEERING_VECTOR_FILENAME)
-    saved = load_file(str(folder / ADAPTER_WEIGHTS_FILENAME))
+    _config, saved = read_adapter_files(folder, base_model)
     adapted = peft_model if peft_model is not None else load_peft(model, folder)
     device = next(model.parameters()).device
 
