@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "map":
             return _cmd_map(args, parser)
         return _cmd_generate(args, parser)
-    except (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError) as err:
+    except (ValueError, LookupError, ImportError, OSError) as err:  # OSError: missing files, a full disk, ...
         print(f"error: {err}", file=sys.stderr)
         return 1
 

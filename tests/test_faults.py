@@ -116,3 +116,50 @@ def test_the_app_names_the_limit_too() -> None:
         list(app.preview("tiny", "hello " * 600, 8, 0, 0, "", *contrastive))
     with pytest.raises(gr.Error, match="max_new_tokens must be in 1..4096"):
         list(app.preview("tiny", "hello", 5000, 0, 0, "", *contrastive))
+
+
+def test_a_full_disk_leaves_nothing_under_out(folders: tuple[Path, Path], tmp_path: Path, monkeypatch, capsys) -> None:
+    """The weights' write fails half way (ENOSPC): one message, no folder at --out, no temp folder beside it."""
+    import errno
+
+    from safetensors.torch import save_file as real_save
+
+    def full_disk(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # what a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr("steer_core.adapter.save_file", full_disk)
+    base, _ = folders
+    vector = tmp_path / "v.safetensors"
+    real_save({"v": torch.randn(D_MODEL)}, str(vector))
+    out = tmp_path / "out" / "adapter"
+    argv = ["export", "--model", str(base), "--out", str(out), "--vector", str(vector), "--layer", "1",
+            "--calibration-tokens", "512", "--verify-tokens", "256"]  # fmt: skip
+    assert main(argv) == 1
+    assert "error: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    monkeypatch.undo()
+    assert main(argv) == 0 and (out / WEIGHTS).is_file()  # and the next export works
+
+
+def test_an_export_stopped_midway_leaves_no_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping an export (the progress callback raises, as a cancelled job does) removes its temp folder."""
+    import asyncio
+    import tempfile
+
+    app.workspace.forget_model("tiny")
+    app._models["tiny"] = tiny_lm("llama")
+    contrastive = ["Contrastive prompts", "", "", "", 1.0, "× residual norm", "I love it\nso good",
+                   "I hate it\nso bad", 1, "resid_post", None]  # fmt: skip
+    before = set(Path(tempfile.gettempdir()).glob("steer-export-*"))
+
+    def cancel(fraction: float, desc: str = "") -> None:
+        if "verifying" in desc:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        app.run_export("tiny", "portable", 1024, 0, "peft", *contrastive, progress=cancel)
+    assert set(Path(tempfile.gettempdir()).glob("steer-export-*")) == before
+    *_, folder, _ = app.run_export("tiny", "portable", 1024, 0, "peft", *contrastive, progress=lambda *a, **k: None)
+    assert Path(folder, WEIGHTS).is_file()
