@@ -44,6 +44,7 @@ SOURCES = ["SAE features", "Contrastive prompts", "Vector file"]
 EXAMPLE_POSITIVE = "I love this, it is wonderful and makes me so happy!\nWhat a beautiful, joyful day."
 EXAMPLE_NEGATIVE = "I hate this, it is awful and makes me so sad.\nWhat a miserable, gloomy day."
 EXAMPLE_PROMPT = "Tell me about your weekend."
+QUEUE_MAX = 64
 USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
 
@@ -607,8 +608,12 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
         run_export,
         [model_name, mode, tokens, refine_steps, target, *vector_inputs],
         [report, plot, download, card, folder, repo_id],
+        concurrency_limit=1,
+        concurrency_id="heavy",
     ).then(lambda f: f, folder, served)
-    map_btn.click(run_map, [model_name, *vector_inputs], [map_md, map_plot])
+    map_btn.click(
+        run_map, [model_name, *vector_inputs], [map_md, map_plot], concurrency_limit=1, concurrency_id="heavy"
+    )
     cv_btn.click(run_control_vector, [model_name, *vector_inputs], cv_file)
     compare_btn.click(run_compare, [model_name, sae_folder, *vector_inputs], compared)
     push_btn.click(run_push, [folder, repo_id, private, token], pushed)
@@ -619,7 +624,10 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="green", font=["ui-sa
 def main() -> None:
     keep_freed_memory()  # process-wide, so here and not on import (tests import this module)
     get_model(DEFAULT_MODEL)  # load (and on first run, dequantize and cache) before the first visitor arrives
-    demo.queue(default_concurrency_limit=4).launch(
+    # Previews, searches and the like share 4 workers; exports and maps (a minute of CPU each) have their own single
+    # lane ("heavy"), so an export never takes a preview's place. Past QUEUE_MAX waiting requests a new one gets
+    # Gradio's "queue is full" message at once instead of a hang.
+    demo.queue(default_concurrency_limit=4, max_size=QUEUE_MAX).launch(
         server_name=os.environ.get("HOST", "127.0.0.1"), theme=THEME, css=CSS
     )
 
