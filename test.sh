@@ -3,11 +3,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 bash scripts/setup.sh
-# llama.cpp from upstream source, for the e2e tests that serve our files in llama-server (~30 min once per machine;
-# cached under ~/.cache/steer_core/llama.cpp). A run without the e2e tests needs only its source, fetched on demand.
+# The real engines for the e2e tests, made once per machine under ~/.cache/steer_core: llama.cpp built from upstream
+# source (~10-30 min), vLLM in its own environment (~5 min, ~9 GB). A run without the e2e tests needs neither (only
+# llama.cpp's source, fetched on demand).
 case "$*" in
   *"not e2e"*) ;;
-  *) bash scripts/llama_cpp.sh >/dev/null ;;
+  *) bash scripts/llama_cpp.sh >/dev/null && bash scripts/vllm_venv.sh >/dev/null ;;
 esac
 .venv/bin/python -m ruff check steer_core app.py tests scripts
 exec .venv/bin/python -m pytest "$@"
