@@ -235,8 +235,9 @@ def test_compare_with_sae_features(sae_folder: str) -> None:
 class FakeHub:
     calls: list[tuple[str, dict]] = []
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
         self.token = token
+        self.endpoint = endpoint or "https://huggingface.co"
 
     def whoami(self) -> dict:
         return {"name": "alice"}
