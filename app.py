@@ -19,7 +19,7 @@ import gradio as gr
 
 from steer_core import catalog, explain, search
 from steer_core.card import MODE_WHERE
-from steer_core.constants import DEFAULT_MODEL
+from steer_core.constants import DEFAULT_MODEL, TARGET_NAMES
 from steer_core.feature import embedded_sae_for
 from steer_core.generate import GenerationConfig, stream_sides
 from steer_core.labels import active_features
@@ -550,7 +550,7 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
                     x="cell", y="predicted top-1 (%)", color="servable", y_lim=[0, 100], height=220, label="Servability"
                 )
         target = gr.Radio(
-            ["peft", "fireworks", "llama.cpp", "ollama"],
+            list(TARGET_NAMES),
             value="peft",
             label="Where will you serve it?",
             info="peft: PEFT, vLLM, SGLang, LoRAX, Together · fireworks: rank padded to 4 · llama.cpp: + GGUF LoRA and "

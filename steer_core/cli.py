@@ -20,6 +20,7 @@ from steer_core.constants import (
     MODES,
     SITES,
     STRENGTH_UNITS,
+    TARGET_NAMES,
 )
 from steer_core.recipe import VectorRecipe, strength_note
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=MODES, default="portable")
     e.add_argument(
         "--target",
-        choices=["peft", "fireworks", "llama.cpp", "ollama"],
+        choices=TARGET_NAMES,
         default="peft",
         help="where it will be served: peft (vLLM, SGLang, LoRAX, Together), fireworks (rank padded to 4), llama.cpp "
         "(+ adapter.gguf, control_vector.gguf), ollama (+ adapter.gguf, Modelfile)",

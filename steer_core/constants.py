@@ -17,6 +17,7 @@ LABELS_FILENAME = "labels.json.gz"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CALIBRATION_TOKENS = 16_384
+TARGET_NAMES = ("peft", "fireworks", "llama.cpp", "ollama")  # where an export is served (steer_core.targets)
 # The servability map (steer_core.servability): a miniature export per cell, and the top-1 that counts as servable.
 MAP_CALIBRATION_TOKENS = 8_192
 MAP_EVAL_TOKENS = 1_024

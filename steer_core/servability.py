@@ -194,12 +194,11 @@ def servability_map(
         if progress:
             progress(i / len(recipes), f"layer {layer}, strength {r.strengths[0]:g}")
         cells.append(predict(lm, vector, layer, r.strengths[0], calibration_tokens, eval_tokens, skip_bos=skip_bos))
-    first = recipes[0]
-    chosen_layer = recipe.layer if recipe.layer is not None else cells[0].layer
+    by_layer = recipe.layer is not None
     return ServabilityMap(
         cells,
-        (chosen_layer, recipe.strengths[0]),
-        "layer" if first.layer is not None else "strength",
+        (recipe.layer if by_layer else cells[0].layer, recipe.strengths[0]),
+        "layer" if by_layer else "strength",
         recipe.strength_unit,
         time.perf_counter() - start,
         calibration_tokens,

@@ -19,7 +19,7 @@ from steer_core.sites import HookPoint, architecture_for, blocks
 from steer_core.vector import SteeringVector
 
 
-class _BosMask:
+class _SteeredPositions:
     """Which positions of the current forward pass are steered: not the leading BOS token (prefill only, when
     skipped), and only the batch rows asked for (`rows`), so one generate call can hold steered and unsteered rows."""
 
@@ -60,7 +60,7 @@ class _BosMask:
         return None if keep is None else keep.unsqueeze(-1).to(hidden.device, hidden.dtype)
 
 
-def _add_at(hooks: HookSet, model: nn.Module, point: HookPoint, delta: Tensor, bos: _BosMask) -> None:
+def _add_at(hooks: HookSet, model: nn.Module, point: HookPoint, delta: Tensor, bos: _SteeredPositions) -> None:
     def add_to_output(_m: nn.Module, _args: Any, output: Any) -> Any:
         hidden = untuple(output)
         return retuple(output, bos.apply(hidden, delta.to(hidden.device, hidden.dtype)))
@@ -93,7 +93,7 @@ def steering(
     passes of the top-level model (`model(...)`, `model.generate(...)`) are recognised for that.
     rows steers only those rows of each batch (all when None): a batched preview's steered side.
     """
-    bos = _BosMask(getattr(model.config, "bos_token_id", None) if skip_bos else None, rows)
+    bos = _SteeredPositions(getattr(model.config, "bos_token_id", None) if skip_bos else None, rows)
     with gated_hooks() as hooks:
         if skip_bos:
             hooks.pre(model, bos.pre_hook)
@@ -143,7 +143,7 @@ def lowrank_updates(
     lora_alpha / r (1 when not given); biases are lora_B's (PEFT's lora_bias). rows applies them to those batch rows
     only (all when None).
     """
-    only = _BosMask(None, rows)
+    only = _SteeredPositions(None, rows)
 
     def make(a: Tensor, b: Tensor, scale: float, bias: Tensor | None) -> Any:
         a2 = a if a.dim() == 2 else a.unsqueeze(0)

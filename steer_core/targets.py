@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from steer_core.adapter import BuiltAdapter
-from steer_core.constants import ADAPTER_WEIGHTS_FILENAME
 
 GGUF_LORA_FILENAME = "adapter.gguf"
 CONTROL_VECTOR_FILENAME = "control_vector.gguf"
@@ -125,13 +123,13 @@ def write_gguf_lora(folder: Path, model: nn.Module, out: Path) -> Path:
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
         int(model.config.get_text_config().num_hidden_layers),
     )
+    # llama.cpp scales by adapter.lora.alpha / r, so alpha = PEFT's scaling × r reproduces it (rsLoRA included)
     alpha = {
         round(s * float(a.shape[0]), 6)
         for s, (a, _b) in zip(adapter.scaling.values(), adapter.params.values(), strict=True)
     }
     if len(alpha) != 1:
         raise ValueError(f"{folder}: modules with different lora_alpha cannot share one GGUF adapter.lora.alpha")
-    raw = load_file(str(Path(folder) / ADAPTER_WEIGHTS_FILENAME))
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -141,8 +139,7 @@ def write_gguf_lora(folder: Path, model: nn.Module, out: Path) -> Path:
         name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if name is None:
             raise ValueError(f"{module}: no llama.cpp tensor of architecture {arch!r} corresponds to it")
-        key = next(k for k in raw if k.endswith(f"{module}.lora_A.weight"))
-        a, b = raw[key], raw[key.replace("lora_A", "lora_B")]
+        a, b = adapter.params[module]
         writer.add_tensor(f"{name}.lora_a", a.float().numpy().astype(np.float32))
         writer.add_tensor(f"{name}.lora_b", b.float().numpy().astype(np.float32))
     writer.write_header_to_file()

@@ -205,6 +205,11 @@ def read_adapter_files(folder: Path, base_model: str | None = None) -> tuple[dic
 def load_peft(model: nn.Module, folder: Path, base_model: str | None = None) -> nn.Module:
     """A PeftModel on a private copy of `model`, so requests using the base model never see the adapter."""
     _config, saved = read_adapter_files(folder, base_model)
+    return _peft_of(model, folder, saved)
+
+
+def _peft_of(model: nn.Module, folder: Path, saved: dict[str, Tensor]) -> nn.Module:
+    """load_peft for a folder whose files read_adapter_files has read and checked (`saved`: its weights)."""
     base = copy.deepcopy(model)
     try:
         with warnings.catch_warnings():
@@ -286,7 +291,7 @@ def verify(
     meta = read_steering_json(folder)
     vector = SteeringVector.load(folder / STEERING_VECTOR_FILENAME)
     _config, saved = read_adapter_files(folder, base_model)
-    adapted = peft_model if peft_model is not None else load_peft(model, folder)
+    adapted = peft_model if peft_model is not None else _peft_of(model, folder, saved)
     device = next(model.parameters()).device
 
     n = agree = agree_base = 0

@@ -141,3 +141,8 @@ def run_llama_cpp_script(src: Path, script: str, *args: str) -> None:
         capture_output=True,
         env={"PYTHONPATH": str(src / "gguf-py"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
     )
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward and pre-forward hooks on every module: 0 once every steering context has exited."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -6,16 +6,11 @@ import threading
 
 import gradio as gr
 import pytest
-import torch
 
 import app
-from helpers import build_sae, tiny_lm
+from helpers import build_sae, hook_count, tiny_lm
 
 UNIT = "× residual norm"
-
-
-def _hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def test_concurrent_previews_equal_their_solo_runs(sae_folder: str) -> None:
         t.join()
     for i, outs in results.items():
         assert outs == [solo[i]] * 2, f"request {i} ({requests[i][8]}) was changed by another request"
-    assert _hooks(app._models["shared"].model) == 0
+    assert hook_count(app._models["shared"].model) == 0
 
 
 def test_cancelled_preview_leaves_no_hook(sae_folder: str) -> None:
@@ -68,10 +63,10 @@ def test_cancelled_preview_leaves_no_hook(sae_folder: str) -> None:
     stream = app.preview(*_args(sae_folder, "3:8"))
     for _base, steered, _, _ in stream:
         if steered:  # the generation has started: the steered row's hooks are on the model
-            assert _hooks(model) > 0
+            assert hook_count(model) > 0
             break
     stream.close()  # what Gradio does when the user leaves or presses stop
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     assert _final(_args(sae_folder, "3:8"))[0] == base_alone
 
 
@@ -89,6 +84,6 @@ def test_failed_generation_leaves_no_hook(sae_folder: str, monkeypatch: pytest.M
     monkeypatch.setattr(lm.model, "generate", flaky)
     with pytest.raises(gr.Error, match="Generation failed: device lost"):
         list(app.preview(*_args(sae_folder, "3:8")))
-    assert _hooks(lm.model) == 0
+    assert hook_count(lm.model) == 0
     monkeypatch.setattr(lm.model, "generate", real)
     assert _final(_args(sae_folder, "3:8"))[1]

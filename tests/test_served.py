@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import D_MODEL, tiny_lm
+from helpers import D_MODEL, hook_count, tiny_lm
 from steer_core.export import export
 from steer_core.generate import GenerationConfig, complete, stream, stream_sides
 from steer_core.model import LoadedModel
@@ -25,10 +25,6 @@ CONFIG = GenerationConfig(max_new_tokens=16)
 def _vec(seed: int, scale: float = 4.0, layer: int = 1) -> SteeringVector:
     g = torch.Generator().manual_seed(seed)
     return SteeringVector({HookPoint(layer, "resid_post"): torch.randn(D_MODEL, generator=g) * scale})
-
-
-def _hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _last(it) -> tuple[str, ...]:
@@ -77,7 +73,7 @@ def test_batched_sides_equal_their_solo_generations(lm: LoadedModel) -> None:
     solo = tuple(complete(lm, "hello there", vector=v, config=CONFIG) for v in vectors)
     assert batched == solo
     assert len(set(batched)) == 3, "the vectors must change the text for this test to mean much"
-    assert _hooks(lm.model) == 0
+    assert hook_count(lm.model) == 0
 
 
 def test_concurrent_batched_previews_never_share_steering(lm: LoadedModel) -> None:
@@ -97,7 +93,7 @@ def test_concurrent_batched_previews_never_share_steering(lm: LoadedModel) -> No
         t.join()
     assert [results[i] for i in range(len(requests))] == solo
     assert len({s[0] for s in solo}) == 1, "the unsteered row never sees another row's or request's vector"
-    assert _hooks(lm.model) == 0
+    assert hook_count(lm.model) == 0
 
 
 def test_the_served_side_is_what_peft_serves(lm: LoadedModel, adapter: Path) -> None:
@@ -117,7 +113,7 @@ def test_the_served_side_is_what_peft_serves(lm: LoadedModel, adapter: Path) -> 
     assert served_text == complete(peft_lm, "hello there", config=CONFIG)
     assert base == complete(lm, "hello there", config=CONFIG)
     assert steered == complete(lm, "hello there", vector=_vec(7, 6.0), config=CONFIG)
-    assert _hooks(lm.model) == 0
+    assert hook_count(lm.model) == 0
 
 
 def test_scaling_follows_the_adapter_config(lm: LoadedModel, adapter: Path, tmp_path: Path) -> None:
@@ -140,7 +136,7 @@ def test_bad_adapters_are_refused_with_the_reason(lm: LoadedModel, adapter: Path
     other = tiny_lm("gpt2")
     with pytest.raises(ValueError, match="does not have"), read_adapter(adapter).applied(other.model):
         pass
-    assert _hooks(other.model) == 0
+    assert hook_count(other.model) == 0
     with pytest.raises(ValueError, match="at least one side"):
         next(stream_sides(lm, "hi", []))
 

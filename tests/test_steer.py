@@ -4,15 +4,11 @@ import threading
 import pytest
 import torch
 
-from helpers import D_MODEL, tiny_lm, tiny_model
+from helpers import D_MODEL, hook_count, tiny_lm, tiny_model
 from steer_core.generate import GenerationConfig, complete, stream
 from steer_core.sites import HookPoint
 from steer_core.steer import ablation, steering
 from steer_core.vector import SteeringVector
-
-
-def _hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _vec(scale: float = 3.0, layer: int = 1, seed: int = 0) -> SteeringVector:
@@ -22,16 +18,16 @@ def _vec(scale: float = 3.0, layer: int = 1, seed: int = 0) -> SteeringVector:
 
 def test_hooks_removed_on_exit_and_on_exception() -> None:
     model = tiny_model("llama")
-    before = _hook_count(model)
+    before = hook_count(model)
     with steering(model, _vec(), skip_bos=True):
-        assert _hook_count(model) > before
-    assert _hook_count(model) == before
+        assert hook_count(model) > before
+    assert hook_count(model) == before
     with pytest.raises(RuntimeError, match="boom"), steering(model, _vec()):
         raise RuntimeError("boom")
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
     with pytest.raises(KeyError), ablation(model, torch.randn(D_MODEL)):
         raise KeyError("x")
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
 
 
 def test_every_kv_cached_decode_step_is_steered() -> None:
@@ -101,7 +97,7 @@ def test_concurrent_requests_do_not_leak() -> None:
     for i, outs in results.items():
         for out in outs:
             torch.testing.assert_close(out, solo[i], atol=1e-5, rtol=1e-5)
-    assert _hook_count(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_stream_matches_complete_and_leaves_no_hooks() -> None:
@@ -111,16 +107,16 @@ def test_stream_matches_complete_and_leaves_no_hooks() -> None:
     pieces = list(stream(lm, "hello there", vector=vec, config=config))
     assert pieces and pieces[-1] == complete(lm, "hello there", vector=vec, config=config)
     assert all(a == b[: len(a)] for a, b in itertools.pairwise(pieces))
-    assert _hook_count(lm.model) == 0
+    assert hook_count(lm.model) == 0
 
 
 def test_cancelled_stream_removes_hooks() -> None:
     lm = tiny_lm("llama")
     gen = stream(lm, "hello there", vector=_vec(), config=GenerationConfig(max_new_tokens=200))
     next(gen)
-    assert _hook_count(lm.model) > 0
+    assert hook_count(lm.model) > 0
     gen.close()
-    assert _hook_count(lm.model) == 0
+    assert hook_count(lm.model) == 0
 
 
 def test_same_seed_same_sample() -> None:

@@ -58,6 +58,13 @@ def test_targets_that_cannot_load_a_bias_refuse_exact_mode(lm: LoadedModel, tmp_
     assert not (tmp_path / "a").exists()
 
 
+def test_the_cli_and_app_offer_every_target() -> None:
+    from steer_core.constants import TARGET_NAMES
+    from steer_core.targets import TARGETS
+
+    assert tuple(TARGETS) == TARGET_NAMES
+
+
 def test_gguf_targets_name_unsupported_architectures(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_type 'gpt2' is not written here"):
         _export(tiny_lm("gpt2"), tmp_path / "a", "llama.cpp")
