@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 
 from steer_core.activations import median_norm
-from steer_core.calibrate import calibrate, forget_statistics
+from steer_core.calibrate import calibrate
 from steer_core.corpus import FORMATS
 from steer_core.export import export
 from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import GenerationConfig, complete
 from steer_core.model import keep_freed_memory, load_model
 from steer_core.recipe import VectorRecipe
+from steer_core.ridge import forget_statistics
 from steer_core.sites import HookPoint, num_layers
 from steer_core.vector import SteeringVector
 from steer_core.verify import load_peft

@@ -17,8 +17,9 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from steer_core.calibrate import Calibration, _norm_gain
+from steer_core.calibrate import Calibration
 from steer_core.constants import ADAPTER_WEIGHTS_FILENAME, STEERING_VECTOR_FILENAME
+from steer_core.postnorm import norm_gain
 from steer_core.sites import Architecture, architecture_for
 from steer_core.vector import SteeringVector
 
@@ -158,7 +159,7 @@ def ablation_direction(model: nn.Module, layer: int, kind: Kind, unit: Tensor) -
     arch = architecture_for(model)
     if not arch.post_norm:
         return unit
-    q = _norm_gain(model, arch, layer, kind).to(unit) * unit
+    q = norm_gain(model, arch, layer, kind).to(unit) * unit
     return q / q.norm()
 
 

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from steer_core import corpus
 from steer_core.activations import forward_from, recording, recording_block_calls
 from steer_core.adapter import check_tensors
-from steer_core.calibrate import steered_positions, writer_target
 from steer_core.constants import (
     ADAPTER_CONFIG_FILENAME,
     ADAPTER_WEIGHTS_FILENAME,
@@ -34,6 +33,7 @@ from steer_core.constants import (
 )
 from steer_core.divergence import kl_per_token
 from steer_core.generate import left_pad
+from steer_core.ridge import steered_positions, writer_target
 from steer_core.steer import ablation, steering
 from steer_core.vector import SteeringVector
 

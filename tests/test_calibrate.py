@@ -8,8 +8,11 @@ import torch
 
 from helpers import D_MODEL, tiny_lm
 from steer_core import corpus
-from steer_core.calibrate import SELECT_TOKENS, _Stats, balance, calibrate, choose_first_weight, fit_ridge
+from steer_core.calibrate import balance, calibrate
 from steer_core.divergence import kl_per_token
+from steer_core.position0 import choose_first_weight
+from steer_core.ridge import Stats, fit_ridge
+from steer_core.selection import SELECT_TOKENS
 from steer_core.sites import HookPoint
 from steer_core.steer import lowrank_updates, steering
 from steer_core.vector import SteeringVector
@@ -18,7 +21,7 @@ from steer_core.vector import SteeringVector
 def test_ridge_recovers_an_exact_linear_target() -> None:
     x = torch.randn(4000, 12, dtype=torch.float64)
     u_true = torch.randn(12, dtype=torch.float64)
-    stats = _Stats(12, torch.device("cpu"))
+    stats = Stats(12, torch.device("cpu"))
     for i in range(0, 4000, 500):  # batch by batch: sufficient statistics add up
         stats.add((i // 500) % 2, x[i : i + 500], x[i : i + 500] @ u_true)
     u, ridge, rel = fit_ridge(stats)
@@ -30,7 +33,7 @@ def test_ridge_picks_a_larger_penalty_for_noise() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(60, 40, generator=g, dtype=torch.float64)
     y = torch.randn(60, generator=g, dtype=torch.float64)  # pure noise: the best fit is heavily shrunk
-    stats = _Stats(40, torch.device("cpu"))
+    stats = Stats(40, torch.device("cpu"))
     stats.add(0, x[:30], y[:30])
     stats.add(1, x[30:], y[30:])
     _u, ridge, _rel = fit_ridge(stats)
@@ -41,7 +44,7 @@ def test_weighting_rows_equals_repeating_them() -> None:
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(400, 6, generator=g, dtype=torch.float64), torch.randn(400, generator=g, dtype=torch.float64)
     cpu = torch.device("cpu")
-    body, head, repeated = _Stats(6, cpu), _Stats(6, cpu), _Stats(6, cpu)
+    body, head, repeated = Stats(6, cpu), Stats(6, cpu), Stats(6, cpu)
     for fold in (0, 1):
         rows = slice(10 + fold, 400, 2)
         body.add(fold, x[rows], y[rows])
@@ -200,7 +203,7 @@ def test_refine_lowers_kl_on_post_norm() -> None:
 
 
 def test_split_shares_add_up_and_favour_the_larger_gain() -> None:
-    from steer_core.calibrate import split_shares
+    from steer_core.shares import split_shares
 
     v = torch.tensor([1.0, 2.0, -3.0])
     a, m = split_shares(v, torch.tensor([10.0, 1.0, 1.0]), torch.tensor([1.0, 10.0, 1.0]))
@@ -210,7 +213,7 @@ def test_split_shares_add_up_and_favour_the_larger_gain() -> None:
 
 def test_a_zero_norm_gain_gives_a_finite_adapter() -> None:
     """Gemma-3-270M layer 1 has dimensions whose norm gain is 0 in both writers: B must stay finite (it was NaN)."""
-    from steer_core.calibrate import split_shares, through_gain
+    from steer_core.shares import split_shares, through_gain
 
     v = torch.tensor([1.0, 2.0, 3.0])
     g_attn, g_mlp = torch.tensor([0.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0])
@@ -236,7 +239,8 @@ def test_split_writers_fits_both_post_norm_writers(tmp_path) -> None:
 
 def test_fit_shares_models_what_gemmas_norm_does_and_lowers_its_loss() -> None:
     """fit_shares' per-token addition is what the model's own post-norm gives for z + rms(z)·B (A·x = rms(Wx))."""
-    from steer_core.calibrate import fit_shares, rms_target, split_shares, through_gain
+    from steer_core.postnorm import rms_target
+    from steer_core.shares import fit_shares, split_shares, through_gain
 
     lm = tiny_lm("gemma3")
     layer = lm.model.model.layers[1]
@@ -266,7 +270,7 @@ def test_fit_shares_models_what_gemmas_norm_does_and_lowers_its_loss() -> None:
 
 
 def test_reader_metric_follows_the_later_norms_gains() -> None:
-    from steer_core.calibrate import reader_metric
+    from steer_core.shares import reader_metric
     from steer_core.sites import architecture_for
 
     lm = tiny_lm("gemma3")
@@ -402,7 +406,7 @@ def test_a_second_vector_at_a_site_reuses_its_writers_statistics_and_fits_as_if_
 
 
 def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> None:
-    from steer_core.calibrate import STATISTICS_KEPT, forget_statistics
+    from steer_core.ridge import STATISTICS_KEPT, forget_statistics
 
     lm = tiny_lm("llama")
     one, two = HookPoint(1, "resid_post"), HookPoint(2, "resid_post")
@@ -429,11 +433,11 @@ def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> Non
 
 
 def test_statistics_over_the_byte_budget_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    from steer_core import calibrate as calibration
+    from steer_core import ridge
 
     lm = tiny_lm("llama")
     vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
-    monkeypatch.setattr(calibration, "STATISTICS_MAX_BYTES", 1000)  # less than one site's XᵀX
+    monkeypatch.setattr(ridge, "STATISTICS_MAX_BYTES", 1000)  # less than one site's XᵀX
     assert not calibrate(lm.model, lm.tokenizer, vec, tokens=512).reused_statistics
     assert not calibrate(lm.model, lm.tokenizer, vec, tokens=512).reused_statistics
     monkeypatch.undo()
