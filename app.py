@@ -28,7 +28,7 @@ from steer_core.model import LoadedModel, keep_freed_memory, load_model
 from steer_core.recipe import VectorRecipe
 from steer_core.refine import default_steps
 from steer_core.served import read_adapter
-from steer_core.workspace import Workspace
+from steer_core.workspace import Workspace, prune_work_folders
 
 try:  # ZeroGPU on Spaces: a GPU is attached only while a decorated handler runs
     import spaces
@@ -44,7 +44,8 @@ SOURCES = ["SAE features", "Contrastive prompts", "Vector file"]
 EXAMPLE_POSITIVE = "I love this, it is wonderful and makes me so happy!\nWhat a beautiful, joyful day."
 EXAMPLE_NEGATIVE = "I hate this, it is awful and makes me so sad.\nWhat a miserable, gloomy day."
 EXAMPLE_PROMPT = "Tell me about your weekend."
-QUEUE_MAX = 64
+QUEUE_MAX = int(os.environ.get("STEER_QUEUE_MAX", "64"))  # waiting requests past which a new one is refused at once
+CSS_PATH = Path(__file__).with_name("app.css")
 USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
 
@@ -291,6 +292,7 @@ def run_export(
     lm = get_model(model_name)
     progress(0.0, desc="building the steering vector")
     vector = _vector(lm, _recipe(model_name, *vector_args))
+    prune_work_folders()  # earlier exports' folders, past the hour their users had to download or push them
     work = Path(tempfile.mkdtemp(prefix="steer-export-"))
     try:
         with user_errors("Export failed"):
@@ -345,6 +347,7 @@ def run_control_vector(model_name: str, *vector_args: Any) -> str:
 
     lm = get_model(model_name)
     vector = _vector(lm, _recipe(model_name, *vector_args))
+    prune_work_folders()
     path = Path(tempfile.mkdtemp(prefix="steer-cv-")) / "control_vector.gguf"
     with user_errors("Control vector"):
         return str(save_control_vector(vector, path, model_hint=str(lm.model.config.model_type)))
@@ -385,6 +388,8 @@ def run_push(
 
     if not folder:
         raise gr.Error("Export an adapter first (step 4): only verified adapters are pushed.")
+    if not Path(folder).is_dir():
+        raise gr.Error("This export's files were cleaned up (they are kept for an hour): export it again, then push.")
     secret = (oauth.token if oauth else None) or (token or "").strip() or os.environ.get("HF_TOKEN")
     if not secret:
         raise gr.Error("Sign in with Hugging Face, paste a write token, or set HF_TOKEN.")
@@ -407,14 +412,9 @@ def run_push(
 
 _default_choices = catalog.sae_choices(DEFAULT_MODEL)
 _default_spec = embedded_sae_for(DEFAULT_MODEL)
-CSS = """
-.gradio-container {max-width: 1200px !important; margin: auto}
-#title h1 {margin-bottom: 0}
-#feature-card {min-height: 180px}
-.step-head h2 {margin: 0.6em 0 0.2em 0}
-"""
 
-with gr.Blocks(title="Steering → servable LoRA") as demo:
+# delete_cache: Gradio's own copies of the files it served (the downloaded zips, uploaded vectors) go after an hour too.
+with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as demo:
     gr.Markdown(
         "# 🧭 Steering → servable LoRA\n"
         "Pick a model and an SAE feature, compare steered and unsteered answers, then export the steering as a "
@@ -593,21 +593,26 @@ with gr.Blocks(title="Steering → servable LoRA") as demo:
     source.change(show_source, source, [sae_box, feature_box, other_box])
     gr.on([sae_pick.input, sae_folder.submit], on_sae, sae_inputs, sae_info)
     gr.on([show_btn.click, feature.submit], show_feature, [*sae_inputs, feature], card_md)
-    gr.on([search_btn.click, query.submit], search_features, [*sae_inputs, query], search_df)
+    gr.on(
+        [search_btn.click, query.submit], search_features, [*sae_inputs, query], search_df, api_name="search_features"
+    )
     active_btn.click(features_on_prompt, [*sae_inputs, prompt], active_df)
     for table in (search_df, active_df):
         table.select(pick_row, None, feature).then(show_feature, [*sae_inputs, feature], card_md)
     add_btn.click(add_feature, [mix, feature, strength, unit], mix)
     unit.change(on_unit, [unit, strength], strength)
+    # The endpoints scripts call (gradio_client, scripts/load_test.py) are named here, so a rename cannot break them.
     go.click(
         preview,
         [model_name, prompt, max_new, temperature, seed, served, *vector_inputs],
         [out_base, out_steer, out_served, steer_info],
+        api_name="preview",
     )
     export_btn.click(
         run_export,
         [model_name, mode, tokens, refine_steps, target, *vector_inputs],
         [report, plot, download, card, folder, repo_id],
+        api_name="run_export",
         concurrency_limit=1,
         concurrency_id="heavy",
     ).then(lambda f: f, folder, served)
@@ -624,11 +629,17 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="green", font=["ui-sa
 def main() -> None:
     keep_freed_memory()  # process-wide, so here and not on import (tests import this module)
     get_model(DEFAULT_MODEL)  # load (and on first run, dequantize and cache) before the first visitor arrives
-    # Previews, searches and the like share 4 workers; exports and maps (a minute of CPU each) have their own single
-    # lane ("heavy"), so an export never takes a preview's place. Past QUEUE_MAX waiting requests a new one gets
-    # Gradio's "queue is full" message at once instead of a hang.
+    # The queue, on purpose (scripts/load_test.py measures it):
+    # - previews, searches and the other short events share 4 workers (default_concurrency_limit): a preview is a few
+    #   seconds of CPU, so 4 at once keep a 2-core Space busy without making each one wait on the others for long;
+    # - exports and maps (a minute or more of CPU each) have one lane of their own (concurrency_id "heavy", limit 1):
+    #   a second export waits for the first instead of taking one of the previews' workers, so exports never starve
+    #   previews, and two exports never double the memory of calibration;
+    # - past QUEUE_MAX waiting requests (all lanes together) a new one is refused at once: the browser shows Gradio's
+    #   "This application is currently busy. Please try again.", gradio_client raises QueueError("Queue is full!
+    #   Please try again."), instead of a wait nobody sees the end of or a server that runs out of memory.
     demo.queue(default_concurrency_limit=4, max_size=QUEUE_MAX).launch(
-        server_name=os.environ.get("HOST", "127.0.0.1"), theme=THEME, css=CSS
+        server_name=os.environ.get("HOST", "127.0.0.1"), theme=THEME, css_paths=CSS_PATH
     )
 
 

@@ -2,14 +2,19 @@
 
 Requests never share steering (hooks are gated per request, see steer_core.hooks); they share only read-only
 weights and these caches. Each cache has its own lock, so a slow model load does not block label look-ups of a model
-that is already there.
+that is already there. The server's files on disk (the temp folders of exports and control vectors) are pruned by
+age, so a server that runs for weeks does not fill its disk.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 from steer_core.catalog import SAEChoice
 from steer_core.feature import LoadedSAE, check_fits, load_sae
@@ -21,6 +26,8 @@ from steer_core.sites import HookPoint, num_layers
 from steer_core.vector import SteeringVector
 
 MAX_VECTORS = 64
+WORK_PREFIXES = ("steer-export-", "steer-cv-")  # the app's temp folders: an export's adapter and zip; a control vector
+WORK_MAX_AGE_S = 3600.0  # an hour to download, preview as served, or push an export before its folder goes
 
 
 class Workspace:
@@ -101,3 +108,31 @@ class Workspace:
         for cache in (self._labels, self._vectors):
             for key in [k for k in cache if k[0] in names]:
                 cache.pop(key, None)  # type: ignore[arg-type]
+
+
+def prune_work_folders(
+    root: str | Path | None = None,
+    *,
+    prefixes: tuple[str, ...] = WORK_PREFIXES,
+    max_age_s: float = WORK_MAX_AGE_S,
+    now: float | None = None,
+) -> list[Path]:
+    """Remove the app's temp folders (`prefixes` under `root`, the system temp dir by default) last changed more than
+    `max_age_s` ago; newer ones stay, as their users may still download, preview or push them. Returns those removed.
+
+    Called as each export or control vector starts. Safe when requests run it together: a folder another request
+    removed meanwhile is skipped.
+    """
+    root = Path(root or tempfile.gettempdir())
+    now = time.time() if now is None else now
+    removed = []
+    for prefix in prefixes:
+        for path in root.glob(f"{prefix}*"):
+            try:
+                old = path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > max_age_s
+            except OSError:
+                continue
+            if old:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed

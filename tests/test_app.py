@@ -269,6 +269,8 @@ def test_push_refuses_without_an_export_or_token(tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(gr.Error, match="Export an adapter first"):
         app.run_push("", "me/x", True, "tok")
+    with pytest.raises(gr.Error, match="cleaned up .*export it again"):  # pruned after an hour (prune_work_folders)
+        app.run_push(str(tmp_path / "pruned"), "me/x", True, "tok")
     with pytest.raises(gr.Error, match="write token"):
         app.run_push(str(tmp_path), "me/x", True, "")
     with pytest.raises(gr.Error, match="not verified|no steering.json"):

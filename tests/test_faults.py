@@ -160,6 +160,6 @@ def test_an_export_stopped_midway_leaves_no_files(monkeypatch: pytest.MonkeyPatc
 
     with pytest.raises(asyncio.CancelledError):
         app.run_export("tiny", "portable", 1024, 0, "peft", *contrastive, progress=cancel)
-    assert set(Path(tempfile.gettempdir()).glob("steer-export-*")) == before
+    assert not set(Path(tempfile.gettempdir()).glob("steer-export-*")) - before  # (older ones may be pruned meanwhile)
     *_, folder, _ = app.run_export("tiny", "portable", 1024, 0, "peft", *contrastive, progress=lambda *a, **k: None)
     assert Path(folder, WEIGHTS).is_file()

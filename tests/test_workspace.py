@@ -1,3 +1,4 @@
+import os
 import threading
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 from helpers import build_sae, tiny_lm
 from steer_core.catalog import SAEChoice, folder_choice
 from steer_core.recipe import VectorRecipe
-from steer_core.workspace import Workspace
+from steer_core.workspace import Workspace, prune_work_folders
 
 
 def test_each_model_loads_once_even_when_asked_concurrently() -> None:
@@ -47,3 +48,22 @@ def test_sae_must_fit_the_model_and_missing_embedded_sae_is_named(tmp_path: Path
     missing = SAEChoice("embedded: x (offline)", path=str(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError, match="embedded SAE is not in this install"):
         ws.sae(missing)
+
+
+def test_old_export_and_control_vector_folders_are_pruned_and_recent_ones_stay(tmp_path: Path) -> None:
+    now = 1_000_000.0
+    ages = {"steer-export-old": 7200, "steer-cv-old": 3601, "steer-export-new": 600, "steer-cv-new": 0,
+            "other-old": 7200}  # fmt: skip
+    for name, age in ages.items():
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        (tmp_path / name / "adapter" / "w.bin").write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    old_file = tmp_path / "steer-export-file"  # not a folder the app made: left alone
+    old_file.write_text("x")
+    os.utime(old_file, (now - 7200, now - 7200))
+    removed = prune_work_folders(tmp_path, now=now)
+    assert sorted(p.name for p in removed) == ["steer-cv-old", "steer-export-old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-old", "steer-cv-new", "steer-export-file",
+                                                          "steer-export-new"]  # fmt: skip
+    assert prune_work_folders(tmp_path, now=now) == []
+    assert len(prune_work_folders(tmp_path, now=now + 3601)) == 2  # an hour later the recent ones go too
