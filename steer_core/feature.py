@@ -45,7 +45,12 @@ class SAESource:
         return f"https://www.neuronpedia.org/{self.neuronpedia_id}/{feature}"
 
     def describe(self) -> str:
-        where = f"{self.release}/{self.sae_id}" if self.release else str(self.path)
+        if self.release:
+            where = f"{self.release}/{self.sae_id}"
+        elif self.path and Path(self.path).parent == _EMBEDDED_DIR:
+            where = f"embedded:{Path(self.path).name}"  # not this machine's install path (screens, steering.json)
+        else:
+            where = str(self.path)
         return f"SAE {where} at {self.hook_name}"
 
 
@@ -113,6 +118,9 @@ def load_sae_from_registry(release: str, sae_id: str) -> LoadedSAE:
     return LoadedSAE(sae, _source_from_sae(sae, release=release, sae_id=sae_id))
 
 
+_EMBEDDED_DIR = Path(str(files("steer_core").joinpath("data", "saes")))
+
+
 @dataclass(frozen=True)
 class EmbeddedSAE:
     """An SAE the project trained and ships (scripts/train_sae.py), so features work offline."""
@@ -124,7 +132,7 @@ class EmbeddedSAE:
 
     @property
     def path(self) -> Path:
-        return Path(str(files("steer_core").joinpath("data", "saes", self.name)))
+        return _EMBEDDED_DIR / self.name
 
     @property
     def labels_path(self) -> Path:
