@@ -1,18 +1,20 @@
-"""Label the embedded SAE's features from its held-out text: top contexts (token highlighted) and promoted tokens.
+"""Label the embedded SAE's features: top contexts (token highlighted) and promoted tokens.
 
-    .venv/bin/python -m scripts.label_sae            # ~3 min on a 2-core CPU; writes labels.json.gz next to the SAE
+    .venv/bin/python -m scripts.label_sae            # ~15 min on a 2-core CPU; writes labels.json.gz next to the SAE
 
-Held-out text only (heldout.json.gz, written by scripts/train_sae.py), so labels show what a feature does on text the
-SAE never trained on.
+The text is the broad corpus's *labels* split (scripts.train_sae.build_texts: every source, every input format, at
+--scale of the training budgets; at least 500k tokens), which neither the SAE's training nor the held-out
+measurement ever sees, so a label shows what a feature does on text the SAE never trained on.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
+import collections
 import time
 
+from scripts.train_sae import build_texts
+from steer_core.constants import cache_dir
 from steer_core.feature import EMBEDDED_SAES, load_sae_from_disk
 from steer_core.labels import compute_labels, save_labels
 from steer_core.model import load_model
@@ -23,20 +25,27 @@ def main() -> None:
     p.add_argument("--sae", default=next(iter(EMBEDDED_SAES)), choices=sorted(EMBEDDED_SAES))
     p.add_argument("--contexts", type=int, default=5)
     p.add_argument("--promoted", type=int, default=10)
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per held-out text (as in training)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per text (as in training)")
+    p.add_argument("--scale", type=float, default=0.2, help="of scripts.train_sae's BUDGETS, for the labels split")
     args = p.parse_args()
 
     spec = EMBEDDED_SAES[args.sae]
     lm = load_model(spec.model)
     sae = load_sae_from_disk(spec.path)
-    with gzip.open(spec.path / "heldout.json.gz", "rt", encoding="utf-8") as f:
-        texts = [t["text"] for t in json.load(f)["texts"]]
+    items = build_texts(lm, cache_dir() / "sae_train", "labels", args.scale)
+    texts = [t["text"] for t in items]
+    print(f"{len(texts)} label texts: " + ", ".join(f"{k} {v}" for k, v in collections.Counter(
+        f"{t['source']}/{t['format']}" for t in items).most_common()), flush=True)  # fmt: skip
     t0 = time.time()
     labels = compute_labels(
         sae, lm.model, lm.tokenizer, texts, contexts=args.contexts, promoted=args.promoted,
         max_tokens_per_text=args.max_tokens,
     )  # fmt: skip
-    labels.source.update(sae=spec.name, text="heldout.json.gz (never seen in training)")
+    labels.source.update(
+        sae=spec.name,
+        text=f"the broad corpus's labels split, every source and format (scripts/label_sae.py --scale {args.scale}); "
+        "never seen in training or in the held-out measurement",
+    )
     save_labels(labels, spec.labels_path)
     dead = sum(1 for label in labels.labels.values() if not label.contexts)
     size = spec.labels_path.stat().st_size
