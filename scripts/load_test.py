@@ -56,7 +56,17 @@ UNIT = "× residual norm"
 DEFAULT_CONCURRENCY = 4  # app.py: demo.queue(default_concurrency_limit=4)
 
 
-def _free_port() -> int:
+def stop_app(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the launched app: politely, then for sure (scripts.screenshot uses it too)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -343,7 +353,7 @@ def main() -> None:
 
     start, load = time.monotonic(), os.getloadavg()[0]
     run = Run(start + args.timeout, args.max_requests)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", "STEER_QUEUE_MAX": str(args.queue_max)}  # fmt: skip  # loopback only, offline
     log = tempfile.NamedTemporaryFile("w+", prefix="load-test-app-", suffix=".log", delete=False)  # noqa: SIM115
@@ -372,12 +382,7 @@ def main() -> None:
             summary["cpu_cores"] = os.cpu_count()
             summary["load_average_at_start"] = load
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_app(proc)
         log.close()
     summary["app_log"] = log.name
     text = json.dumps(summary, indent=2, ensure_ascii=False)

@@ -21,7 +21,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -31,15 +30,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from scripts.load_test import free_port, stop_app
+
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 1280, 900
 STEP_S = 120  # the most one step may wait once the model is loaded (a preview waits up to --timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chromium() -> str:
@@ -193,7 +188,7 @@ def main() -> None:
 
     start = time.monotonic()
     deadline = start + args.timeout
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1"}  # fmt: skip  # loopback only, offline
     log = tempfile.NamedTemporaryFile("w+", prefix="screenshot-app-", suffix=".log", delete=False)  # noqa: SIM115
@@ -204,12 +199,7 @@ def main() -> None:
         print(f"app up at {url} after {time.monotonic() - start:.0f} s (log: {log.name})", flush=True)
         done = shoot(url, args, deadline)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_app(proc)
         log.close()
     print(f"query {args.query!r} → feature {done['feature']} (top search result)")
     print(f"strength {done['strength']} · mix {done['mix']!r} · {done['max_new_tokens']} new tokens")
