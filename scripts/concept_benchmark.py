@@ -79,14 +79,16 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--concepts", nargs="+", default=CONCEPTS)
     p.add_argument("--out", type=Path, default=Path("artifacts/concepts"))
+    p.add_argument("--folder", type=Path, help="an SAE for --model not shipped yet, labelled (scripts.label_sae)")
     args = p.parse_args()
 
     lm = load_model(args.model)
     spec = embedded_sae_for(lm.name)
     if spec is None:
         raise SystemExit(f"{args.model} has no embedded SAE")
-    sae = load_sae_from_disk(spec.path)
-    labels = load_labels(spec.labels_path)
+    folder = args.folder or spec.path
+    sae = load_sae_from_disk(folder)
+    labels = load_labels(folder / spec.labels_path.name)
     base = answers(lm, None, args.max_new_tokens)
     rows = []
     for concept in args.concepts:
@@ -103,7 +105,8 @@ def main() -> None:
         label, score = top[0]
         row.update({"feature": label.feature, "score": score, "label": label.summary(1)})
         for k in args.strengths:
-            vector = VectorRecipe("sae", (k,), "resid", features=(label.feature,)).build(lm)
+            vector = VectorRecipe("sae", (k,), "resid", path=str(args.folder) if args.folder else None,
+                                  features=(label.feature,)).build(lm)  # fmt: skip
             steered = answers(lm, vector, args.max_new_tokens)
             row[f"steered_mentions_{k:g}"] = sum(mentions(a, words) for a in steered)
             row[f"steered_{k:g}"] = row[f"steered_mentions_{k:g}"] > row["base_mentions"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from pathlib import Path
 
 from scripts.train_sae import build_texts
 from steer_core.constants import cache_dir
@@ -27,11 +28,14 @@ def main() -> None:
     p.add_argument("--promoted", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per text (as in training)")
     p.add_argument("--scale", type=float, default=0.2, help="of scripts.train_sae's BUDGETS, for the labels split")
+    p.add_argument("--folder", type=Path, help="an SAE trained for --sae but not shipped yet (train_sae.py --out)")
     args = p.parse_args()
 
     spec = EMBEDDED_SAES[args.sae]
+    folder = args.folder or spec.path
+    out = folder / spec.labels_path.name
     lm = load_model(spec.model)
-    sae = load_sae_from_disk(spec.path)
+    sae = load_sae_from_disk(folder)
     items = build_texts(lm, cache_dir() / "sae_train", "labels", args.scale)
     texts = [t["text"] for t in items]
     print(f"{len(texts)} label texts: " + ", ".join(f"{k} {v}" for k, v in collections.Counter(
@@ -45,12 +49,14 @@ def main() -> None:
         sae=spec.name,
         text=f"the broad corpus's labels split, every source and format (scripts/label_sae.py --scale {args.scale}); "
         "never seen in training or in the held-out measurement",
+        texts_by_source=dict(collections.Counter(t["source"] for t in items).most_common()),
+        texts_by_format=dict(collections.Counter(t["format"] for t in items).most_common()),
     )
-    save_labels(labels, spec.labels_path)
+    save_labels(labels, out)
     dead = sum(1 for label in labels.labels.values() if not label.contexts)
-    size = spec.labels_path.stat().st_size
+    size = out.stat().st_size
     print(f"{len(labels.labels)} features ({dead} never fired) on {labels.source['tokens']} tokens in "
-          f"{time.time() - t0:.0f} s -> {spec.labels_path} ({size / 1e6:.1f} MB)")  # fmt: skip
+          f"{time.time() - t0:.0f} s -> {out} ({size / 1e6:.1f} MB)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ class Context:
     activation: float
 
     def render(self, mark: str = "**") -> str:
-        return f"{self.left}{mark}{self.token}{mark}{self.right}"
+        """On one line: a context from a multi-line document would break a table row or a terminal listing."""
+        return " ⏎ ".join(f"{self.left}{mark}{self.token}{mark}{self.right}".splitlines())
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,12 @@ def test_strongest_on_ranks_by_own_maximum_and_leaves_out_dense_features() -> No
     hits = strongest_on(active, 5, labels)
     assert [(h.feature, h.token, h.relative) for h in hits] == [(2, " dog", 1.0), (1, "the", 0.1)]
     assert [h.feature for h in strongest_on(active, 5)] == [0, 2, 1]  # no labels: raw activation
+
+
+def test_a_context_renders_on_one_line() -> None:
+    from steer_core.labels import Context, FeatureLabel
+
+    context = Context("China\nMont Blanc: the highest", " mountain", " peak\nin the Alps", 9.0)
+    assert context.render() == "China ⏎ Mont Blanc: the highest** mountain** peak ⏎ in the Alps"
+    label = FeatureLabel(7, 0.01, 9.0, (context,), ("a",))
+    assert "\n" not in label.summary()

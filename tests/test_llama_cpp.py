@@ -23,6 +23,7 @@ import torch
 from helpers import run_llama_cpp_script
 from steer_core.constants import cache_dir
 from steer_core.export import export
+from steer_core.feature import EMBEDDED_SAES
 from steer_core.generate import format_prompt
 from steer_core.model import LoadedModel
 from steer_core.recipe import VectorRecipe
@@ -57,10 +58,12 @@ def base_gguf(llama_cpp: Path, smollm2: LoadedModel) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(smollm2: LoadedModel, llama_cpp: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Feature #639 at its default 0.5x, exported for llama.cpp; and llama.cpp's own conversion of the PEFT folder."""
-    recipe = VectorRecipe("sae", (0.5,), "resid", features=(639,))
+    """The embedded SAE's default feature at its default strength, exported for llama.cpp; and llama.cpp's own
+    conversion of the PEFT folder."""
+    spec = EMBEDDED_SAES["smollm2-135m-instruct-res-L15"]
+    recipe = VectorRecipe("sae", (spec.default_strength,), "resid", features=(spec.default_feature,))
     vector = recipe.build(smollm2)
-    folder = tmp_path_factory.mktemp("llama") / "love"
+    folder = tmp_path_factory.mktemp("llama") / "default"
     result = export(smollm2, vector, folder, target="llama.cpp")
     theirs = folder.parent / "converted.gguf"
     run_llama_cpp_script(llama_cpp / "src", "convert_lora_to_gguf.py", "--base",
