@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from steer_core.constants import LABELS_FILENAME
 from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import left_pad
 from steer_core.labels import load_labels
@@ -88,7 +89,7 @@ def main() -> None:
         raise SystemExit(f"{args.model} has no embedded SAE")
     folder = args.folder or spec.path
     sae = load_sae_from_disk(folder)
-    labels = load_labels(folder / spec.labels_path.name)
+    labels = load_labels(folder / LABELS_FILENAME)
     base = answers(lm, None, args.max_new_tokens)
     rows = []
     for concept in args.concepts:
@@ -105,8 +106,7 @@ def main() -> None:
         label, score = top[0]
         row.update({"feature": label.feature, "score": score, "label": label.summary(1)})
         for k in args.strengths:
-            vector = VectorRecipe("sae", (k,), "resid", path=str(args.folder) if args.folder else None,
-                                  features=(label.feature,)).build(lm)  # fmt: skip
+            vector = VectorRecipe("sae", (k,), "resid", path=str(folder), features=(label.feature,)).build(lm)
             steered = answers(lm, vector, args.max_new_tokens)
             row[f"steered_mentions_{k:g}"] = sum(mentions(a, words) for a in steered)
             row[f"steered_{k:g}"] = row[f"steered_mentions_{k:g}"] > row["base_mentions"]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from scripts.train_sae import build_texts
-from steer_core.constants import cache_dir
+from steer_core.constants import LABELS_FILENAME, cache_dir
 from steer_core.feature import EMBEDDED_SAES, load_sae_from_disk
 from steer_core.labels import compute_labels, save_labels
 from steer_core.model import load_model
@@ -33,7 +33,7 @@ def main() -> None:
 
     spec = EMBEDDED_SAES[args.sae]
     folder = args.folder or spec.path
-    out = folder / spec.labels_path.name
+    out = folder / LABELS_FILENAME
     lm = load_model(spec.model)
     sae = load_sae_from_disk(folder)
     items = build_texts(lm, cache_dir() / "sae_train", "labels", args.scale)

@@ -188,6 +188,11 @@ def batches_forever(acts: torch.Tensor, batch_size: int, seed: int, device: str)
             yield acts[perm[s : s + batch_size]].to(device, torch.float32)
 
 
+def sample(acts: torch.Tensor, n: int = 200_000) -> torch.Tensor:
+    """About n evenly spaced rows: enough for a mean or a median, without a float32 copy of millions of rows."""
+    return acts[:: max(len(acts) // n, 1)]
+
+
 @torch.no_grad()
 def word_directions(acts: torch.Tensor, ids: torch.Tensor, tokenizer, n: int, min_count: int) -> tuple[Tensor, list]:
     """Float[Tensor, "m d"] (m <= n): the mean activation on each of the n most frequent whole-word tokens (3+
@@ -212,7 +217,7 @@ def word_directions(acts: torch.Tensor, ids: torch.Tensor, tokenizer, n: int, mi
         rows_here = row_of[part_ids]
         hit = rows_here >= 0
         sums.index_add_(0, rows_here[hit], part[hit].float())
-    mean = acts[:: max(len(acts) // 200_000, 1)].float().mean(0)
+    mean = sample(acts).float().mean(0)
     rows = sums / counts[words][:, None] - mean
     return torch.nn.functional.normalize(rows, dim=-1), [tokenizer.decode([t]).strip() for t in words]
 
@@ -446,7 +451,7 @@ def main() -> None:
         return
 
     # one limit for training, FVU and the CE splice, from the training text's median norm (not position 0's)
-    limit = SINK_NORM * float(acts["train"][:: max(len(acts["train"]) // 200_000, 1)].float().norm(dim=-1).median())
+    limit = SINK_NORM * float(sample(acts["train"]).float().norm(dim=-1).median())
     keep = not_sinks(acts["train"], limit)
     train_acts = acts["train"][keep]
     sinks = len(acts["train"]) - len(train_acts)
