@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -52,6 +54,11 @@ def main() -> None:
         texts_by_source=dict(collections.Counter(t["source"] for t in items).most_common()),
         texts_by_format=dict(collections.Counter(t["format"] for t in items).most_common()),
     )
+    quality = json.loads((folder / "quality.json").read_text()) if (folder / "quality.json").is_file() else {}
+    if quality.get("words", {}).get("anchor_cos"):
+        # feature i's decoder row stays near words[i]'s mean activation (--anchor-cos): a name it cannot drift from
+        for i, word in enumerate(quality["words"]["features"]):
+            labels.labels[i] = dataclasses.replace(labels.labels[i], word=word)
     save_labels(labels, out)
     dead = sum(1 for label in labels.labels.values() if not label.contexts)
     size = out.stat().st_size

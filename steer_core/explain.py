@@ -34,7 +34,8 @@ def feature_card(feature: int, label: FeatureLabel | None, *, d_sae: int, url: s
     link = f" · [Neuronpedia]({url})" if url else ""
     if label is None:
         return f"### Feature {feature}{link}\nNo label: it never fired on the labelling text."
-    lines = [f"### Feature {feature}{link}"]
+    named = f' · the word "{_escape(label.word)}"' if label.word else ""
+    lines = [f"### Feature {feature}{named}{link}"]
     lines.append(
         f"fires on {label.density:.2%} of tokens · max activation {label.max_activation:.3g}"
         if label.contexts

@@ -48,10 +48,13 @@ class FeatureLabel:
     max_activation: float
     contexts: tuple[Context, ...]
     promoted: tuple[str, ...]  # tokens the decoder row raises most, read through the unembedding
+    # the word whose mean activation the decoder row is (an SAE trained with scripts/train_sae.py --anchor-words)
+    word: str | None = None
 
     def summary(self, contexts: int = 2) -> str:
         tops = " | ".join(c.render().strip() for c in self.contexts[:contexts])
-        return f"#{self.feature}: promotes {', '.join(repr(t) for t in self.promoted[:6])}; fires on: {tops}"
+        name = f' (word "{self.word}")' if self.word else ""
+        return f"#{self.feature}{name}: promotes {', '.join(repr(t) for t in self.promoted[:6])}; fires on: {tops}"
 
 
 @dataclass
@@ -96,14 +99,19 @@ def density_discount(density: float) -> float:
 
 
 def term_score(label: FeatureLabel, term: str) -> float:
-    """Highlighted tokens count most (what the feature fires on), then promoted tokens (what it writes), then
-    the word appearing anywhere in a top context. Prefixes match both ways ("dog" ~ "dogs"), from 3 letters."""
+    """A feature's own word counts most, then highlighted tokens (what the feature fires on), then promoted tokens
+    (what it writes), then the word appearing anywhere in a top context. Prefixes match both ways ("dog" ~ "dogs"),
+    from 3 letters."""
 
     def near(token: str) -> bool:
         return token != term and min(len(token), len(term)) >= 3 and (token.startswith(term) or term.startswith(token))
 
     promoted = [_norm_token(t) for t in label.promoted]
     score = 1.0 * promoted.count(term) + 0.5 * sum(near(t) for t in promoted)
+    if label.word:
+        # the word a feature's decoder row was kept near (train_sae.py --anchor-cos) says more than any one context
+        word = _norm_token(label.word)
+        score += 4.0 * (word == term) + 2.5 * near(word)
     if label.contexts:
         n = len(label.contexts)
         tokens = [_norm_token(c.token) for c in label.contexts]
@@ -144,7 +152,9 @@ def compute_labels(
         model, tokenizer, sae.source.point, sae_unit(sae.source), texts, max_tokens_per_text=max_tokens_per_text
     )
     d_sae = sae.source.d_sae
-    k = min(contexts, len(acts))
+    # twice the contexts kept, so that ones repeating an earlier context word for word (the same sentence in two
+    # documents) can be dropped and `contexts` different ones still shown
+    k = min(2 * contexts, len(acts))
     top_vals = torch.full((k, d_sae), -torch.inf)
     top_rows = torch.zeros((k, d_sae), dtype=torch.long)
     fires = torch.zeros(d_sae)
@@ -170,9 +180,12 @@ def compute_labels(
 
     labels = {}
     for feature in range(d_sae):
-        ctx = tuple(
-            context(int(r), float(v)) for v, r in zip(top_vals[:, feature], top_rows[:, feature], strict=True) if v > 0
-        )
+        seen: dict[tuple[str, str, str], Context] = {}
+        for v, r in zip(top_vals[:, feature].tolist(), top_rows[:, feature].tolist(), strict=True):
+            if v > 0 and len(seen) < contexts:
+                c = context(r, v)
+                seen.setdefault((c.left, c.token, c.right), c)
+        ctx = tuple(seen.values())
         labels[feature] = FeatureLabel(
             feature=feature,
             density=round(float(fires[feature]) / max(len(acts), 1), 6),

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,17 @@ def test_labels_hold_each_features_true_top_contexts(lm, sae) -> None:
         assert values == sorted(values, reverse=True)
 
 
+def test_a_sentence_in_two_texts_is_one_context(lm, sae) -> None:
+    """The labels split can hold one dictionary paragraph in two documents: a feature card lists it once."""
+    once = compute_labels(sae, lm.model, lm.tokenizer, TEXTS, contexts=3)
+    twice = compute_labels(sae, lm.model, lm.tokenizer, TEXTS + TEXTS, contexts=3)
+    for f, label in twice.labels.items():
+        rendered = [c.render() for c in label.contexts]
+        assert len(rendered) == len(set(rendered)), rendered
+        # the same contexts as the text seen once: duplicates are skipped, not the next-best distinct ones
+        assert [c.render() for c in once[f].contexts] == rendered
+
+
 def test_promoted_tokens_read_the_unembedding(lm) -> None:
     head = lm.model.get_output_embeddings().weight.detach()
     token = 40
@@ -96,6 +108,9 @@ def test_search_ranks_fired_on_then_promoted_then_context_words_and_penalizes_de
     )
     ranked = [label.feature for label, _ in labels.search("Dog")]
     assert ranked[:3] == [2, 1, 4]
+    # a feature named by its word (an anchored SAE's) leads, whatever its contexts; "dogs" finds it by prefix
+    labels.labels[5] = dataclasses.replace(_label(5, ("run",)), word="dog")
+    assert labels.search("Dog")[0][0].feature == labels.search("dogs")[0][0].feature == 5
     assert ranked[-1] == 3
     assert 0 not in ranked
     with pytest.raises(ValueError, match="no words"):
@@ -106,8 +121,9 @@ def test_search_ranks_fired_on_then_promoted_then_context_words_and_penalizes_de
 
 def test_labels_round_trip_through_gzip(tmp_path: Path, lm, sae) -> None:
     labels = compute_labels(sae, lm.model, lm.tokenizer, TEXTS[:2], contexts=2)
+    labels.labels[0] = dataclasses.replace(labels.labels[0], word="fox")
     path = save_labels(labels, tmp_path / "labels.json.gz")
-    assert load_labels(path) == labels
+    assert load_labels(path) == labels and load_labels(path)[0].word == "fox"
     assert not list(tmp_path.glob("*.tmp"))
 
 
