@@ -279,9 +279,9 @@ def train(
     trainer = SAETrainer(trainer_cfg, sae, batches_forever(acts, args.batch_size, args.seed, args.device))
     if init is not None and anchor_cos > 0:
         # Word features that drift lose their word: left free, one epoch turned "music" to cosine 0.08 with its start
-        # and "dog" to 0.12, and no feature then steered toward either, while the starting directions steer 4-6 of 6
-        # answers. Frozen outright (cosine 1) 44% of all features died: a fixed mean is a poor atom for the word's
-        # own tokens. A cone lets each adapt. (The norm is moot: the training SAE rescales activations by it.)
+        # and "dog" to 0.12, and no feature then steered toward either, while the starting directions steer 3-6 of 6
+        # answers. With the rows frozen outright 41% of all features died in training: a fixed mean is a poor atom
+        # for the word's own tokens. A cone lets each adapt; its norm stays free (the feature's scale).
         anchors = init.to(sae.W_dec)
         trainer.optimizer.register_step_post_hook(lambda *_: keep_in_cone(sae.W_dec.data, anchors, anchor_cos))
     t0 = time.time()
@@ -449,6 +449,8 @@ def main() -> None:
     p.add_argument("--stop-after", choices=["texts", "activations"], help="stop after this step (a CPU run in parts)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    if not 0 <= args.anchor_cos <= 1 or (args.anchor_cos and not args.init_words):
+        raise SystemExit(f"--anchor-cos {args.anchor_cos}: give a cosine in 0..1, with --init-words N to anchor")
 
     torch.set_grad_enabled(False)
     work = cache_dir() / "sae_train"
@@ -491,8 +493,6 @@ def main() -> None:
         init, init_words = word_directions(train_acts, ids, lm.tokenizer, args.init_words, args.init_min_count)
         print(f"{len(init_words)} features start on words: {', '.join(init_words[:12])} ... {init_words[-1]}")
     torch.set_grad_enabled(True)
-    if not 0 <= args.anchor_cos <= 1 or (args.anchor_cos and not args.init_words):
-        raise SystemExit(f"--anchor-cos {args.anchor_cos}: give a cosine in 0..1, with --init-words N to anchor")
     sae, t_train = train(train_acts, args, hook_name, model_name, init, anchor_cos=args.anchor_cos)
     del train_acts
     torch.set_grad_enabled(False)

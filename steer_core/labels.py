@@ -48,7 +48,7 @@ class FeatureLabel:
     max_activation: float
     contexts: tuple[Context, ...]
     promoted: tuple[str, ...]  # tokens the decoder row raises most, read through the unembedding
-    # the word whose mean activation the decoder row is (an SAE trained with scripts/train_sae.py --anchor-words)
+    # the word whose mean activation the decoder row was kept near (scripts/train_sae.py --anchor-cos)
     word: str | None = None
 
     def summary(self, contexts: int = 2) -> str:

@@ -19,7 +19,7 @@ def test_feature_card_bolds_the_firing_word_and_escapes_markdown() -> None:
     assert "1.23% of tokens" in card and "`dog`" in card
     assert "does not exist" in explain.feature_card(16, LABEL, d_sae=16)
     assert "never fired" in explain.feature_card(3, None, d_sae=16)
-    # a word-anchored feature (train_sae.py --anchor-words) is named by its word in the card and the summary
+    # a word-anchored feature (train_sae.py --anchor-cos) is named by its word in the card and the summary
     named = replace(LABEL, word="dog*")
     assert explain.feature_card(7, named, d_sae=16).startswith('### Feature 7 · the word "dog\\*"')
     assert named.summary().startswith('#7 (word "dog*"): promotes') and LABEL.summary().startswith("#7: promotes")

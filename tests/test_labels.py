@@ -108,11 +108,11 @@ def test_search_ranks_fired_on_then_promoted_then_context_words_and_penalizes_de
     )
     ranked = [label.feature for label, _ in labels.search("Dog")]
     assert ranked[:3] == [2, 1, 4]
+    assert ranked[-1] == 3
+    assert 0 not in ranked
     # a feature named by its word (an anchored SAE's) leads, whatever its contexts; "dogs" finds it by prefix
     labels.labels[5] = dataclasses.replace(_label(5, ("run",)), word="dog")
     assert labels.search("Dog")[0][0].feature == labels.search("dogs")[0][0].feature == 5
-    assert ranked[-1] == 3
-    assert 0 not in ranked
     with pytest.raises(ValueError, match="no words"):
         labels.search("  !! ")
     with pytest.raises(KeyError, match="feature 9"):
