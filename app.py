@@ -456,7 +456,7 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
                 )
                 show_btn = gr.Button("Show feature")
             with gr.Tab("Search by meaning"):
-                query = gr.Textbox(label="Words", placeholder="e.g. mountain, king, rain")
+                query = gr.Textbox(label="Words", placeholder="e.g. dog, rain, king")
                 search_btn = gr.Button("Search")
                 search_df = gr.Dataframe(
                     elem_id="search-results",

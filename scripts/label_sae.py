@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from scripts.train_sae import build_texts
+from scripts.train_sae import build_texts, write_readme
 from steer_core.constants import LABELS_FILENAME, cache_dir
 from steer_core.feature import EMBEDDED_SAES, load_sae_from_disk
 from steer_core.labels import compute_labels, save_labels
@@ -54,13 +54,22 @@ def main() -> None:
         texts_by_source=dict(collections.Counter(t["source"] for t in items).most_common()),
         texts_by_format=dict(collections.Counter(t["format"] for t in items).most_common()),
     )
-    quality = json.loads((folder / "quality.json").read_text()) if (folder / "quality.json").is_file() else {}
+    report_path = folder / "quality.json"
+    quality = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if quality.get("words", {}).get("anchor_cos"):
         # feature i's decoder row stays near words[i]'s mean activation (--anchor-cos): a name it cannot drift from
         for i, word in enumerate(quality["words"]["features"]):
             labels.labels[i] = dataclasses.replace(labels.labels[i], word=word)
     save_labels(labels, out)
     dead = sum(1 for label in labels.labels.values() if not label.contexts)
+    if quality:
+        # The held-out split (~60k tokens) is too small to tell a rare feature from a dead one: a word seen 40 times
+        # in 3M training tokens is expected less than once in it. The labels split is ten times larger and as unseen.
+        quality["dead_features_labels"] = {
+            "tokens": labels.source["tokens"], "count": dead, "fraction": round(dead / len(labels.labels), 4),
+        }  # fmt: skip
+        report_path.write_text(json.dumps(quality, indent=1) + "\n")
+        write_readme(folder, quality)
     size = out.stat().st_size
     print(f"{len(labels.labels)} features ({dead} never fired) on {labels.source['tokens']} tokens in "
           f"{time.time() - t0:.0f} s -> {out} ({size / 1e6:.1f} MB)")  # fmt: skip

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from scripts import build_corpus as bc
 from steer_core import corpus
-from steer_core.activations import forward_until, recording
+from steer_core.activations import SINK_NORM, forward_until, not_sinks, recording
 from steer_core.constants import cache_dir
 from steer_core.hooks import gated_hooks, retuple, untuple
 from steer_core.model import EMBEDDED_MODELS, load_model
@@ -52,10 +52,8 @@ OUT = Path(__file__).resolve().parents[1] / "steer_core" / "data" / "saes"
 # times the first SAE's 1.07M, with no dictionary dominating.
 ALL = 10**9
 BUDGETS = {"generated": ALL, "fortunes": ALL, "jargon": ALL, "wordnet": 1_200_000, "foldoc": 700_000, "gcide": 950_000}
-# A token whose residual norm is this many times the median is an attention sink (position 0 is ~50x; plain text
-# makes a few more where its first tokens are not a natural sink, up to 130x): no feature should have to explain it,
-# and one such token in ten thousand carried half the training MSE and 40% of held-out variance when left in.
-SINK_NORM = 10.0
+# Attention sinks (steer_core.activations.SINK_NORM): one token in ten thousand carried half the training MSE and 40%
+# of held-out variance when left in.
 GROUPED = {"wordnet", "gcide"}  # one-line definitions, grouped into paragraphs of about GROUP_CHARS
 GROUP_CHARS = 500
 
@@ -296,12 +294,6 @@ def content(acts: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def not_sinks(acts: torch.Tensor, limit: float) -> torch.Tensor:
-    # in parts: 3M x 576 in float32 would be 7 GB
-    return torch.cat([part.float().norm(dim=-1) for part in acts.split(1 << 18)]) <= limit
-
-
-@torch.no_grad()
 def reconstruction(sae, acts: torch.Tensor, limit: float) -> tuple[float, float, torch.Tensor]:
     """(FVU, mean L0, which features fired) on the non-sink activations; FVU relative to their own variance."""
     x = content(acts, limit).float()
@@ -378,6 +370,14 @@ def write_readme(out: Path, report: dict) -> None:
         "",
         *[f"- {report[k]}" for k in ("dead_features_note", "timing_note") if k in report],
         f"- dead in training (the trainer's last window): {report['dead_features_training']}",
+        *(
+            [
+                f"- never fired on the labels split ({d['tokens']:,} tokens, also unseen in training; "
+                f"scripts/label_sae.py): {d['count']} ({d['fraction']:.1%})"
+            ]
+            if (d := report.get("dead_features_labels"))
+            else []
+        ),
         f"- features that started on a frequent word's mean activation (--init-words): "
         f"{report.get('features_initialised_on_words', 0)}"
         + (

@@ -36,11 +36,14 @@ def feature_card(feature: int, label: FeatureLabel | None, *, d_sae: int, url: s
         return f"### Feature {feature}{link}\nNo label: it never fired on the labelling text."
     named = f' · the word "{_escape(label.word)}"' if label.word else ""
     lines = [f"### Feature {feature}{named}{link}"]
-    lines.append(
-        f"fires on {label.density:.2%} of tokens · max activation {label.max_activation:.3g}"
-        if label.contexts
-        else "never fired on the labelling text (its promoted tokens still say what it writes)"
-    )
+    if label.contexts:
+        lines.append(f"fires on {label.density:.2%} of tokens · max activation {label.max_activation:.3g}")
+    elif label.word:
+        # a rare word's feature may never fire, yet its row stays on the word ("bird", #802: silent, steered 3 of 6)
+        lines.append(f'never fired on the labelling text; its decoder row is kept on "{_escape(label.word)}", so it '
+                     "still steers toward it")  # fmt: skip
+    else:
+        lines.append("never fired on the labelling text (its promoted tokens still say what it writes)")
     if label.promoted:
         lines.append(f"\n**Promotes:** {_tokens(label.promoted, 10)}")
     if label.contexts:

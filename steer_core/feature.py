@@ -128,7 +128,7 @@ class EmbeddedSAE:
     name: str  # folder under steer_core/data/saes/
     model: str  # the EMBEDDED_MODELS name it was trained on
     # a feature that search finds and that visibly steers (README example), the app's first selection; chosen by
-    # scripts.concept_benchmark (docs/concepts-smollm2.md): 973 "mountain", 5 of 6 answers steered at 0.5x
+    # scripts.concept_benchmark (docs/concepts-smollm2.md): 676 "dog", the concept newcomers try first
     default_feature: int
     default_strength: float  # in units of the layer's median residual norm
 
@@ -143,7 +143,7 @@ class EmbeddedSAE:
 
 EMBEDDED_SAES: dict[str, EmbeddedSAE] = {
     "smollm2-135m-instruct-res-L15": EmbeddedSAE(
-        "smollm2-135m-instruct-res-L15", "smollm2-135m-instruct", default_feature=973, default_strength=0.5
+        "smollm2-135m-instruct-res-L15", "smollm2-135m-instruct", default_feature=676, default_strength=0.5
     ),
 }
 

@@ -98,20 +98,31 @@ def density_discount(density: float) -> float:
     return 1.0 + 10.0 * density
 
 
+# Endings that make another form of the same word. A bare prefix match would make "for" a form of "forest" and
+# "fin" one of "finances": measured, such fragments outranked the real "forest" and "money" features.
+INFLECTIONS = ("s", "es", "ed", "d", "ing", "er", "ers")
+
+
+def same_word(a: str, b: str) -> bool:
+    """Whether `a` and `b` are different forms of one word ("dog" ~ "dogs", "rain" ~ "raining"), from 3 letters."""
+    short, long = sorted((a, b), key=len)
+    return a != b and len(short) >= 3 and long.startswith(short) and long[len(short) :] in INFLECTIONS
+
+
 def term_score(label: FeatureLabel, term: str) -> float:
     """A feature's own word counts most, then highlighted tokens (what the feature fires on), then promoted tokens
-    (what it writes), then the word appearing anywhere in a top context. Prefixes match both ways ("dog" ~ "dogs"),
-    from 3 letters."""
+    (what it writes), then the word appearing anywhere in a top context. Other forms of the word count too
+    (`same_word`)."""
 
     def near(token: str) -> bool:
-        return token != term and min(len(token), len(term)) >= 3 and (token.startswith(term) or term.startswith(token))
+        return same_word(token, term)
 
     promoted = [_norm_token(t) for t in label.promoted]
     score = 1.0 * promoted.count(term) + 0.5 * sum(near(t) for t in promoted)
     if label.word:
         # the word a feature's decoder row was kept near (train_sae.py --anchor-cos) says more than any one context
         word = _norm_token(label.word)
-        score += 4.0 * (word == term) + 2.5 * near(word)
+        score += 8.0 * (word == term) + 2.5 * near(word)
     if label.contexts:
         n = len(label.contexts)
         tokens = [_norm_token(c.token) for c in label.contexts]
@@ -147,10 +158,12 @@ def compute_labels(
     left_tokens: int = 12,
     right_tokens: int = 4,
 ) -> FeatureLabels:
-    """Label every feature from its activations on `texts` (position 0, the attention sink, is never counted)."""
+    """Label every feature from its activations on `texts`; attention sinks (position 0, and any other token with a
+    sink's norm, as the SAE's training left them out) are never counted."""
     acts, ids, where = text_activations(
-        model, tokenizer, sae.source.point, sae_unit(sae.source), texts, max_tokens_per_text=max_tokens_per_text
-    )
+        model, tokenizer, sae.source.point, sae_unit(sae.source), texts, max_tokens_per_text=max_tokens_per_text,
+        drop_sinks=True,
+    )  # fmt: skip
     d_sae = sae.source.d_sae
     # twice the contexts kept, so that ones repeating an earlier context word for word (the same sentence in two
     # documents) can be dropped and `contexts` different ones still shown
@@ -260,7 +273,8 @@ def active_features(
     raw activation are mostly dense ones, which strongest_on leaves out).
 
     Chat models see the prompt as a user turn, as in the preview; only the prompt's own tokens are reported (not the
-    template's role markers and default system prompt), and never position 0, the attention sink.
+    template's role markers and default system prompt), and never an attention sink (position 0, or a token with a
+    sink's norm).
     """
     if not prompt.strip():
         raise ValueError("the prompt is empty: type some text to see which features fire on it")
@@ -270,7 +284,9 @@ def active_features(
         start = text.rindex(prompt)
     end = start + len(prompt)
     spans = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True).offset_mapping
-    acts, ids, where = text_activations(model, tokenizer, sae.source.point, sae_unit(sae.source), [text])
+    acts, ids, where = text_activations(
+        model, tokenizer, sae.source.point, sae_unit(sae.source), [text], drop_sinks=True
+    )  # fmt: skip
     param = sae.decoder
     feats = sae.sae.encode(acts.to(param.device, param.dtype)).float().cpu()
     out = []

@@ -22,6 +22,8 @@ def test_feature_card_bolds_the_firing_word_and_escapes_markdown() -> None:
     # a word-anchored feature (train_sae.py --anchor-cos) is named by its word in the card and the summary
     named = replace(LABEL, word="dog*")
     assert explain.feature_card(7, named, d_sae=16).startswith('### Feature 7 · the word "dog\\*"')
+    silent = explain.feature_card(7, replace(named, contexts=(), density=0.0), d_sae=16)
+    assert 'never fired on the labelling text; its decoder row is kept on "dog\\*"' in silent
     assert named.summary().startswith('#7 (word "dog*"): promotes') and LABEL.summary().startswith("#7: promotes")
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from helpers import build_sae, tiny_lm
-from steer_core.activations import text_activations
+from steer_core.activations import not_sinks, site_module_name, text_activations
 from steer_core.feature import load_sae_from_disk
+from steer_core.hooks import retuple, untuple
 from steer_core.labels import (
     Context,
     FeatureLabel,
@@ -16,6 +17,7 @@ from steer_core.labels import (
     compute_labels,
     load_labels,
     promoted_tokens,
+    same_word,
     save_labels,
     strongest_on,
 )
@@ -47,6 +49,40 @@ def test_text_activations_skip_position_zero_and_index_rows(lm) -> None:
     alone, _, _ = text_activations(lm.model, lm.tokenizer, HookPoint(1, "resid_post"), "resid", TEXTS[1:2])
     rows = [i for i, (t, _) in enumerate(where) if t == 1]
     torch.testing.assert_close(acts[rows], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_not_sinks_flags_rows_far_above_the_median_norm() -> None:
+    acts = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    acts[[3, 70]] *= 50
+    keep = not_sinks(acts)
+    assert not keep[3] and not keep[70] and int(keep.sum()) == 198
+    assert bool(not_sinks(acts, limit=1e9).all())
+
+
+def test_labels_leave_out_attention_sinks(lm, sae) -> None:
+    """Plain text on SmolLM2 makes position 1 a sink (up to 130x the median norm); counted, it was the top context of
+    4,443 of 7,370 labelled features. Here position 1 is made one by scaling the residual there."""
+    module = lm.model.get_submodule(site_module_name(lm.model, sae.source.point, "resid"))
+
+    def scale(_module, _args, output):
+        hidden = untuple(output).clone()
+        hidden[:, 1] *= 100.0
+        return retuple(output, hidden)
+
+    handle = module.register_forward_hook(scale)
+    try:
+        acts, _, where = text_activations(lm.model, lm.tokenizer, sae.source.point, "resid", TEXTS)
+        kept, _, kept_where = text_activations(
+            lm.model, lm.tokenizer, sae.source.point, "resid", TEXTS, drop_sinks=True
+        )  # fmt: skip
+        labels = compute_labels(sae, lm.model, lm.tokenizer, TEXTS, contexts=3)
+    finally:
+        handle.remove()
+    assert {pos for _, pos in where} - {pos for _, pos in kept_where} == {1}
+    torch.testing.assert_close(kept, acts[[i for i, w in enumerate(where) if w in set(kept_where)]])
+    contexts = [c for label in labels.labels.values() for c in label.contexts]
+    assert contexts and all(c.left for c in contexts)  # a position-1 context has nothing on its left
+    assert labels.source["tokens"] == len(kept)
 
 
 def test_labels_hold_each_features_true_top_contexts(lm, sae) -> None:
@@ -110,9 +146,14 @@ def test_search_ranks_fired_on_then_promoted_then_context_words_and_penalizes_de
     assert ranked[:3] == [2, 1, 4]
     assert ranked[-1] == 3
     assert 0 not in ranked
-    # a feature named by its word (an anchored SAE's) leads, whatever its contexts; "dogs" finds it by prefix
+    # a feature named by its word (an anchored SAE's) leads, whatever its contexts; "dogs" is another form of it
     labels.labels[5] = dataclasses.replace(_label(5, ("run",)), word="dog")
     assert labels.search("Dog")[0][0].feature == labels.search("dogs")[0][0].feature == 5
+    # a word fragment is not a form of the word it starts ("for" and "forest", "fin" and "finance"): with plain
+    # prefix matching feature 6 came first for "forest", as "fore" did on the real SAE
+    labels.labels[6] = dataclasses.replace(_label(6, ("forest",), token=" forest"), word="for")
+    labels.labels[7] = dataclasses.replace(_label(7, ("run",)), word="forest")
+    assert [label.feature for label, _ in labels.search("forest")][:2] == [7, 6]
     with pytest.raises(ValueError, match="no words"):
         labels.search("  !! ")
     with pytest.raises(KeyError, match="feature 9"):
@@ -172,3 +213,10 @@ def test_a_context_renders_on_one_line() -> None:
     assert context.render() == "China ⏎ Mont Blanc: the highest** mountain** peak ⏎ in the Alps"
     label = FeatureLabel(7, 0.01, 9.0, (context,), ("a",))
     assert "\n" not in label.summary()
+
+
+def test_same_word_takes_inflections_not_fragments() -> None:
+    assert same_word("dog", "dogs") and same_word("raining", "rain") and same_word("baked", "bake")
+    assert not same_word("dog", "dog")  # the same word is an exact match, scored as one
+    assert not same_word("for", "forest") and not same_word("fin", "finances") and not same_word("mus", "music")
+    assert not same_word("ox", "oxen")  # under 3 letters nothing is a form

@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import D_MODEL, build_sae, tiny_model
 from steer_core import search
+from steer_core.activations import text_activations
 from steer_core.feature import load_sae_from_disk
 from steer_core.labels import Context, FeatureLabel, FeatureLabels
 
@@ -49,8 +50,10 @@ def test_neighbours_come_from_the_models_own_embedding(world) -> None:
     assert search.neighbours(model, tokenizer, "zebra") == {"zebra": 1.0}  # unknown to the model: the word alone
 
 
-def test_a_synonym_finds_the_feature_that_writes_the_word(world) -> None:
+def test_a_synonym_finds_the_feature_that_writes_the_word(world, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tokenizer, sae, labels = world
+    # the unembedding route alone: a random model reads every word alike, so its readings match rows by chance
+    monkeypatch.setattr(search, "READS_WEIGHT", 0.0)
     for query in ("dog", "puppy", "Puppy!"):
         hits = search.search(labels, sae, model, tokenizer, query, k=3)
         assert hits[0][0].feature == DOG_FEATURE, (query, hits)
@@ -78,3 +81,25 @@ def test_probe_sentences_read_the_words_last_token(world, tmp_path: Path) -> Non
     model, tokenizer, sae, labels = world
     fired = search.fires_on(sae, labels, model, tokenizer, {"dog": 1.0})
     assert fired.shape == (8,) and (fired >= 0).all()
+
+
+def test_a_feature_that_writes_the_words_reading_scores_cosine_one(world) -> None:
+    """What the model reads "puppy" as at the SAE's layer: its activation in the probe sentences less the other
+    tokens'. A decoder row set to exactly that is found at cosine 1."""
+    model, tokenizer, sae, labels = world
+    texts = [probe.format(w="puppy") for probe in search.PROBES]
+    acts, ids, where = text_activations(model, tokenizer, sae.source.point, "resid", texts)
+    on = torch.tensor([ids[t][pos] == tokenizer.convert_tokens_to_ids("puppy") for t, pos in where])
+    reading = acts[on].mean(0) - acts[~on].mean(0)
+    before = search.reads_as(sae, model, tokenizer, "puppy")
+    assert before.shape == (8,) and before.abs().max() <= 1 + 1e-5
+    row = sae.sae.W_dec.data[5].clone()
+    try:
+        sae.sae.W_dec.data[5] = reading * 3.0
+        after = search.reads_as(sae, model, tokenizer, "puppy")
+        hits = dict((label.feature, s) for label, s in search.search(labels, sae, model, tokenizer, "puppy", k=8))
+    finally:
+        sae.sae.W_dec.data[5] = row
+    assert after[5] > 0.999
+    torch.testing.assert_close(after[:5], before[:5])
+    assert hits[5] >= search.READS_WEIGHT * (1 - search.COS_FLOOR) / (1 + 10 * 0.001) - 1e-3
