@@ -43,7 +43,7 @@ except ImportError:
 SOURCES = ["SAE features", "Contrastive prompts", "Vector file"]
 EXAMPLE_POSITIVE = "I love this, it is wonderful and makes me so happy!\nWhat a beautiful, joyful day."
 EXAMPLE_NEGATIVE = "I hate this, it is awful and makes me so sad.\nWhat a miserable, gloomy day."
-EXAMPLE_PROMPT = "Tell me about your weekend."
+EXAMPLE_PROMPT = "Describe something you like."  # the default dog feature shows in its answer (README example)
 QUEUE_MAX = int(os.environ.get("STEER_QUEUE_MAX", "64"))  # waiting requests past which a new one is refused at once
 CSS_PATH = Path(__file__).with_name("app.css")
 USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)

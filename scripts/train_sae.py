@@ -362,7 +362,8 @@ def write_readme(out: Path, report: dict) -> None:
         "",
         "| FVU | mean L0 | dead features | CE loss clean | CE loss with SAE spliced in | CE increase |",
         "|---|---|---|---|---|---|",
-        f"| {report['fvu']} | {report['mean_l0']} | {report['dead_features']} ({report['dead_fraction']:.1%}) | "
+        f"| {report['fvu']} | {report['mean_l0']} | {report['dead_features']} "
+        f"({report['dead_features'] / report['d_sae']:.1%}) | "
         f"{report['ce_loss_clean']} | {report['ce_loss_spliced']} | {report['ce_increase']} |",
         "",
         f"{report['heldout_tokens']:,} held-out tokens for FVU/L0/dead, {report['ce_tokens']:,} for CE. "
@@ -373,7 +374,7 @@ def write_readme(out: Path, report: dict) -> None:
         *(
             [
                 f"- never fired on the labels split ({d['tokens']:,} tokens, also unseen in training; "
-                f"scripts/label_sae.py): {d['count']} ({d['fraction']:.1%})"
+                f"scripts/label_sae.py): {d['count']} ({d['count'] / report['d_sae']:.1%})"
             ]
             if (d := report.get("dead_features_labels"))
             else []

@@ -162,7 +162,8 @@ def text_activations(
     drop_sinks: bool = False,
 ) -> tuple[Tensor, list[list[int]], list[tuple[int, int]]]:
     """Activations at `point` for every token of `texts` but position 0 (the attention sink), and with `drop_sinks`
-    but any other sink (`not_sinks`).
+    but any other sink: a norm over SINK_NORM x the site's median norm on the shipped text (`median_norm`), a fixed
+    limit as in training, so a two-token prompt's sink is still one.
 
     Returns Float[Tensor, "n d_model"], each text's token ids, and (text index, position) for each row.
     """
@@ -189,7 +190,7 @@ def text_activations(
                 where += [(start + r, pos) for pos in range(1, len(seq))]
     acts = torch.cat(rows)
     if drop_sinks and len(acts):
-        keep = not_sinks(acts)
+        keep = not_sinks(acts, SINK_NORM * median_norm(model, tokenizer, point, unit))
         acts, where = acts[keep], [w for w, k in zip(where, keep.tolist(), strict=True) if k]
     return acts, ids, where
 

@@ -41,7 +41,7 @@ def feature_card(feature: int, label: FeatureLabel | None, *, d_sae: int, url: s
     elif label.word:
         # a rare word's feature may never fire, yet its row stays on the word ("bird", #802: silent, steered 3 of 6)
         lines.append(f'never fired on the labelling text; its decoder row is kept on "{_escape(label.word)}", so it '
-                     "still steers toward it")  # fmt: skip
+                     "can still steer toward it")  # fmt: skip
     else:
         lines.append("never fired on the labelling text (its promoted tokens still say what it writes)")
     if label.promoted:

@@ -72,8 +72,9 @@ class FeatureLabels:
     def search(self, query: str, k: int = 20) -> list[tuple[FeatureLabel, float]]:
         """Features ranked by how well their promoted tokens and highlighted tokens match the query's words.
 
-        A word counts most when it is a promoted token, then when it is the highlighted token of a top context,
-        then when it merely appears near one; features that fire too often to mean anything rank lower.
+        A feature's own word (an anchored SAE's) counts most, then the highlighted token of a top context, then a
+        promoted token, then the word merely appearing near one (`term_score`); features that fire too often to mean
+        anything rank lower.
         """
         terms = [t for t in re.findall(r"\w+", query.lower()) if t]
         if not terms:
@@ -99,14 +100,18 @@ def density_discount(density: float) -> float:
 
 
 # Endings that make another form of the same word. A bare prefix match would make "for" a form of "forest" and
-# "fin" one of "finances": measured, such fragments outranked the real "forest" and "money" features.
-INFLECTIONS = ("s", "es", "ed", "d", "ing", "er", "ers")
+# "fin" one of "finances": measured, such fragments outranked the real "forest" and "money" features. "-d" only
+# after 4 letters ("baked", not "ten" ~ "tend"); no "-er" (derivation: "corn" ~ "corner", "bee" ~ "beer").
+INFLECTIONS = ("s", "es", "ed", "ing")
 
 
 def same_word(a: str, b: str) -> bool:
     """Whether `a` and `b` are different forms of one word ("dog" ~ "dogs", "rain" ~ "raining"), from 3 letters."""
     short, long = sorted((a, b), key=len)
-    return a != b and len(short) >= 3 and long.startswith(short) and long[len(short) :] in INFLECTIONS
+    if a == b or len(short) < 3 or not long.startswith(short):
+        return False
+    ending = long[len(short) :]
+    return ending in INFLECTIONS or (ending == "d" and len(short) >= 4)
 
 
 def term_score(label: FeatureLabel, term: str) -> float:
@@ -120,7 +125,8 @@ def term_score(label: FeatureLabel, term: str) -> float:
     promoted = [_norm_token(t) for t in label.promoted]
     score = 1.0 * promoted.count(term) + 0.5 * sum(near(t) for t in promoted)
     if label.word:
-        # the word a feature's decoder row was kept near (train_sae.py --anchor-cos) says more than any one context
+        # the word a feature's decoder row was kept near (train_sae.py --anchor-cos) says more than all its contexts
+        # together (at most 3.5): the row is on the word by construction, a context only shows where it fired
         word = _norm_token(label.word)
         score += 8.0 * (word == term) + 2.5 * near(word)
     if label.contexts:
@@ -246,7 +252,9 @@ def labels_for(sae: LoadedSAE, model: Any, tokenizer: Any, *, texts: int = 200) 
 
     if not sae.source.release:
         return compute_labels(sae, model, tokenizer, split_texts("heldout")[:texts])
-    key = json.dumps([sae.source.release, sae.source.sae_id, model.config.name_or_path, texts, corpus_info()])
+    key = json.dumps(
+        [sae.source.release, sae.source.sae_id, model.config.name_or_path, texts, corpus_info(), LABELS_VERSION]
+    )
     path = cache_dir() / "labels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json.gz"
     if path.is_file():
         return load_labels(path)
@@ -260,6 +268,10 @@ class TokenFeatures:
     token: str
     features: tuple[tuple[int, float], ...]  # (feature, activation), strongest first
 
+
+# How labels are computed; in the cache key, so labels cached by older code are recomputed, not served.
+# 2 (2026-11-30): attention sinks left out (counted, they were the top context of most features).
+LABELS_VERSION = 2
 
 # A feature that fires on more than this fraction of tokens says little about any one word of a prompt.
 DENSE_FEATURE = 0.1

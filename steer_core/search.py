@@ -38,8 +38,8 @@ FIRES_WEIGHT = 4.0  # a feature at its own maximum on the word scores like a wor
 MIN_SIMILARITY = 0.3  # cosine below which a neighbour is no longer the same concept
 Z_FLOOR = 3.0  # a word's logit this many standard deviations above a feature's mean is where "promotes it" begins
 # A decoder row closer than this to the word's reading counts, 7 at cosine 1 with READS_WEIGHT. Measured on the embedded
-# SAE: a word's own anchored feature sits at 0.7, its kin at 0.5 ("puppy": dogs 0.51, baby 0.52, dog 0.49), unrelated
-# features under 0.4.
+# SAE: a word's own anchored feature sits at 0.7, its kin at 0.4-0.5 ("puppy": dogs 0.51, baby 0.52, dog 0.49,
+# infant 0.42), so the floor sits below kin; what unrelated features get above it is at most a point.
 COS_FLOOR = 0.3
 READS_WEIGHT = 10.0
 
@@ -184,8 +184,9 @@ def reads_as(sae: LoadedSAE, model: nn.Module, tokenizer: Any, word: str) -> Ten
     if not on.any() or on.all():
         return torch.zeros(sae.source.d_sae)
     reading = acts[on].mean(0) - acts[~on].mean(0)
-    rows = torch.nn.functional.normalize(sae.decoder.float().cpu(), dim=-1)
-    return rows @ torch.nn.functional.normalize(reading, dim=0)
+    rows = sae.decoder  # on the SAE's device, uncopied: a registry SAE's rows can take a gigabyte
+    reading = torch.nn.functional.normalize(reading, dim=0).to(rows.device, rows.dtype)
+    return ((rows @ reading) / rows.norm(dim=-1).clamp_min(1e-12)).float().cpu()
 
 
 def search(

@@ -112,7 +112,7 @@ def test_a_searched_feature_exports_to_a_faithful_adapter(smollm2, tmp_path) -> 
     assert report.top1_agreement >= 0.90, report.summary()
     assert report.kl_ratio <= 0.01, report.summary()
     top1 = [g["top1_agreement"] for g in report.by_format.values()]
-    # formats within 3 points of each other on 2,765 tokens (3.1 measured); here ~400 tokens each, so noisier
+    # formats 3.1 points apart on 2,765 tokens (the #16 goal is 3); here ~400 tokens each, so noisier: 5 allowed
     assert len(top1) == 4 and max(top1) - min(top1) <= 0.05, report.by_format
 
 

@@ -20,6 +20,7 @@ from steer_core.labels import (
     same_word,
     save_labels,
     strongest_on,
+    term_score,
 )
 from steer_core.sites import HookPoint
 
@@ -154,6 +155,7 @@ def test_search_ranks_fired_on_then_promoted_then_context_words_and_penalizes_de
     labels.labels[6] = dataclasses.replace(_label(6, ("forest",), token=" forest"), word="for")
     labels.labels[7] = dataclasses.replace(_label(7, ("run",)), word="forest")
     assert [label.feature for label, _ in labels.search("forest")][:2] == [7, 6]
+    assert term_score(dataclasses.replace(_label(6, ("run",)), word="for"), "forest") == 0
     with pytest.raises(ValueError, match="no words"):
         labels.search("  !! ")
     with pytest.raises(KeyError, match="feature 9"):
@@ -219,4 +221,5 @@ def test_same_word_takes_inflections_not_fragments() -> None:
     assert same_word("dog", "dogs") and same_word("raining", "rain") and same_word("baked", "bake")
     assert not same_word("dog", "dog")  # the same word is an exact match, scored as one
     assert not same_word("for", "forest") and not same_word("fin", "finances") and not same_word("mus", "music")
-    assert not same_word("ox", "oxen")  # under 3 letters nothing is a form
+    assert not same_word("be", "bed")  # under 3 letters nothing is a form
+    assert same_word("bake", "baked") and not same_word("ten", "tend") and not same_word("corn", "corner")

@@ -88,7 +88,7 @@ def test_a_feature_that_writes_the_words_reading_scores_cosine_one(world) -> Non
     tokens'. A decoder row set to exactly that is found at cosine 1."""
     model, tokenizer, sae, labels = world
     texts = [probe.format(w="puppy") for probe in search.PROBES]
-    acts, ids, where = text_activations(model, tokenizer, sae.source.point, "resid", texts)
+    acts, ids, where = text_activations(model, tokenizer, sae.source.point, "resid", texts, drop_sinks=True)
     on = torch.tensor([ids[t][pos] == tokenizer.convert_tokens_to_ids("puppy") for t, pos in where])
     reading = acts[on].mean(0) - acts[~on].mean(0)
     before = search.reads_as(sae, model, tokenizer, "puppy")
