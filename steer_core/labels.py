@@ -118,21 +118,17 @@ def term_score(label: FeatureLabel, term: str) -> float:
     """A feature's own word counts most, then highlighted tokens (what the feature fires on), then promoted tokens
     (what it writes), then the word appearing anywhere in a top context. Other forms of the word count too
     (`same_word`)."""
-
-    def near(token: str) -> bool:
-        return same_word(token, term)
-
     promoted = [_norm_token(t) for t in label.promoted]
-    score = 1.0 * promoted.count(term) + 0.5 * sum(near(t) for t in promoted)
+    score = 1.0 * promoted.count(term) + 0.5 * sum(same_word(t, term) for t in promoted)
     if label.word:
         # the word a feature's decoder row was kept near (train_sae.py --anchor-cos) says more than all its contexts
         # together (at most 3.5): the row is on the word by construction, a context only shows where it fired
         word = _norm_token(label.word)
-        score += 8.0 * (word == term) + 2.5 * near(word)
+        score += 8.0 * (word == term) + 2.5 * same_word(word, term)
     if label.contexts:
         n = len(label.contexts)
         tokens = [_norm_token(c.token) for c in label.contexts]
-        score += 3.0 * tokens.count(term) / n + 2.0 * sum(near(t) for t in tokens) / n
+        score += 3.0 * tokens.count(term) / n + 2.0 * sum(same_word(t, term) for t in tokens) / n
         score += 0.5 * sum(term in (c.left + c.token + c.right).lower() for c in label.contexts) / n
     return score
 

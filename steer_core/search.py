@@ -137,19 +137,25 @@ def _words(query: str) -> list[str]:
     return terms
 
 
+def _probes(tokenizer: Any, words: dict[str, float]) -> tuple[list[str], list[tuple[int, float]]]:
+    """Each word in each of PROBES, with (position of the word's last token, the word's similarity) for each text:
+    the last token is where the model has read all of the word."""
+    texts, targets = [], []
+    for word, sim in words.items():
+        for probe in PROBES:
+            prefix = probe[: probe.index("{w}")]
+            texts.append(probe.format(w=word))
+            targets.append((len(tokenizer(prefix + word, add_special_tokens=True).input_ids) - 1, sim))
+    return texts, targets
+
+
 @torch.no_grad()
 def fires_on(
     sae: LoadedSAE, labels: FeatureLabels, model: nn.Module, tokenizer: Any, words: dict[str, float]
 ) -> Tensor:
     """Float[Tensor, "d_sae"]: each feature's activation on `words` (weighted by their similarity) in PROBES, over its
     own maximum, less its mean activation on the probes' other tokens."""
-    texts, targets = [], []
-    for word, sim in words.items():
-        for probe in PROBES:
-            prefix = probe[: probe.index("{w}")]
-            texts.append(probe.format(w=word))
-            # the word's last token: where the model has read all of it
-            targets.append((len(tokenizer(prefix + word, add_special_tokens=True).input_ids) - 1, sim))
+    texts, targets = _probes(tokenizer, words)
     # sinks left out: a probe's sink (position 1 of plain text) would outweigh every other token of the probes
     acts, _ids, where = text_activations(
         model, tokenizer, sae.source.point, sae_unit(sae.source), texts, drop_sinks=True
@@ -173,14 +179,11 @@ def reads_as(sae: LoadedSAE, model: nn.Module, tokenizer: Any, word: str) -> Ten
     """Float[Tensor, "d_sae"]: the cosine of each feature's decoder row with what the model reads `word` as at the
     SAE's layer: its activation on the word's last token in PROBES less the mean over the probes' other tokens (an
     anchored feature's row started as that difference over the whole training text, scripts/train_sae.py)."""
-    texts, targets = [], []
-    for probe in PROBES:
-        texts.append(probe.format(w=word))
-        targets.append(len(tokenizer(probe[: probe.index("{w}")] + word, add_special_tokens=True).input_ids) - 1)
+    texts, targets = _probes(tokenizer, {word: 1.0})
     acts, _ids, where = text_activations(
         model, tokenizer, sae.source.point, sae_unit(sae.source), texts, drop_sinks=True
     )
-    on = torch.tensor([pos == targets[t] for t, pos in where])
+    on = torch.tensor([pos == targets[t][0] for t, pos in where])
     if not on.any() or on.all():
         return torch.zeros(sae.source.d_sae)
     reading = acts[on].mean(0) - acts[~on].mean(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import build_sae, tiny_lm
-from steer_core.activations import not_sinks, site_module_name, text_activations
+from steer_core.activations import SINK_NORM, not_sinks, site_module_name, text_activations
 from steer_core.feature import load_sae_from_disk
 from steer_core.hooks import retuple, untuple
 from steer_core.labels import (
@@ -55,7 +55,7 @@ def test_text_activations_skip_position_zero_and_index_rows(lm) -> None:
 def test_not_sinks_flags_rows_far_above_the_median_norm() -> None:
     acts = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
     acts[[3, 70]] *= 50
-    keep = not_sinks(acts)
+    keep = not_sinks(acts, SINK_NORM * float(acts.norm(dim=-1).median()))
     assert not keep[3] and not keep[70] and int(keep.sum()) == 198
     assert bool(not_sinks(acts, limit=1e9).all())
 
