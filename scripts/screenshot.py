@@ -189,8 +189,8 @@ def main() -> None:
     start = time.monotonic()
     deadline = start + args.timeout
     port = free_port()
-    env = {**os.environ, "HOST": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip  # loopback only, offline
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}  # fmt: skip  # loopback only, offline
     log = tempfile.NamedTemporaryFile("w+", prefix="screenshot-app-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

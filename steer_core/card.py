@@ -16,7 +16,8 @@ def _what(meta: dict[str, Any]) -> list[str]:
     lines = []
     if prov.get("source") == "sae":
         sae = prov["sae"]
-        where = f"`{sae.get('release')}` / `{sae.get('sae_id')}`" if sae.get("release") else f"`{sae.get('path')}`"
+        folder = sae.get("folder") or sae.get("path")  # "path": adapters exported before sources were named by hash
+        where = f"`{sae.get('release')}` / `{sae.get('sae_id')}`" if sae.get("release") else f"`{folder}`"
         lines.append(f"- SAE: {where} at `{sae['hook_name']}` (trained on `{sae.get('model_name')}`)")
         for f in prov.get("features", []):
             link = f" ([Neuronpedia]({f['url']}))" if f.get("url") else ""
@@ -24,13 +25,14 @@ def _what(meta: dict[str, Any]) -> list[str]:
         if "sae_fvu_on_this_model" in prov:
             lines.append(f"- SAE fraction of variance unexplained on this model: {prov['sae_fvu_on_this_model']:.3f}")
     elif prov.get("source") == "file":
-        lines.append(f"- vector file `{prov.get('path')}`, strength {prov.get('strength', 1):g}")
+        lines.append(f"- vector file `{prov.get('file') or prov.get('path')}`, strength {prov.get('strength', 1):g}")
     elif prov.get("source") == "contrastive":
         n_pos, n_neg = len(prov["positive"]), len(prov["negative"])
         strength = f"{prov.get('strength', 1):g} ({prov.get('strength_unit', 'abs')})"
         lines.append(f"- contrastive vector, {prov['method']}, {n_pos} positive / {n_neg} negative prompts, {strength}")
     elif prov.get("source") == "control_vector":
-        lines.append(f"- llama.cpp control vector `{prov.get('path')}`, strength {prov.get('strength', 1):g}")
+        name = prov.get("file") or prov.get("path")
+        lines.append(f"- llama.cpp control vector `{name}`, strength {prov.get('strength', 1):g}")
     elif prov:
         lines.append(f"- vector: {prov}")
     for point, norm in meta.get("vector", {}).get("norms", {}).items():
@@ -120,6 +122,7 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
                 f"| {rep['greedy_prefix_mean']:.1f} |",
                 *_effect_rows(rep),
                 f"| held-out tokens | {rep['tokens']} |",
+                f"| model dtype while measured | {rep.get('dtype', 'float32')} |",
                 *(
                     f"| mean abs error of A·x against its target, `{module}` (relative) | {err:.3g} |"
                     for module, err in rep.get("fit_abs_error", {}).items()

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-from steer_core.feature import EMBEDDED_SAES, embedded_sae_for, same_model
+from steer_core.feature import EMBEDDED_SAES, embedded_sae_for, registry, registry_entry, same_model
+from steer_core.hardware import Budget, format_bytes
 from steer_core.model import EMBEDDED_MODELS
 
 _RESIDUAL = re.compile(r"(^|[-_])(res|resid)([-_]|$)")
@@ -23,24 +22,34 @@ class CuratedModel:
     model_id: str  # what load_model takes: an embedded name or a Hub id
     label: str
     sae_releases: tuple[str, ...] = ()  # registry releases offered first (residual-stream SAEs)
+    parameters: int = 0  # as the Hub's safetensors metadata counts them: what the hardware check needs, offline
+    gated: bool = False  # the Hub asks for the licence to be accepted: on a Space, the owner's HF_TOKEN reads it
 
 
 CURATED_MODELS: tuple[CuratedModel, ...] = (
-    CuratedModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct (embedded, offline, with its own SAE)"),
-    CuratedModel("gemma-3-270m", "Gemma 3 270M (embedded, offline)", ("gemma-scope-2-270m-pt-res",)),
+    CuratedModel(
+        "smollm2-135m-instruct", "SmolLM2-135M-Instruct (embedded, offline, with its own SAE)", (), 134_515_008
+    ),
+    CuratedModel("gemma-3-270m", "Gemma 3 270M (embedded, offline)", ("gemma-scope-2-270m-pt-res",), 268_098_176),
     CuratedModel(
         "google/gemma-3-270m-it",
         "Gemma 3 270M-it + Gemma Scope 2",
         ("gemma-scope-2-270m-it-res", "gemma-scope-2-270m-pt-res"),
+        268_098_176,
+        gated=True,
     ),
-    CuratedModel("google/gemma-2-2b", "Gemma 2 2B + Gemma Scope", ("gemma-scope-2b-pt-res-canonical",)),
-    CuratedModel("meta-llama/Llama-3.1-8B", "Llama 3.1 8B + Llama Scope", ("llama_scope_lxr_8x",)),
+    CuratedModel(
+        "google/gemma-2-2b", "Gemma 2 2B + Gemma Scope", ("gemma-scope-2b-pt-res-canonical",), 2_614_341_888, True
+    ),
+    CuratedModel("meta-llama/Llama-3.1-8B", "Llama 3.1 8B + Llama Scope", ("llama_scope_lxr_8x",), 8_030_261_248, True),
     CuratedModel(
         "meta-llama/Llama-3.1-8B-Instruct",
         "Llama 3.1 8B-Instruct + Goodfire / Llama Scope",
         ("goodfire-llama-3.1-8b-instruct", "llama-3.1-8b-instruct-andyrdt", "llama_scope_lxr_8x"),
+        8_030_261_248,
+        gated=True,
     ),
-    CuratedModel("gpt2", "GPT-2 small + gpt2-small-res-jb", ("gpt2-small-res-jb",)),
+    CuratedModel("gpt2", "GPT-2 small + gpt2-small-res-jb", ("gpt2-small-res-jb",), 124_439_808),
 )
 
 
@@ -68,9 +77,35 @@ class SAEChoice:
         return f"https://www.neuronpedia.org/{self.neuronpedia_id}/{feature}" if self.neuronpedia_id else None
 
 
-def model_choices() -> list[tuple[str, str]]:
-    """(label, model id) pairs for the model dropdown, embedded models first."""
-    return [(m.label, m.model_id) for m in CURATED_MODELS]
+def model_choices(budget: Budget | None = None, *, gated_readable: bool = True) -> list[tuple[str, str]]:
+    """(label, model id) pairs for the model dropdown, embedded models first. With a budget, each label says when
+    this hardware cannot hold the model; `gated_readable` False marks the gated ones this server cannot read."""
+    out = []
+    for m in CURATED_MODELS:
+        label = m.label
+        if budget is not None and m.parameters and budget.model_bytes(m.parameters) > budget.models:
+            label += f" · too large here ({format_bytes(budget.model_bytes(m.parameters))} in {budget.dtype_name})"
+        elif m.gated and not gated_readable:
+            label += " · gated: needs the Space owner's HF_TOKEN"
+        out.append((label, m.model_id))
+    return out
+
+
+def is_curated_repo(repo_id: str) -> bool:
+    """Whether the app's owner chose this Hub repo (a curated model, an embedded model's upstream, or the repo of a
+    curated SAE release), as opposed to one a visitor typed."""
+    if repo_id in {m.model_id for m in CURATED_MODELS} | {m.hub_id for m in EMBEDDED_MODELS.values()}:
+        return True
+    directory = registry()
+    return any(directory[r].repo_id == repo_id for m in CURATED_MODELS for r in m.sae_releases if r in directory)
+
+
+def is_curated_release(release: str) -> bool:
+    return any(release in m.sae_releases for m in CURATED_MODELS)
+
+
+def curated_parameters(model_id: str) -> int | None:
+    return next((m.parameters for m in CURATED_MODELS if m.model_id == model_id and m.parameters), None)
 
 
 def _curated(model_name: str) -> CuratedModel | None:
@@ -78,15 +113,6 @@ def _curated(model_name: str) -> CuratedModel | None:
         if model_name == m.model_id:
             return m
     return None
-
-
-@lru_cache(maxsize=1)
-def _registry() -> dict[str, Any]:
-    try:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-    except ImportError:  # pragma: no cover - depends on the environment
-        return {}
-    return dict(get_pretrained_saes_directory())
 
 
 def _hub_id(model_name: str) -> str:
@@ -98,7 +124,7 @@ def registry_releases(model_name: str) -> list[str]:
     """Registry releases for this model: the curated ones for a curated model, else every residual-stream release
     whose model matches by name (attention, MLP and transcoder releases are left out: they do not read the residual
     stream the steering writes to)."""
-    directory = _registry()
+    directory = registry()
     curated = _curated(model_name)
     if curated and curated.sae_releases:
         return [r for r in curated.sae_releases if r in directory]
@@ -109,10 +135,7 @@ def registry_releases(model_name: str) -> list[str]:
 
 
 def registry_choices(release: str) -> list[SAEChoice]:
-    directory = _registry()
-    if release not in directory:
-        raise LookupError(f"SAE release {release!r} is not in the sae_lens registry")
-    entry = directory[release]
+    entry = registry_entry(release)
     np_ids = entry.neuronpedia_id or {}
     return [
         SAEChoice(

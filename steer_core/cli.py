@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--push", metavar="USER/REPO", help="push to the Hub after verification (token: HF_TOKEN)")
     e.add_argument("--private", action="store_true", help="with --push: create a private repo")
+    e.add_argument(
+        "--update-existing",
+        action="store_true",
+        help="with --push: push into a repo that exists (replaces our files there, removes what an earlier export "
+        "wrote and this one does not, keeps the rest); without it such a push is refused with what it would do",
+    )
     e.add_argument("--json", action="store_true", help="print the fidelity report as JSON")
 
     v = sub.add_parser("verify", help="re-measure an adapter folder against hook steering")
@@ -271,10 +276,14 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
         print(f"serve it ({args.target}): {result.meta['serve']}")
     if args.push:
+        from steer_core.hub import Access
         from steer_core.publish import push
 
-        url = push(result.folder, args.push, token=os.environ.get("HF_TOKEN"), private=args.private)
-        print(f"pushed to {url}")
+        pushed = push(
+            result.folder, args.push, token=Access().write_token(), private=args.private,
+            update_existing=args.update_existing,
+        )  # fmt: skip
+        print(f"pushed to {pushed.url} ({pushed.describe(args.private)})")
     return 0
 
 

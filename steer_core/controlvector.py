@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steer_core.provenance import file_provenance
 from steer_core.sites import HookPoint
 from steer_core.vector import SteeringVector
 
@@ -100,5 +101,6 @@ def load_control_vector(path: str | Path, strength: float = 1.0) -> SteeringVect
         raise ValueError(f"{path.name} holds no direction tensors")
     hint_field = reader.fields.get(f"{ARCH}.model_hint")
     hint = bytes(hint_field.parts[hint_field.data[0]]).decode() if hint_field is not None else None
-    provenance = {"source": "control_vector", "path": str(path), "strength": strength, "model_hint": hint}
+    provenance = {"source": "control_vector", **file_provenance(path, "control-vector"), "strength": strength,
+                  "model_hint": hint}  # fmt: skip
     return SteeringVector(directions, provenance)

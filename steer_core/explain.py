@@ -153,7 +153,22 @@ def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) 
         f"| KL ratio (0 = identical to hook, 1 = no steering) | {report.kl_ratio:.3g} |\n"
         f"| greedy tokens before first divergence | {report.greedy_prefix_mean:.1f} / {report.greedy_tokens} |\n"
         f"| steering effect kept (log-probability gain on the tokens the hook promotes) | {report.effect_kept:.0%} |\n"
-        f"| time | {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())} |\n" + "".join(f"\n> {n}\n" for n in notes)
+        f"| time | {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())} |\n"
+        + _dtype_row(report)
+        + "".join(f"\n> {n}\n" for n in notes)
+    )
+
+
+def _dtype_row(report: Any) -> str:
+    """Measured in bfloat16 (the app on a GPU): both the hook and the adapter run with bfloat16's rounding, so the
+    figures carry that noise too; a float32 run (the command line, a CPU) gives the adapter's own fidelity."""
+    dtype = getattr(report, "dtype", "float32")
+    if dtype == "float32":
+        return ""
+    return (
+        f"| measured in | **{dtype}** (the GPU's dtype): the hook and the adapter both round in it, so agreement "
+        "is a little below a float32 measurement (docs/space.md); `python -m steer_core verify` re-measures in "
+        "float32 |\n"
     )
 
 

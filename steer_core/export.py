@@ -139,7 +139,7 @@ def export(
         "target": target,
         "serve": engine.how,
         "base_model": lm.base_model_id,
-        "model": lm.name,
+        "model": lm.public_name,
         "architecture": arch.family,
         "skip_bos": skip_bos if mode != "ablate" else False,
         "target_modules": built.modules,
@@ -192,6 +192,9 @@ def export(
         meta["target_files"], target_notes = _write_target_files(engine, lm, vector, tmp, skip_bos)
         meta["notes"] += target_notes
         meta["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+        # What this export wrote: a later push into the same repo removes these, and only these, when it no longer
+        # writes them (steer_core.publish).
+        meta["files"] = sorted({p.name for p in tmp.iterdir()} | {STEERING_JSON_FILENAME, MODEL_CARD_FILENAME})
         write_json(tmp / STEERING_JSON_FILENAME, meta)
         (tmp / MODEL_CARD_FILENAME).write_text(model_card(meta), encoding="utf-8")
         _check_out(out, overwrite)

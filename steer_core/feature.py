@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from steer_core.constants import LABELS_FILENAME
+from steer_core.provenance import file_provenance
 from steer_core.sites import HookPoint, parse_hook_name
 
 if TYPE_CHECKING:
@@ -43,6 +46,17 @@ class SAESource:
         if not self.neuronpedia_id:
             return None
         return f"https://www.neuronpedia.org/{self.neuronpedia_id}/{feature}"
+
+    def provenance(self) -> dict[str, Any]:
+        """What steering.json records: the registry entry, `embedded:NAME`, or a folder named by its weights' hash
+        (steer_core.provenance), never the folder's path."""
+        out = dataclasses.asdict(self) | {"point": self.point.tl_name, "path": None}
+        if is_embedded_sae(self.path):
+            out["folder"] = f"embedded:{Path(self.path).name}"
+        elif self.path:
+            named = file_provenance(Path(self.path) / "sae_weights.safetensors", "sae")
+            out |= {"folder": named["file"].removesuffix(".safetensors"), "sha256": named["sha256"]}
+        return out
 
     def describe(self) -> str:
         if self.release:
@@ -102,16 +116,29 @@ def load_sae_from_disk(path: str | Path) -> LoadedSAE:
     return LoadedSAE(sae, _source_from_sae(sae, path=str(folder)))
 
 
-def load_sae_from_registry(release: str, sae_id: str) -> LoadedSAE:
-    """An SAE from the sae_lens pretrained registry (downloads from the Hub)."""
-    _sae_lens()
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+@lru_cache(maxsize=1)
+def registry() -> dict[str, Any]:
+    """The sae_lens registry: a YAML file inside the package, so it is read offline."""
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError:  # pragma: no cover - depends on the environment
+        return {}
+    return dict(get_pretrained_saes_directory())
 
-    directory = get_pretrained_saes_directory()
+
+def registry_entry(release: str) -> Any:
+    """The registry's entry of a release: repo_id, saes_map (sae_id -> path in the repo), model."""
+    directory = registry()
     if release not in directory:
         near = sorted(r for r in directory if release.split("-")[0] in r)[:10]
         raise LookupError(f"SAE release {release!r} is not in the sae_lens registry; similar: {near}")
-    ids = directory[release].saes_map
+    return directory[release]
+
+
+def load_sae_from_registry(release: str, sae_id: str) -> LoadedSAE:
+    """An SAE from the sae_lens pretrained registry (downloads from the Hub)."""
+    _sae_lens()
+    ids = registry_entry(release).saes_map
     if sae_id not in ids:
         raise LookupError(f"sae_id {sae_id!r} is not in release {release!r}; some valid ids: {sorted(ids)[:10]}")
     sae = _sae_lens().SAE.from_pretrained(release, sae_id)
@@ -146,6 +173,11 @@ EMBEDDED_SAES: dict[str, EmbeddedSAE] = {
         "smollm2-135m-instruct-res-L15", "smollm2-135m-instruct", default_feature=676, default_strength=0.5
     ),
 }
+
+
+def is_embedded_sae(path: str | Path | None) -> bool:
+    """Whether a folder is one of the SAEs this package ships (as opposed to one a user typed)."""
+    return bool(path) and Path(str(path)).resolve().parent == _EMBEDDED_DIR.resolve()
 
 
 def embedded_sae_for(model_name: str) -> EmbeddedSAE | None:

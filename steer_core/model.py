@@ -61,6 +61,11 @@ class LoadedModel:
     load_seconds: float = 0.0
 
     @property
+    def public_name(self) -> str:
+        """The name exports record: what the user asked for, or for a local file or folder its name alone (resolve)."""
+        return self.base_model_id if is_local(self.name) else self.name
+
+    @property
     def arch(self) -> Architecture:
         return architecture_for(self.model)
 
@@ -133,13 +138,22 @@ def resolve(name: str) -> tuple[str, dict[str, str], str]:
             _dequantize_to_cache(gguf, folder, torch.float32)
         return str(folder), {}, spec.hub_id
     path = Path(name)
+    # A local model is named by its file or folder name alone: the id goes into adapter_config.json, steering.json and
+    # the model card, which a push makes public, and this machine's paths are nobody's business there.
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {name!r} does not exist")
         return str(path.parent), {"gguf_file": path.name}, path.stem
-    if path.exists() and not (path / "config.json").exists():
-        raise ValueError(f"{name!r} is a local path but has no config.json (a transformers model folder)")
+    if is_local(name):
+        if not (path / "config.json").exists():
+            raise ValueError(f"{name!r} is a local path but has no config.json (a transformers model folder)")
+        return name, {}, path.resolve().name
     return name, {}, name
+
+
+def is_local(name: str) -> bool:
+    """Whether a model argument names a file or folder on this machine rather than a Hub id or an embedded model."""
+    return name not in EMBEDDED_MODELS and (Path(name).suffix == ".gguf" or Path(name).exists())
 
 
 def load_model(
@@ -147,16 +161,18 @@ def load_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device_map: str | None = None,
+    token: str | bool | None = None,
 ) -> LoadedModel:
     """Load `name`: an embedded model name, a Hub id, a local model folder, or a local .gguf file.
 
     device_map="auto" spreads a large model over the available devices (accelerate), which calibration uses as is.
+    `token` is passed to every Hub request (None: huggingface_hub's default; False: none; steer_core.hub.Access).
     """
     start = time.perf_counter()
     source, kwargs, base_id = resolve(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, token=token, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, token=token, **kwargs)
     except OSError as err:
         hint = "; ".join(f"{m.name} ({m.install})" for m in EMBEDDED_MODELS.values())
         raise LookupError(

@@ -12,6 +12,7 @@ from typing import Literal
 
 from steer_core.activations import median_norm
 from steer_core.constants import SITES, STRENGTH_UNITS
+from steer_core.feature import LoadedSAE
 from steer_core.model import LoadedModel
 from steer_core.sites import HookPoint, Site, num_layers
 from steer_core.vector import SteeringVector, check_fits_model
@@ -76,13 +77,14 @@ class VectorRecipe:
             if len(self.strengths) not in (1, len(self.features)):
                 raise ValueError(f"{len(self.features)} features but {len(self.strengths)} strengths")
 
-    def build(self, lm: LoadedModel) -> SteeringVector:
+    def build(self, lm: LoadedModel, sae: LoadedSAE | None = None) -> SteeringVector:
+        """The vector on this model; `sae` is the SAE of an "sae" recipe when the caller has it loaded already."""
         model, tokenizer = lm.model, lm.tokenizer
         d_model, n_layers = int(model.config.get_text_config().hidden_size), num_layers(model)
         if self.layer is not None and not 0 <= self.layer < n_layers:
             raise ValueError(f"layer {self.layer} is out of range: this model has layers 0..{n_layers - 1}")
         if self.source == "sae":
-            return self._build_sae(lm, d_model, n_layers)
+            return self._build_sae(lm, d_model, n_layers, sae)
         if self.source == "control_vector":
             from steer_core.controlvector import load_control_vector
 
@@ -109,11 +111,12 @@ class VectorRecipe:
         vector.provenance.update(strength=strength, strength_unit=self.strength_unit)
         return vector
 
-    def _build_sae(self, lm: LoadedModel, d_model: int, n_layers: int) -> SteeringVector:
+    def _build_sae(self, lm: LoadedModel, d_model: int, n_layers: int, sae: LoadedSAE | None) -> SteeringVector:
         from steer_core.feature import check_fits, load_sae, reconstruction_fvu, same_model
         from steer_core.vector import from_features
 
-        sae = load_sae(path=self.path, release=self.sae_release, sae_id=self.sae_id, model=lm.name)
+        if sae is None:
+            sae = load_sae(path=self.path, release=self.sae_release, sae_id=self.sae_id, model=lm.name)
         check_fits(sae.source, d_model, n_layers)
         strengths = list(self.strengths) * (len(self.features) if len(self.strengths) == 1 else 1)
         if self.strength_unit != "abs":

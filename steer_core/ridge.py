@@ -181,7 +181,8 @@ def gather(
     seen = 0
     # Several sites: a later site's writers read what the earlier sites' steering changed, so nothing is reused.
     reusable = len(vector.points) == 1
-    key = (frozenset(writers), frozenset(sampled), tokens, max_doc_tokens, skip_bos)
+    # The dtype too: a model converted in place (model.to(torch.bfloat16)) is the same object with other statistics.
+    key = (frozenset(writers), frozenset(sampled), tokens, max_doc_tokens, skip_bos, next(model.parameters()).dtype)
     known = _remembered(model, key) if reusable else None
     if known is not None:
         stats, sampled, seen = known

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from steer_core.feature import LoadedSAE, check_feature
+from steer_core.provenance import file_provenance
 from steer_core.sites import HookPoint, Site
 
 
@@ -113,7 +114,7 @@ def from_features(sae: LoadedSAE, features: Sequence[int], strengths: Sequence[f
         total += _check_strength(strength) * sae.decoder_row(feature)
     provenance = {
         "source": "sae",
-        "sae": dataclasses.asdict(sae.source) | {"point": sae.source.point.tl_name},
+        "sae": sae.source.provenance(),
         "features": [
             {
                 "index": f,
@@ -157,7 +158,9 @@ def from_file(path: str | Path, layer: int, site: Site, strength: float = 1.0) -
     """A raw vector, multiplied by `strength` as given."""
     point = HookPoint(layer, site)
     v = read_vector_file(path) * _check_strength(strength)
-    return SteeringVector({point: v}, {"source": "file", "path": str(path), "strength": float(strength)})
+    return SteeringVector(
+        {point: v}, {"source": "file", **file_provenance(path, "vector"), "strength": float(strength)}
+    )
 
 
 def check_fits_model(vector: SteeringVector, d_model: int, n_layers: int) -> None:

@@ -64,6 +64,9 @@ class FidelityReport:
     # adds too (1 = all of the effect, 0 = none, above 1 = overshoot); see `_Effect`.
     effect_kept: float = float("nan")
     promoted_tokens: list[str] = field(default_factory=list)
+    # The dtype the model ran in while measured. In bfloat16 (the app on a GPU) the hook and the adapter each round
+    # differently, so agreement is measured against a noisier reference than in float32 (docs/space.md has the sizes).
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return {"worst_format": self.worst_format, **asdict(self)}  # the worst first, where a reader starts
@@ -391,6 +394,7 @@ def verify(
         by_source=by_source.figures(),
         effect_kept=kept,
         promoted_tokens=[tokenizer.decode([int(t)]) for t in promoted[:10]],
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
 
 

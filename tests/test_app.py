@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pytest
 
 import app
+from fakehub import FakeHub, use
 from helpers import build_sae, tiny_lm
 from steer_core.corpus import split_texts
 from steer_core.feature import load_sae_from_disk
@@ -223,69 +226,164 @@ def test_control_vector_download() -> None:
 
 
 def test_compare_with_sae_features(sae_folder: str) -> None:
-    text = app.run_compare("tiny", sae_folder, *contrastive_args())
+    args = contrastive_args()
+    args[2] = sae_folder  # the SAE chosen in step 2, whatever the vector's source
+    text = app.run_compare("tiny", *args)
     assert "× median residual norm" in text and text.count("- feature") == 10
-    with pytest.raises(gr.Error, match="SAE folder"):
-        app.run_compare("tiny", "", *contrastive_args())
+    with pytest.raises(gr.Error, match="Choose an SAE"):
+        app.run_compare("tiny", *contrastive_args())
 
 
-# ---- 5 · push ----
+# ---- 5 · push (through huggingface_hub's client, to a Hub on loopback) ----
+
+OWNER, VISITOR, TYPED = "hf_owner_SECRET", "hf_visitor_oauth", "hf_typed_by_visitor"
 
 
-class FakeHub:
-    calls: list[tuple[str, dict]] = []
-
-    def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
-        self.token = token
-        self.endpoint = endpoint or "https://huggingface.co"
-
-    def whoami(self) -> dict:
-        return {"name": "alice"}
-
-    def create_repo(self, repo_id: str, **kwargs: object) -> str:
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, **kwargs: object) -> None:
-        self.calls.append(("upload_folder", kwargs))
+@pytest.fixture()
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub({OWNER: "owner", VISITOR: "alice", TYPED: "bob"}).serve() as server:
+        use(server, monkeypatch)
+        yield server
 
 
-def test_push_one_commit_under_the_users_namespace(monkeypatch: pytest.MonkeyPatch, sae_folder: str) -> None:
-    import huggingface_hub
+@pytest.fixture()
+def on_a_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As app.py starts on a Space: the owner's token taken out of the environment into OWNER_TOKEN."""
+    monkeypatch.setattr(app, "ON_SPACE", True)
+    monkeypatch.setattr(app, "OWNER_TOKEN", OWNER)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
-    FakeHub.calls = []
-    *_, folder, repo = app.run_export("tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder), **NO_PROGRESS)
-    text = app.run_push(folder, repo, True, "hf_secret_token")
-    assert text == f"✅ Pushed: [https://huggingface.co/alice/{repo}](https://huggingface.co/alice/{repo})"
-    assert [c[0] for c in FakeHub.calls] == ["create_repo", "upload_folder"]
-    assert FakeHub.calls[0][1]["private"] is True
-    assert "hf_secret_token" not in json.dumps(FakeHub.calls, default=str)
+
+@pytest.fixture(scope="module")
+def exported(sae_folder: str) -> str:
+    app.workspace.forget_model("tiny")
+    app._models["tiny"] = tiny_lm("llama")
+    return app.run_export("tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder), **NO_PROGRESS)[4]
+
+
+def oauth(token: str) -> gr.OAuthToken:
+    return gr.OAuthToken(token=token, scope="openid profile write-repos", expires_at=2**40)
+
+
+def test_push_one_commit_under_the_users_namespace(hub: FakeHub, exported: str) -> None:
+    text = app.run_push(exported, "steer-x", True, False, TYPED)
+    assert text.startswith(f"✅ Pushed: [{hub.url}/bob/steer-x]") and "new private repo" in text
+    assert len(hub.commits["bob/steer-x"]) == 1 and hub.repos["bob/steer-x"].private
+    assert hub.tokens_seen() == {TYPED}
     with pytest.raises(gr.Error, match="not valid"):
-        app.run_push(folder, "bad id!!/x", True, "hf_secret_token")
+        app.run_push(exported, "bad id!!/x", True, False, TYPED)
+
+
+def test_on_a_space_a_push_is_the_visitors_never_the_owners(
+    hub: FakeHub, exported: str, on_a_space: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", OWNER)  # even if it were still in the environment
+    with pytest.raises(gr.Error, match="sign in with Hugging Face, or paste a write token"):
+        app.run_push(exported, "steer-anon", True, False, "")
+    assert hub.log == [], "an anonymous visitor's push reaches nothing"
+    text = app.run_push(exported, "steer-signed", False, False, "", oauth(VISITOR))
+    assert f"{hub.url}/alice/steer-signed" in text
+    text = app.run_push(exported, "steer-typed", False, False, TYPED)
+    assert f"{hub.url}/bob/steer-typed" in text
+    assert OWNER not in hub.tokens_seen() and hub.tokens_seen() == {VISITOR, TYPED}
+    assert "owner/steer-anon" not in hub.repos and "owner/steer-signed" not in hub.repos
+
+
+def test_a_push_into_an_existing_repo_asks_first_and_reports_its_real_visibility(hub: FakeHub, exported: str) -> None:
+    app.run_push(exported, "bob/steer-again", False, False, TYPED)
+    text = app.run_push(exported, "bob/steer-again", True, False, TYPED)
+    assert text.startswith("⚠️ Not pushed yet. bob/steer-again exists already (public).") and "Tick" in text
+    assert len(hub.commits["bob/steer-again"]) == 1
+    text = app.run_push(exported, "bob/steer-again", True, True, TYPED)
+    assert "updated public repo" in text and "is PUBLIC" in text and len(hub.commits["bob/steer-again"]) == 2
 
 
 def test_push_refuses_without_an_export_or_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(gr.Error, match="write token, or set HF_TOKEN"):
+        app.run_push("", "me/x", True, False, "")
     with pytest.raises(gr.Error, match="Export an adapter first"):
-        app.run_push("", "me/x", True, "tok")
+        app.run_push("", "me/x", True, False, "tok")
     with pytest.raises(gr.Error, match="cleaned up .*export it again"):  # pruned after an hour (prune_work_folders)
-        app.run_push(str(tmp_path / "pruned"), "me/x", True, "tok")
-    with pytest.raises(gr.Error, match="write token"):
-        app.run_push(str(tmp_path), "me/x", True, "")
+        app.run_push(str(tmp_path / "pruned"), "me/x", True, False, "tok")
     with pytest.raises(gr.Error, match="not verified|no steering.json"):
-        app.run_push(str(tmp_path), "me/x", True, "tok")
+        app.run_push(str(tmp_path), "me/x", True, False, "tok")
 
 
-def test_push_error_never_echoes_the_token(monkeypatch: pytest.MonkeyPatch, sae_folder: str) -> None:
-    import huggingface_hub
-
-    class Leaky(FakeHub):
-        def create_repo(self, repo_id: str, **kwargs: object) -> str:
-            raise RuntimeError(f"401 for token {self.token}")
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", Leaky)
-    *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder), **NO_PROGRESS)
+def test_push_error_never_echoes_the_token(hub: FakeHub, exported: str) -> None:
+    hub.fail = {"commit": 500}
     with pytest.raises(gr.Error) as err:
-        app.run_push(folder, "me/x", False, "hf_secret_token")
-    assert "hf_secret_token" not in str(err.value) and "***" in str(err.value)
+        app.run_push(exported, "bob/x", False, False, TYPED)
+    assert TYPED not in str(err.value) and "failed the push (500" in str(err.value)
+
+
+# ---- a shared server's bounds ----
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: list(app.preview("tiny", "hi", 100_000, 0, 0, "", *contrastive_args())), "max new tokens .* 256"),
+        (lambda: list(app.preview("tiny", "x" * 20_000, 8, 0, 0, "", *contrastive_args())), r"the prompt has .* 1024"),
+        (lambda: app.search_features("tiny", "", "", " ".join(["dog"] * 50)), "up to 8 words"),
+        (lambda: app.run_export("tiny", "portable", 10**7, 0, "peft", *contrastive_args(), **NO_PROGRESS),
+         "calibration tokens must be between 256 and 65536"),
+        (lambda: app.run_export("tiny", "portable", 1024, 10**5, "peft", *contrastive_args(), **NO_PROGRESS),
+         "refinement steps must be between 0 and 300"),
+    ],
+)  # fmt: skip
+def test_what_one_request_may_ask_for_is_bounded(call: Any, match: str) -> None:
+    with pytest.raises(gr.Error, match=match):
+        call()
+
+
+def test_contrastive_prompts_and_features_are_bounded(sae_folder: str) -> None:
+    many = "\n".join(f"I love thing {i}" for i in range(65))
+    args = contrastive_args()
+    args[6] = many
+    with pytest.raises(gr.Error, match="65 positive prompts: this server takes up to 64 per side"):
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
+    args[6] = "I love it " * 100
+    with pytest.raises(gr.Error, match=r"positive prompt 1 has \d+ tokens: this server takes up to 256"):
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
+    with pytest.raises(gr.Error, match="17 features mixed: this server mixes up to 16"):
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(sae_folder, ", ".join(f"{f}:1" for f in range(17)))))
+
+
+def test_an_upload_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = tmp_path / "big.npy"
+    big.write_bytes(b"\0" * (app.LIMITS.upload_bytes + 1))
+    args = contrastive_args()
+    args[0], args[-1] = "Vector file", str(big)
+    with pytest.raises(gr.Error, match=r"the vector file is 16.8 MB: this server takes files up to 16.8 MB"):
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
+
+
+def test_on_a_space_no_visitor_reads_the_servers_disk(on_a_space: None, sae_folder: str, exported: str) -> None:
+    with pytest.raises(gr.Error, match="does not read folders on its own disk"):
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(sae_folder)))
+    with pytest.raises(gr.Error, match="is a path on this server"):
+        list(app.preview("tiny", "hi", 8, 0, 0, str(Path(__file__).parent), *contrastive_args()))
+    *_, served, _ = list(app.preview("tiny", "hello", 8, 0, 0, exported, *contrastive_args()))[-1]
+    assert served, "an adapter this app exported is served"
+    with pytest.raises(gr.Error, match="a path on this server, which a public Space does not read"):
+        app.on_model(str(Path(exported)), **NO_PROGRESS, access=app.visitor_access(None))
+
+
+def test_a_preview_never_loads_a_model_the_load_lane_has_not() -> None:
+    with pytest.raises(gr.Error, match="not loaded yet: load it first"):
+        list(app.preview("some/other-model", "hi", 8, 0, 0, "", *contrastive_args()))
+
+
+def test_on_a_gpu_models_load_onto_it_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZeroGPU: CUDA is emulated outside the decorated handlers, so the weights are placed when they load."""
+    import torch
+
+    from steer_core.hardware import Budget
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(app, "BUDGET", Budget(70 * 10**9, "ZeroGPU", "cuda", torch.bfloat16))
+    monkeypatch.setattr(app, "load_model", lambda name, **kwargs: seen.update(kwargs) or tiny_lm("llama"))
+    app._load("some/model", token=False)
+    assert seen == {"dtype": torch.bfloat16, "device_map": "cuda", "token": False}

@@ -419,6 +419,10 @@ def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> Non
     assert not reused((one,), tokens=768) and not reused((one,), skip_bos=True) and not reused((two,))
     # Two sites: layer 2's MLP reads what layer 1's steering changed.
     assert not reused((one, two)) and not reused((one, two))
+    # A model converted in place to another dtype is the same object with other activations.
+    lm.model.to(torch.bfloat16)
+    assert not reused((one,)) and reused((one,))
+    lm.model.to(torch.float32)
     # forget_statistics: the next calibration makes a full pass again.
     assert reused((two,))
     forget_statistics(lm.model)

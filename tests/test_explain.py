@@ -65,3 +65,14 @@ def test_fidelity_markdown_and_repo_name() -> None:
     meta = {"base_model": "Org/Model-1B", "mode": "portable", "vector": {"provenance": {"source": "sae",
             "features": [{"index": 3}, {"index": 9}]}}}  # fmt: skip
     assert explain.repo_name(meta) == "steer-model-1b-f3-9-portable"
+
+
+def test_a_report_measured_in_bfloat16_says_so_in_the_app_and_the_card() -> None:
+    from steer_core.card import model_card
+
+    rep = FidelityReport("portable", 2048, 0.95, 0.001, 0.5, 0.01, 0.1, 15.0, 0.5, 20, 8)
+    assert "measured in" not in explain.fidelity_markdown(rep, {}, [])
+    gpu = replace(rep, dtype="bfloat16")
+    assert "| measured in | **bfloat16** (the GPU's dtype)" in explain.fidelity_markdown(gpu, {}, [])
+    meta = {"base_model": "m", "mode": "portable", "fidelity": gpu.to_dict()}
+    assert "| model dtype while measured | bfloat16 |" in model_card(meta)

@@ -112,9 +112,9 @@ def test_the_app_names_the_limit_too() -> None:
     app._models["tiny"] = tiny_lm("llama")
     contrastive = ["Contrastive prompts", "", "", "", 1.0, "× residual norm", "I love it\nso good",
                    "I hate it\nso bad", 1, "resid_post", None]  # fmt: skip
-    with pytest.raises(gr.Error, match="context of 512 tokens"):
-        list(app.preview("tiny", "hello " * 600, 8, 0, 0, "", *contrastive))
-    with pytest.raises(gr.Error, match="max_new_tokens must be in 1..4096"):
+    with pytest.raises(gr.Error, match="context of 512 tokens"):  # within the server's prompt limit, past the model's
+        list(app.preview("tiny", "hello " * 100, 8, 0, 0, "", *contrastive))
+    with pytest.raises(gr.Error, match="max new tokens must be between 1 and 256 on this server, got 5000"):
         list(app.preview("tiny", "hello", 5000, 0, 0, "", *contrastive))
 
 

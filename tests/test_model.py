@@ -15,7 +15,8 @@ def test_local_folder_loads(tmp_path: Path) -> None:
     lm.tokenizer.save_pretrained(tmp_path / "m")
     loaded = load_model(str(tmp_path / "m"))
     assert loaded.arch.post_norm and not loaded.model.training
-    assert loaded.base_model_id == str(tmp_path / "m")
+    # named by its folder alone: the id goes into what a push makes public, and this machine's paths do not
+    assert loaded.base_model_id == loaded.public_name == "m" and loaded.name == str(tmp_path / "m")
 
 
 def test_bad_model_arguments(tmp_path: Path) -> None:

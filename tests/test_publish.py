@@ -1,53 +1,56 @@
-import http.server
+"""Pushes through huggingface_hub's own client to a Hub on loopback (tests/fakehub.py), at the HTTP layer."""
+
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
 
-from helpers import D_MODEL, tiny_lm
+from fakehub import FakeHub, Repo, use
+from helpers import D_MODEL, build_sae, tiny_lm
 from steer_core.export import export
-from steer_core.publish import PushError, check_repo_id, push
+from steer_core.publish import PushError, RepoExistsError, check_repo_id, push
+from steer_core.recipe import VectorRecipe
 from steer_core.sites import HookPoint
 from steer_core.vector import SteeringVector
 
 SECRET = "hf_test_SECRET_token_value"
+OTHER = "hf_someone_else"
 
 
-class FakeApi:
-    calls: list = []
+@pytest.fixture()
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub({SECRET: "me", OTHER: "someone"}).serve() as server:
+        use(server, monkeypatch)
+        yield server
 
-    def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
-        FakeApi.calls.append(("init", token))
 
-    def create_repo(self, repo_id: str, **kwargs: object) -> str:
-        FakeApi.calls.append(("create_repo", repo_id, kwargs))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, **kwargs: object) -> None:
-        FakeApi.calls.append(("upload_folder", kwargs))
+def _export(out: Path, target: str = "peft") -> Path:
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL)})
+    mode = "portable" if target == "llama.cpp" else "exact"
+    return export(
+        tiny_lm("llama"), vec, out, mode=mode, verify_tokens=256, calibration_tokens=512, target=target
+    ).folder
 
 
 @pytest.fixture()
 def folder(tmp_path: Path) -> Path:
-    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL)})
-    return export(tiny_lm("llama"), vec, tmp_path / "a", mode="exact", verify_tokens=256).folder
+    return _export(tmp_path / "a")
 
 
-def test_push_is_one_commit_and_never_writes_the_token(
-    folder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_push_is_one_commit_as_the_token_and_never_writes_the_token(
+    folder: Path, hub: FakeHub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    FakeApi.calls = []
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    url = push(folder, "me/steer-test", token=SECRET, private=True)
-    assert url == "https://huggingface.co/me/steer-test"
-    kinds = [c[0] for c in FakeApi.calls]
-    assert kinds == ["init", "create_repo", "upload_folder"]
-    assert FakeApi.calls[1][2]["private"] is True
+    result = push(folder, "me/steer-test", token=SECRET, private=True)
+    assert result.url.endswith("/me/steer-test") and result.private and not result.plan.exists
+    assert len(hub.commits["me/steer-test"]) == 1
+    assert sorted(hub.repos["me/steer-test"].files) == sorted(p.name for p in folder.iterdir())
+    assert hub.repos["me/steer-test"].private
+    assert hub.tokens_seen("me/steer-test") == {SECRET}, "every request of the push carried the pusher's token"
     assert "me/steer-test" in (folder / "README.md").read_text()
+    listed = json.loads(hub.repos["me/steer-test"].files["steering.json"])["files"]
+    assert sorted(listed) == sorted(hub.repos["me/steer-test"].files), "steering.json lists what the push wrote"
     for path in folder.rglob("*"):
         assert SECRET.encode() not in path.read_bytes()
     assert SECRET not in caplog.text
@@ -59,101 +62,13 @@ def test_bad_repo_ids(repo: str) -> None:
         check_repo_id(repo)
 
 
-def test_unverified_adapter_is_not_pushed(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    FakeApi.calls = []
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+def test_unverified_adapter_is_not_pushed(folder: Path, hub: FakeHub) -> None:
     meta = json.loads((folder / "steering.json").read_text())
     del meta["fidelity"]
     (folder / "steering.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="not verified"):
-        push(folder, "me/x")
-    assert FakeApi.calls == []
-
-
-# ---- the Hub faked at the HTTP layer: huggingface_hub's own client talks to a local server ----
-
-
-class _Hub(http.server.BaseHTTPRequestHandler):
-    """create, preupload, commit, delete; `fail` picks the failure: {"create": 401} or {"commit": 500 | "drop"}."""
-
-    fail: ClassVar[dict[str, object]] = {}
-    log: ClassVar[list[tuple[str, str]]] = []
-    repos: ClassVar[dict[str, list[str]]] = {}  # repo -> files committed
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _step(self) -> str:
-        path = self.path.split("?")[0]
-        for step in ("create", "preupload", "commit", "delete", "validate-yaml"):
-            if f"/{step}" in path:
-                return step
-        return path
-
-    def _handle(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        step = self._step()
-        _Hub.log.append((self.command, step))
-        failure = _Hub.fail.get(step)
-        if failure == "drop":
-            self.connection.close()  # the network fails mid-request
-            return
-        if isinstance(failure, int):
-            return self._reply(failure, {"error": f"fake Hub: {step} failed"})
-        if step == "create":
-            name = json.loads(body)["name"]
-            repo = f"{json.loads(body).get('organization') or 'me'}/{name}"
-            if repo in _Hub.repos:
-                return self._reply(409, {"error": "You already created this model repo", "url": repo})
-            _Hub.repos[repo] = []
-            return self._reply(200, {"url": f"http://{self.headers['Host']}/{repo}", "name": repo, "id": repo})
-        if step == "preupload":
-            files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                               for f in files], "commitOid": "0" * 40})  # fmt: skip
-        if step == "commit":
-            repo = "/".join(self.path.split("/api/models/")[1].split("/")[:2])
-            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-            _Hub.repos[repo] = [x["value"]["path"] for x in lines if x["key"] == "file"]
-            commit = f"http://{self.headers['Host']}/{repo}/commit/1"
-            return self._reply(200, {"commitUrl": commit, "commitOid": "1" * 40})
-        if step == "validate-yaml":  # the model card's metadata
-            return self._reply(200, {"errors": [], "warnings": []})
-        if step == "delete":
-            _Hub.repos.pop(f"{json.loads(body).get('organization')}/{json.loads(body)['name']}", None)
-            return self._reply(200, {})
-        return self._reply(404, {"error": f"fake Hub has no {self.command} {self.path}"})
-
-    do_POST = do_GET = do_DELETE = do_PUT = _handle
-
-
-@pytest.fixture()
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_Hub]]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Hub.fail, _Hub.log, _Hub.repos = {}, [], {}
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    # huggingface_hub retries failed requests five times with backoff (1+2+4+8+8 s); the retries stay, the waits go
-    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda _s: None)
-    yield _Hub
-    server.shutdown()
-
-
-def test_push_through_huggingface_hubs_client(folder: Path, hub: type[_Hub]) -> None:
-    url = push(folder, "me/steer-ok", token=SECRET)
-    assert url.endswith("me/steer-ok")
-    assert sorted(hub.repos["me/steer-ok"]) == sorted(p.name for p in folder.iterdir())
+        push(folder, "me/x", token=SECRET)
+    assert hub.log == [], "nothing reached the Hub"
 
 
 @pytest.mark.parametrize(
@@ -165,7 +80,7 @@ def test_push_through_huggingface_hubs_client(folder: Path, hub: type[_Hub]) -> 
     ],
 )
 def test_a_failed_push_says_what_happened_and_leaves_no_half_repo(
-    folder: Path, hub: type[_Hub], fail: dict, message: str, left: str
+    folder: Path, hub: FakeHub, fail: dict, message: str, left: str
 ) -> None:
     hub.fail = fail
     before = sorted((p.name, p.read_bytes()) for p in folder.iterdir() if p.name != "README.md")
@@ -176,13 +91,88 @@ def test_a_failed_push_says_what_happened_and_leaves_no_half_repo(
     assert "me/steer-fail" not in hub.repos, "no repo is left claiming to hold the adapter"
     assert sorted((p.name, p.read_bytes()) for p in folder.iterdir() if p.name != "README.md") == before
     hub.fail = {}
-    assert push(folder, "me/steer-fail", token=SECRET).endswith("me/steer-fail")  # and the next push works
+    assert push(folder, "me/steer-fail", token=SECRET).url.endswith("me/steer-fail")  # and the next push works
 
 
-def test_a_failed_push_to_an_existing_repo_keeps_its_earlier_commit(folder: Path, hub: type[_Hub]) -> None:
+def test_a_push_into_an_existing_repo_waits_for_the_users_say_so(folder: Path, hub: FakeHub) -> None:
     push(folder, "me/steer-twice", token=SECRET)
+    with pytest.raises(RepoExistsError, match=r"me/steer-twice exists already \(public\)") as info:
+        push(folder, "me/steer-twice", token=SECRET)
+    assert "--update-existing" in str(info.value) and len(hub.commits["me/steer-twice"]) == 1
     hub.fail = {"commit": 500}
     with pytest.raises(PushError, match="no commit was made"):
-        push(folder, "me/steer-twice", token=SECRET)
-    assert hub.repos["me/steer-twice"], "the repo and its first commit stay"
-    assert ("DELETE", "delete") not in hub.log
+        push(folder, "me/steer-twice", token=SECRET, update_existing=True)
+    assert hub.repos["me/steer-twice"].files, "the repo and its first commit stay"
+    assert not [r for r in hub.log if r.path == "/api/repos/delete"]
+
+
+def test_an_update_removes_only_an_earlier_exports_leftovers_and_keeps_the_owners_files(
+    tmp_path: Path, hub: FakeHub
+) -> None:
+    gguf = _export(tmp_path / "gguf", target="llama.cpp")
+    push(gguf, "me/steer", token=SECRET)
+    repo = hub.repos["me/steer"]
+    assert {"adapter.gguf", "control_vector.gguf"} <= set(repo.files)
+    repo.files["LICENSE"] = b"the owner's own licence"
+    repo.files["notes/eval.md"] = b"the owner's notes"
+    peft = _export(tmp_path / "peft")
+    result = push(peft, "me/steer", token=SECRET, update_existing=True)
+    assert result.plan.delete == ("adapter.gguf", "control_vector.gguf")
+    assert set(result.plan.keep) == {"LICENSE", "notes/eval.md"}
+    assert set(repo.files) == {p.name for p in peft.iterdir()} | {"LICENSE", "notes/eval.md"}
+    assert repo.files["LICENSE"] == b"the owner's own licence"
+    assert hub.commits["me/steer"][-1]["operations"].count({"delete": "adapter.gguf"}) == 1, "in the same commit"
+    assert "removed adapter.gguf, control_vector.gguf" in result.describe(asked_private=False)
+
+
+def test_an_update_keeps_a_readme_the_owner_wrote_and_reports_real_visibility(folder: Path, hub: FakeHub) -> None:
+    hub.add("me/mine", Repo(owner="me", files={"README.md": b"# my model", "weights.bin": b"x" * 10}))
+    with pytest.raises(RepoExistsError, match="It keeps README.md, weights.bin.*README stays.*STEERING.md"):
+        push(folder, "me/mine", token=SECRET, private=True)
+    result = push(folder, "me/mine", token=SECRET, private=True, update_existing=True)
+    files = hub.repos["me/mine"].files
+    assert files["README.md"] == b"# my model" and files["weights.bin"] == b"x" * 10
+    assert b"library_name: peft" in files["STEERING.md"]
+    assert not result.private and "is PUBLIC" in result.describe(asked_private=True)
+    listed = json.loads(files["steering.json"])["files"]
+    assert "STEERING.md" in listed and "README.md" not in listed, "a later push will not take the owner's README"
+
+
+def test_an_update_over_an_export_from_before_files_were_listed(folder: Path, hub: FakeHub, tmp_path: Path) -> None:
+    old_meta = {k: v for k, v in json.loads((folder / "steering.json").read_text()).items() if k != "files"}
+    files = {"steering.json": json.dumps(old_meta).encode(), "Modelfile": b"FROM x",
+             "README.md": b"---\ntags:\n- steer-core\n---", "data.csv": b"1"}  # fmt: skip
+    hub.add("me/old", Repo(owner="me", files=files))
+    result = push(folder, "me/old", token=SECRET, update_existing=True)
+    assert result.plan.delete == ("Modelfile",) and result.plan.keep == ("data.csv",)
+    assert "STEERING.md" not in hub.repos["me/old"].files, "our earlier README is ours to replace"
+
+
+def test_a_push_into_someone_elses_namespace_is_refused(folder: Path, hub: FakeHub) -> None:
+    with pytest.raises(PushError, match=r"refused the token \(403\)"):
+        push(folder, "someone/steer", token=SECRET)
+    assert "someone/steer" not in hub.repos
+
+
+def test_the_adapter_folder_names_no_path_or_file_name_of_this_machine(tmp_path: Path) -> None:
+    """An upload's path names the server's upload folder and the uploader's own file name; a typed SAE folder, the
+    server's disk. None of it may reach steering.json, the card or any other file a push makes public."""
+    from safetensors.torch import save_file
+
+    uploads = tmp_path / "gradio-uploads" / "0123abcd"
+    uploads.mkdir(parents=True)
+    upload = uploads / "Jane Doe secret plan (1).safetensors"
+    save_file({"v": torch.randn(D_MODEL)}, str(upload))
+    sae = build_sae(tmp_path / "private-sae-folder", d_sae=8)
+    lm = tiny_lm("llama")
+    for i, recipe in enumerate([
+        VectorRecipe("file", (2.0,), "resid", path=str(upload), layer=1),
+        VectorRecipe("sae", (2.0,), "resid", path=str(sae), features=(3,)),
+    ]):  # fmt: skip
+        out = export(lm, recipe.build(lm), tmp_path / f"out{i}", mode="exact", verify_tokens=256).folder
+        text = "\n".join(p.read_bytes().decode("utf-8", "replace") for p in out.iterdir())
+        for leak in (str(tmp_path), "gradio-uploads", "Jane Doe", "secret plan", "private-sae-folder"):
+            assert leak not in text, f"{leak!r} is in the adapter folder"
+        meta = json.loads((out / "steering.json").read_text())
+        named = meta["vector"]["provenance"].get("file") or meta["vector"]["provenance"]["sae"]["folder"]
+        assert named.startswith(("vector-", "sae-")) and len(meta["vector"]["provenance"].get("sha256", "x" * 64)) == 64
