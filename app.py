@@ -21,9 +21,9 @@ import gradio as gr
 from steer_core import catalog, explain, search
 from steer_core.card import MODE_WHERE
 from steer_core.constants import DEFAULT_MODEL, TARGET_NAMES
-from steer_core.feature import embedded_sae_for
+from steer_core.feature import embedded_sae_for, is_embedded_sae
 from steer_core.generate import GenerationConfig, stream_sides
-from steer_core.hardware import current_budget
+from steer_core.hardware import current_budget, format_bytes, parse_size
 from steer_core.hub import Access, on_space, take_owner_token
 from steer_core.labels import active_features
 from steer_core.limits import SERVER_LIMITS as LIMITS
@@ -66,7 +66,10 @@ def _load(name: str, token: str | bool | None = None) -> LoadedModel:
     return load_model(name, dtype=BUDGET.dtype, device_map="cuda" if BUDGET.device == "cuda" else None, token=token)
 
 
-workspace = Workspace(_load, budget=BUDGET, pinned=(DEFAULT_MODEL,))
+# A Space's disk (50 GB on the free hardware) holds the shared Hub cache: past this, the least recently used
+# downloads that nothing loaded holds go. Locally the Hub cache is the user's own and is left alone.
+HUB_CACHE_LIMIT = parse_size(os.environ.get("STEER_HUB_CACHE_LIMIT", "20GB")) if ON_SPACE else None
+workspace = Workspace(_load, budget=BUDGET, pinned=(DEFAULT_MODEL,), disk_budget=HUB_CACHE_LIMIT)
 _models = workspace.models  # tests put tiny models here
 
 
@@ -84,6 +87,9 @@ _models = workspace.models  # tests put tiny models here
 #   "This application is currently busy. Please try again.", gradio_client raises QueueError("Queue is full!
 #   Please try again."), instead of a wait nobody sees the end of or a server that runs out of memory.
 PREVIEW_WORKERS = 4
+# ZeroGPU runs @spaces.GPU handlers in a worker process forked from this one (spaces 0.51), which keeps what it
+# loads to itself and may have been forked before a load here: there a handler loads what its worker lacks.
+INLINE_LOADS = os.environ.get("SPACES_ZERO_GPU") == "true"
 LOAD = {"concurrency_id": "load", "concurrency_limit": 1}
 HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
 PUSH = {"concurrency_id": "push", "concurrency_limit": 2}
@@ -136,7 +142,7 @@ def get_model(name: str, access: Access | None = None, *, load: bool = False) ->
         raise gr.Error("Pick or type a model.")
     with user_errors(f"Could not load model {name.strip()!r}"):
         try:
-            return workspace.model(name, access, load=load)
+            return workspace.model(name, access, load=load or INLINE_LOADS)
         except USER_ERRORS:
             raise
         except Exception as err:  # transformers' errors for unsupported architectures are of many types
@@ -146,12 +152,14 @@ def get_model(name: str, access: Access | None = None, *, load: bool = False) ->
 def _choice(model_name: str, sae_pick: str, sae_folder: str) -> catalog.SAEChoice:
     with user_errors("SAE"):
         if (sae_folder or "").strip():
-            if ON_SPACE:
-                raise ValueError("a public Space does not read folders on its own disk: pick an SAE from the list")
-            return catalog.folder_choice(sae_folder)
-        if not (sae_pick or "").strip():
+            choice = catalog.folder_choice(sae_folder)
+        elif not (sae_pick or "").strip():
             raise ValueError("no SAE chosen: pick one from the list or type an SAE folder")
-        return catalog.find_choice(model_name.strip(), sae_pick)
+        else:
+            choice = catalog.find_choice(model_name.strip(), sae_pick)  # "folder: PATH" is a folder too
+        if ON_SPACE and choice.path and not is_embedded_sae(choice.path):
+            raise ValueError("a public Space does not read folders on its own disk: pick an SAE from the list")
+        return choice
 
 
 def _recipe(
@@ -208,8 +216,8 @@ def _steering(
     model_name: str, vector_args: tuple[Any, ...], access: Access | None, *, load: bool = False
 ) -> tuple[LoadedModel, Any]:
     """The model and the steering vector the form asks for (the model must be loaded; see get_model)."""
-    lm = get_model(model_name, access)
-    return lm, _vector(lm, _recipe(model_name, *vector_args, tokenizer=lm.tokenizer), access, load=load)
+    lm = get_model(model_name, access, load=INLINE_LOADS)
+    return lm, _vector(lm, _recipe(model_name, *vector_args, tokenizer=lm.tokenizer), access, load=load or INLINE_LOADS)
 
 
 # ---- 1 · model ---------------------------------------------------------------------------------------------------
@@ -277,8 +285,8 @@ def show_feature(
     if feature is None or not math.isfinite(feature) or feature != int(feature):
         raise gr.Error(f"Feature must be a whole number, got {feature!r}.")
     with user_errors("Cannot describe this feature"):
-        sae = workspace.sae(choice, lm, access, load=False)
-        labels = workspace.labels(choice, lm, access, compute=False)
+        sae = workspace.sae(choice, lm, access, load=INLINE_LOADS)
+        labels = workspace.labels(choice, lm, access, compute=INLINE_LOADS)
     f = int(feature)
     url = choice.neuronpedia_url(f) or sae.source.neuronpedia_url(f)
     return explain.feature_card(f, labels.labels.get(f), d_sae=sae.source.d_sae, url=url)
@@ -294,8 +302,8 @@ def search_features(
     lm = get_model(model_name, access)
     choice = _choice(model_name, sae_pick, sae_folder)
     with user_errors("Search"):
-        sae = workspace.sae(choice, lm, access, load=False)
-        labels = workspace.labels(choice, lm, access, compute=False)
+        sae = workspace.sae(choice, lm, access, load=INLINE_LOADS)
+        labels = workspace.labels(choice, lm, access, compute=INLINE_LOADS)
         rows = explain.search_rows(search.search(labels, sae, lm.model, lm.tokenizer, query, k=25))
     if not rows:
         gr.Warning(f"No feature matches {query!r}; try another word.")
@@ -311,8 +319,8 @@ def features_on_prompt(
     choice = _choice(model_name, sae_pick, sae_folder)
     with user_errors("Features on your prompt"):
         LIMITS.check_prompt(lm.tokenizer, prompt or "", "the prompt", limit=PROMPT_TOKENS)
-        sae = workspace.sae(choice, lm, access, load=False)
-        labels = workspace.labels(choice, lm, access, compute=False)
+        sae = workspace.sae(choice, lm, access, load=INLINE_LOADS)
+        labels = workspace.labels(choice, lm, access, compute=INLINE_LOADS)
         return explain.active_rows(active_features(sae, lm.model, lm.tokenizer, prompt), labels)
 
 
@@ -383,11 +391,21 @@ def preview(
 def read_served(source: str, access: Access) -> Any:
     """An adapter to serve beside the hook: a Hub repo (read as the visitor, never with the Space owner's token), or
     on a Space only a folder this app exported; locally any folder."""
+    from steer_core.hub import adapter_size, forget_download
+
     if is_local(source):
         if not access.local_paths and not is_work_folder(source):
             raise ValueError(f"{source!r} is a path on this server; give a Hub repo, or export an adapter here first")
         return read_adapter(source)
-    return read_adapter(source, token=access.read_token(source, curated=False))
+    token = access.read_token(source, curated=False)
+    if ON_SPACE and (size := adapter_size(source, token=token)) > LIMITS.adapter_bytes:  # sized before it downloads
+        raise ValueError(f"{source}'s weights are {format_bytes(size)}: this server previews adapters up to "
+                         f"{format_bytes(LIMITS.adapter_bytes)}")  # fmt: skip
+    own = access.cache_dir if token == access.visitor else None
+    try:
+        return read_adapter(source, token=token, cache_dir=own)
+    finally:
+        forget_download(source, own)
 
 
 # ---- 4 · export --------------------------------------------------------------------------------------------------
@@ -460,7 +478,12 @@ def run_map(
     lm = get_model(model_name, access)
     recipe = _recipe(model_name, *vector_args, tokenizer=lm.tokenizer)
     with user_errors("Servability map"):
-        result = servability_map(lm, recipe, progress=lambda f, m: progress(f, desc=f"mapping: {m}"))
+        result = servability_map(
+            lm,
+            recipe,
+            progress=lambda f, m: progress(f, desc=f"mapping: {m}"),
+            build=lambda r: workspace.vector(lm, r, access, load=INLINE_LOADS),  # the workspace's bounds, every cell
+        )
     return explain.map_markdown(result), pd.DataFrame(explain.map_rows(result))
 
 
@@ -727,9 +750,9 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
     # A page load shows the default model, loaded at startup (main), so it needs no lane of its own; a visitor's own
     # pick may download for minutes, in the load lane.
     for triggers, lane, name in (([demo.load], {}, False), ([load_btn.click, model_name.change], LOAD, "load_model")):
-        gr.on(triggers, for_visitor(on_model), model_name, model_outputs, api_name=name, **lane).then(
+        gr.on(triggers, for_visitor(on_model), model_name, model_outputs, api_name=name, **lane).success(
             for_visitor(on_sae), sae_inputs, sae_info, api_name=name and "load_sae", **lane
-        ).then(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False)
+        ).success(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False)
     source.change(show_source, source, [sae_box, feature_box, other_box])
     gr.on([sae_pick.input, sae_folder.submit], for_visitor(on_sae), sae_inputs, sae_info, api_name=False, **LOAD)
     gr.on(
@@ -761,11 +784,13 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
         [report, plot, download, card, folder, repo_id],
         api_name="run_export",
         **HEAVY,
-    ).then(lambda f: f, folder, served)
+    ).success(lambda f: f, folder, served)
     map_btn.click(for_visitor(run_map), [model_name, *vector_inputs], [map_md, map_plot], api_name="run_map", **HEAVY)
     cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY)
     compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD)
-    push_btn.click(run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH)
+    push_btn.click(run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH).then(
+        lambda: False, None, update_existing, api_name=False
+    )  # each update of an existing repo is confirmed anew, after its own plan was shown
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="green", font=["ui-sans-serif", "system-ui", "sans-serif"])
 

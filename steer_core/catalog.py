@@ -12,7 +12,7 @@ from pathlib import Path
 
 from steer_core.feature import EMBEDDED_SAES, embedded_sae_for, registry, registry_entry, same_model
 from steer_core.hardware import Budget, format_bytes
-from steer_core.model import EMBEDDED_MODELS
+from steer_core.model import EMBEDDED_MODELS, embedded_installed
 
 _RESIDUAL = re.compile(r"(^|[-_])(res|resid)([-_]|$)")
 
@@ -30,7 +30,9 @@ CURATED_MODELS: tuple[CuratedModel, ...] = (
     CuratedModel(
         "smollm2-135m-instruct", "SmolLM2-135M-Instruct (embedded, offline, with its own SAE)", (), 134_515_008
     ),
-    CuratedModel("gemma-3-270m", "Gemma 3 270M (embedded, offline)", ("gemma-scope-2-270m-pt-res",), 268_098_176),
+    CuratedModel(
+        "gemma-3-270m", "Gemma 3 270M (embedded, offline)", ("gemma-scope-2-270m-pt-res",), 268_098_176, gated=True
+    ),  # gated upstream: read from the Hub only where its package is missing
     CuratedModel(
         "google/gemma-3-270m-it",
         "Gemma 3 270M-it + Gemma Scope 2",
@@ -85,19 +87,22 @@ def model_choices(budget: Budget | None = None, *, gated_readable: bool = True) 
         label = m.label
         if budget is not None and m.parameters and budget.model_bytes(m.parameters) > budget.models:
             label += f" · too large here ({format_bytes(budget.model_bytes(m.parameters))} in {budget.dtype_name})"
-        elif m.gated and not gated_readable:
+        elif m.gated and not gated_readable and not embedded_installed(m.model_id):
             label += " · gated: needs the Space owner's HF_TOKEN"
         out.append((label, m.model_id))
     return out
 
 
-def is_curated_repo(repo_id: str) -> bool:
-    """Whether the app's owner chose this Hub repo (a curated model, an embedded model's upstream, or the repo of a
-    curated SAE release), as opposed to one a visitor typed."""
-    if repo_id in {m.model_id for m in CURATED_MODELS} | {m.hub_id for m in EMBEDDED_MODELS.values()}:
-        return True
+def curated_repos() -> set[str]:
+    """The Hub repos the app's owner chose: the curated models, the embedded models' upstreams, and the repos of the
+    curated SAE releases (as opposed to the ones a visitor types)."""
     directory = registry()
-    return any(directory[r].repo_id == repo_id for m in CURATED_MODELS for r in m.sae_releases if r in directory)
+    saes = {directory[r].repo_id for m in CURATED_MODELS for r in m.sae_releases if r in directory}
+    return {m.model_id for m in CURATED_MODELS} | {m.hub_id for m in EMBEDDED_MODELS.values()} | saes
+
+
+def is_curated_repo(repo_id: str) -> bool:
+    return repo_id in curated_repos()
 
 
 def is_curated_release(release: str) -> bool:

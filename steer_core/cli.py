@@ -247,10 +247,13 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from steer_core.refine import default_steps
 
     _check_steering_args(parser, args, required=True)
-    if args.push:
-        from steer_core.publish import check_repo_id
+    push_token = None
+    if args.push:  # before the export, which takes minutes: the token, and a repo that exists unless asked to update
+        from steer_core.hub import Access
+        from steer_core.publish import check_push_target
 
-        check_repo_id(args.push)
+        push_token = Access().write_token()
+        check_push_target(args.push, token=push_token, update_existing=args.update_existing)
     recipe = recipe_from_args(args)  # bad files and values fail here, before the model loads
     lm = _load(args)
     vector = recipe.build(lm)
@@ -276,13 +279,11 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
         print(f"serve it ({args.target}): {result.meta['serve']}")
     if args.push:
-        from steer_core.hub import Access
         from steer_core.publish import push
 
         pushed = push(
-            result.folder, args.push, token=Access().write_token(), private=args.private,
-            update_existing=args.update_existing,
-        )  # fmt: skip
+            result.folder, args.push, token=push_token, private=args.private, update_existing=args.update_existing
+        )
         print(f"pushed to {pushed.url} ({pushed.describe(args.private)})")
     return 0
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,24 @@ class Access:
             + ("" if self.space else ", or set HF_TOKEN")
         )
 
+    def shared_read_token(self, repo_id: str, *, curated: bool) -> str | bool | None:
+        """The token for reads whose result every visitor shares (registry SAEs, which sae_lens keeps in the shared Hub
+        cache): never a visitor's own, or their private or gated files would serve everyone after them."""
+        if not self.space:
+            return None
+        return self.owner if curated and self.owner else NO_TOKEN
+
+    @property
+    def cache_dir(self) -> str | None:
+        """Where reads with the visitor's own token download to on a Space: a folder of theirs, emptied after each
+        load (`forget_download`). huggingface_hub serves a cached file when the Hub refuses a request (401, 403,
+        404), so a private or gated file in the shared cache would reach whoever asks next. None: the shared cache."""
+        if not (self.space and self.visitor):
+            return None
+        from huggingface_hub import constants
+
+        return str(Path(constants.HF_HUB_CACHE).parent / "hub-visitors" / self.reader.removeprefix("visitor:"))
+
     @property
     def reader(self) -> str:
         """Who reads, for caches that must not hand one visitor's private repo to another: '' for everyone who reads
@@ -116,6 +135,8 @@ def model_size(repo_id: str, *, token: str | bool | None = None, revision: str |
     api = _api(token)
     info = api.model_info(repo_id, revision=revision, files_metadata=True)
     private, gated = bool(info.private), bool(info.gated)
+    if gated:  # its metadata is public; its files are not, and a refused download would fall back to the cache
+        api.auth_check(repo_id)
     if info.safetensors is not None and info.safetensors.total:
         return RepoSize(repo_id, int(info.safetensors.total), "the Hub's safetensors count", private, gated)
     try:
@@ -157,6 +178,45 @@ def sae_size(release: str, sae_id: str, *, token: str | bool | None = None) -> R
     if not elements:
         raise LookupError(f"{repo_id}/{path} holds no weight files this app can size")
     return RepoSize(f"{repo_id}/{path}", elements, how)
+
+
+def adapter_size(repo_id: str, *, token: str | bool | None = None) -> int:
+    """Bytes of an adapter repo's weights (PEFT's file names), read from the Hub's metadata before downloading."""
+    from huggingface_hub import RepoFile
+
+    found = _api(token).get_paths_info(repo_id, ["adapter_model.safetensors", "adapter_model.bin"])
+    sizes = [f.size or 0 for f in found if isinstance(f, RepoFile)]
+    if not sizes:
+        raise LookupError(f"{repo_id} has no adapter_model.safetensors or adapter_model.bin: not a PEFT adapter repo")
+    return max(sizes)
+
+
+def forget_download(repo_id: str, cache_dir: str | None) -> None:
+    """Remove a repo's files from a visitor's own download folder (Access.cache_dir), once what it held is loaded."""
+    if cache_dir:
+        shutil.rmtree(Path(cache_dir) / f"models--{repo_id.replace('/', '--')}", ignore_errors=True)
+
+
+def trim_cache(limit: int, keep: set[str]) -> list[str]:
+    """Keep the shared Hub cache under `limit` bytes by deleting the least recently used repos not in `keep` (the
+    curated ones, and what is loaded): on a Space, visitors' downloads would otherwise fill its disk."""
+    from huggingface_hub import constants, scan_cache_dir
+
+    if not Path(constants.HF_HUB_CACHE).is_dir():
+        return []
+    info = scan_cache_dir(constants.HF_HUB_CACHE)
+    total, removed = info.size_on_disk, []
+    for repo in sorted(info.repos, key=lambda r: r.last_accessed):
+        if total <= limit:
+            break
+        if repo.repo_id in keep:
+            continue
+        shutil.rmtree(repo.repo_path, ignore_errors=True)  # the whole repo: its blobs, snapshots and refs
+        total -= repo.size_on_disk
+        removed.append(repo.repo_id)
+    if removed:
+        log.info("removed %s from the Hub cache to keep it under %d bytes", removed, limit)
+    return removed
 
 
 def download_sae(release: str, sae_id: str, *, token: str | bool | None = None) -> None:

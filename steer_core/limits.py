@@ -21,6 +21,7 @@ class Limits:
     search_words: int = 8  # each word costs two probes of the model (steer_core.search)
     search_chars: int = 200
     upload_bytes: int = 16 * 2**20  # a vector is kB; a 80-layer 8192-wide control vector 2.6 MB
+    adapter_bytes: int = 64 * 2**20  # a Hub adapter served in a preview: ours are kB; rank 16 on a 7B's writers ~40 MB
     max_new_tokens: int = 256
     calibration_tokens: int = 65_536  # the export slider's top: ~8 min of a 2-core CPU on the 135M model
     refine_steps: int = 300

@@ -95,6 +95,14 @@ def _embedded_gguf(spec: EmbeddedModel) -> Path:
     return Path(assemble())
 
 
+def embedded_installed(name: str) -> bool:
+    """Whether an embedded model loads offline here: its package is installed, or its weights were cached before."""
+    spec = EMBEDDED_MODELS.get(name)
+    return spec is not None and (
+        (_cached_folder(name) / "config.json").exists() or importlib.util.find_spec(spec.package) is not None
+    )
+
+
 def _cached_folder(name: str) -> Path:
     return cache_dir() / "models" / name
 
@@ -162,17 +170,20 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device_map: str | None = None,
     token: str | bool | None = None,
+    cache_dir: str | None = None,
 ) -> LoadedModel:
     """Load `name`: an embedded model name, a Hub id, a local model folder, or a local .gguf file.
 
     device_map="auto" spreads a large model over the available devices (accelerate), which calibration uses as is.
-    `token` is passed to every Hub request (None: huggingface_hub's default; False: none; steer_core.hub.Access).
+    `token` is passed to every Hub request (None: huggingface_hub's default; False: none) and downloads go to
+    `cache_dir` (None: the Hub cache): steer_core.hub.Access decides both.
     """
     start = time.perf_counter()
     source, kwargs, base_id = resolve(name)
+    hub = {"token": token, **({"cache_dir": cache_dir} if cache_dir else {})}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=token, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, token=token, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **hub, **kwargs)
     except OSError as err:
         hint = "; ".join(f"{m.name} ({m.install})" for m in EMBEDDED_MODELS.values())
         raise LookupError(

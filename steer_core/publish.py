@@ -87,8 +87,8 @@ class PushPlan:
     def describe(self) -> str:
         if not self.exists:
             return f"{self.repo_id} does not exist yet: this push creates it with {len(self.upload)} files."
-        visibility = "private" if self.private else "public"
-        parts = [f"{self.repo_id} exists already ({visibility})."]
+        visibility = {True: " (private)", False: " (public)", None: ""}[self.private]
+        parts = [f"{self.repo_id} exists already{visibility}."]
         if self.replace:
             parts.append(f"Pushing into it replaces {', '.join(self.replace)}.")
         if self.delete:
@@ -127,6 +127,19 @@ def _api(token: str | None) -> Any:
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+
+
+def check_push_target(repo_id: str, *, token: str | None, update_existing: bool) -> None:
+    """Before a long export whose end is a push: refuse a repo that exists, unless updating it was asked for."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    check_repo_id(repo_id)
+    try:
+        _api(token).repo_info(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return
+    if not update_existing:
+        raise RepoExistsError(PushPlan(repo_id, True, None, {}))
 
 
 def plan_push(folder: str | Path, repo_id: str, *, token: str | None = None, api: Any = None) -> PushPlan:

@@ -183,13 +183,15 @@ def servability_map(
     eval_tokens: int = MAP_EVAL_TOKENS,
     skip_bos: bool = False,
     progress: Callable[[float, str], None] | None = None,
+    build: Callable[[VectorRecipe], SteeringVector] | None = None,
 ) -> ServabilityMap:
-    """Predicted fidelity of the portable export of `recipe` and its neighbours (see `map_cells`)."""
+    """Predicted fidelity of the portable export of `recipe` and its neighbours (see `map_cells`). `build` makes each
+    cell's vector (a server's shared, bounded workspace: steer_core.workspace); by default `recipe.build(lm)`."""
     start = time.perf_counter()
     recipes = map_cells(recipe, lm, layers)
     cells = []
     for i, r in enumerate(recipes):
-        vector = r.build(lm)
+        vector = build(r) if build else r.build(lm)
         layer = min(p.layer for p in vector.points)
         if progress:
             progress(i / len(recipes), f"layer {layer}, strength {r.strengths[0]:g}")

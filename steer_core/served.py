@@ -71,11 +71,15 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
-def read_adapter(source: str | Path, *, token: str | None = None) -> ServedAdapter:
-    """Read an adapter folder or Hub repo (PEFT format, LoRA) through PEFT's own loaders."""
+def read_adapter(
+    source: str | Path, *, token: str | bool | None = None, cache_dir: str | None = None
+) -> ServedAdapter:
+    """Read an adapter folder or Hub repo (PEFT format, LoRA) through PEFT's own loaders (`token` and `cache_dir`
+    for the Hub's requests: steer_core.hub.Access)."""
     where = str(source)
+    hub: dict[str, Any] = {"token": token, **({"cache_dir": cache_dir} if cache_dir else {})}
     try:
-        config = LoraConfig.from_pretrained(where, token=token)
+        config = LoraConfig.from_pretrained(where, **hub)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(
             f"{where}: not a PEFT LoRA adapter (a folder or Hub repo with adapter_config.json): {err}"
@@ -84,7 +88,7 @@ def read_adapter(source: str | Path, *, token: str | None = None) -> ServedAdapt
         if getattr(config, key, None):
             raise ValueError(f"{where}: the adapter uses {what}; a served preview supports plain LoRA only")
     try:
-        weights = load_peft_weights(where, device="cpu", token=token)
+        weights = load_peft_weights(where, device="cpu", **hub)
     except Exception as err:  # safetensors and the Hub raise many kinds; the message names the file
         raise ValueError(f"{where}: could not read the adapter weights: {err}") from err
     params: dict[str, tuple[Tensor, Tensor]] = {}

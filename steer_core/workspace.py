@@ -26,12 +26,19 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from steer_core.catalog import SAEChoice, curated_parameters, embedded_choice, is_curated_release, is_curated_repo
+from steer_core.catalog import (
+    SAEChoice,
+    curated_parameters,
+    curated_repos,
+    embedded_choice,
+    is_curated_release,
+    is_curated_repo,
+)
 from steer_core.constants import LABELS_FILENAME
 from steer_core.feature import LoadedSAE, check_fits, is_embedded_sae, load_sae
 from steer_core.generate import GLOBAL_RNG_TURN as RNG_TURN
 from steer_core.hardware import Budget, current_budget, format_bytes
-from steer_core.hub import Access
+from steer_core.hub import Access, forget_download
 from steer_core.labels import FeatureLabels, labels_for
 from steer_core.model import EMBEDDED_MODELS, LoadedModel, is_local, load_model
 from steer_core.recipe import VectorRecipe
@@ -118,8 +125,10 @@ class Workspace:
         budget: Budget | None = None,
         pinned: tuple[str, ...] = (),
         sae_loader: Callable[..., LoadedSAE] = load_sae,
+        disk_budget: int | None = None,
     ) -> None:
         self.loader, self.sae_loader = loader, sae_loader
+        self.disk_budget = disk_budget  # bytes of the shared Hub cache (a Space's disk); None: leave the cache alone
         self.budget = budget or current_budget(gpu=False)
         # Shared entries are keyed by name; a visitor's private model by (name, reader): see `model`.
         self.models: BudgetCache[Any, LoadedModel] = BudgetCache(self.budget.models, model_bytes, pinned)
@@ -162,19 +171,31 @@ class Workspace:
             return lm
         if not load:
             raise LookupError(f"model {name!r} is not loaded yet: load it first (step 1, 'Load model')")
-        with self._loading(("model", name, access.reader)):
+        with self._loading(("model", name)):  # by name: two visitors asking for one public model load it once
             if (lm := self._lookup(self.models, name, private_key)) is not None:
                 return lm
             shared, token, need = self._check_model(name, access)
             with self._guard:
+                room = self.budget.models - sum(self.models.sizes.get(k, 0) for k in self.models.pinned)
+                if need > room:
+                    raise ValueError(
+                        f"{name} takes {format_bytes(need)}, more than the {format_bytes(room)} this server has for "
+                        "models besides its default one; pick a smaller model"
+                    )
                 self.models.make_room(need)
-            lm = self.loader(name, token=token)
+            own = access.cache_dir if access.visitor and token == access.visitor else None
+            try:
+                lm = self.loader(name, token=token, **({"cache_dir": own} if own else {}))
+            finally:
+                forget_download(name, own)  # their private files never stay where another visitor could be served
             if (size := model_bytes(lm)) > self.budget.models:  # a source that could not be sized beforehand
                 raise ValueError(
                     f"{name} takes {format_bytes(size)} loaded, more than the {format_bytes(self.budget.models)} "
                     "this server holds models in; pick a smaller model"
                 )
-            return self._store(self.models, name if shared else private_key, lm)
+            stored = self._store(self.models, name if shared else private_key, lm)
+        self._trim_disk()
+        return stored
 
     def _check_model(self, name: str, access: Access) -> tuple[bool, str | bool | None, int]:
         """Before anything downloads: whether the model may be shared with every visitor, the token that reads it,
@@ -253,7 +274,21 @@ class Workspace:
         # would then not follow its seed. Loads take the sampled previews' turn (the download is done by now).
         with RNG_TURN:
             sae = self.sae_loader(path=choice.path, release=choice.release, sae_id=choice.sae_id)
-        return self._store(self._saes, _sae_key(choice), sae)
+        stored = self._store(self._saes, _sae_key(choice), sae)
+        self._trim_disk()
+        return stored
+
+    def _trim_disk(self) -> None:
+        """With a disk budget (a Space's), drop the least recently used downloads that nothing loaded holds."""
+        if self.disk_budget is None:
+            return
+        from steer_core.feature import registry_entry
+        from steer_core.hub import trim_cache
+
+        with self._guard:
+            held = {k if isinstance(k, str) else k[0] for k in self.models}
+            held |= {registry_entry(r).repo_id for _p, r, _i in self._saes if r}
+        trim_cache(self.disk_budget, held | curated_repos())
 
     def labels(
         self, choice: SAEChoice, lm: LoadedModel, access: Access | None = None, *, compute: bool = True
@@ -364,7 +399,8 @@ def _sae_hub_size(release: str, sae_id: str, access: Access) -> int | None:
 
     repo = registry_entry(release).repo_id
     try:
-        return sae_size(release, sae_id, token=access.read_token(repo, curated=is_curated_release(release))).parameters
+        token = access.shared_read_token(repo, curated=is_curated_release(release))
+        return sae_size(release, sae_id, token=token).parameters
     except OfflineModeIsEnabled:
         return None
     except LookupError:
@@ -378,8 +414,8 @@ def _download_sae(release: str, sae_id: str, access: Access) -> None:
     from steer_core.hub import download_sae
 
     repo = registry_entry(release).repo_id
-    try:
-        download_sae(release, sae_id, token=access.read_token(repo, curated=is_curated_release(release)))
+    try:  # shared by every visitor after, so never with a visitor's own token (Access.shared_read_token)
+        download_sae(release, sae_id, token=access.shared_read_token(repo, curated=is_curated_release(release)))
     except Exception as err:
         raise _hub_error(repo, err, access) from err
 

@@ -136,14 +136,15 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
             parts = rest.split("/", 2)
             return "/".join(parts[:2]), parts[2] if len(parts) > 2 else ""
 
-        def _readable(self, repo_id: str) -> Repo | None:
-            """The repo if this request may read it; else the Hub's error has been sent and None is returned."""
+        def _readable(self, repo_id: str, *, files: bool = True) -> Repo | None:
+            """The repo if this request may read it (its files, or only its metadata, which a gated repo shows to
+            everyone, as the Hub does); else the Hub's error has been sent and None is returned."""
             repo = hub.repos.get(repo_id)
             user = self._user()
             if repo is None or (repo.private and user != repo.owner and user not in repo.readers):
                 self._error(401 if user is None else 404, "RepoNotFound", "Repository not found")
                 return None
-            if repo.gated and user != repo.owner and user not in repo.readers:
+            if files and repo.gated and user != repo.owner and user not in repo.readers:
                 self._error(401 if user is None else 403, "GatedRepo", "Access to this repo is restricted")
                 return None
             return repo
@@ -256,9 +257,11 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                     modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
                     return self._json(200, {"files": modes, "commitOid": SHA})
                 return self._commit(repo_id, repo, body)
-            repo = self._readable(repo_id)
+            repo = self._readable(repo_id, files=step == "auth-check")
             if repo is None:
                 return None
+            if step == "auth-check":
+                return self._json(200, {})
             if step in ("", "revision"):
                 siblings = [{"rfilename": p, "size": repo.size(p)} for p in sorted(repo.files)]
                 info = {"id": repo_id, "private": repo.private, "gated": "auto" if repo.gated else False, "sha": SHA,
@@ -378,6 +381,8 @@ def use(hub: FakeHub, monkeypatch: Any) -> None:
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # huggingface_hub's module-level functions (file_exists, ...) are methods of an HfApi made at import
+    monkeypatch.setattr("huggingface_hub.hf_api.api.endpoint", hub.url)
     # huggingface_hub retries failed requests five times with backoff (1+2+4+8+8 s); the retries stay, the waits go
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda _s: None)
 

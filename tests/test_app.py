@@ -387,3 +387,34 @@ def test_on_a_gpu_models_load_onto_it_in_bfloat16(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(app, "load_model", lambda name, **kwargs: seen.update(kwargs) or tiny_lm("llama"))
     app._load("some/model", token=False)
     assert seen == {"dtype": torch.bfloat16, "device_map": "cuda", "token": False}
+
+
+def test_on_a_space_a_map_reads_no_folder_and_loads_nothing(on_a_space: None, sae_folder: str) -> None:
+    with pytest.raises(gr.Error, match="does not read folders on its own disk"):
+        app.run_map("tiny", *sae_args(f"folder: {sae_folder}"), **NO_PROGRESS)  # typed as a list label
+    registry = ["SAE features", "gpt2-small-res-jb / blocks.1.hook_resid_pre", "", "3:1", 1.0, UNIT, "", "", 1,
+                "resid_post", None]  # fmt: skip
+    with pytest.raises(gr.Error, match="not loaded yet: pick it in step 2"):
+        app.run_map("tiny", *registry, **NO_PROGRESS)
+
+
+def test_a_served_adapter_from_the_hub_is_the_visitors_alone(
+    hub: FakeHub, exported: str, on_a_space: None, tmp_path: Path
+) -> None:
+    from fakehub import Repo
+
+    app.run_push(exported, "alice/private-steer", True, False, VISITOR)
+    assert hub.repos["alice/private-steer"].private
+    alice = app.visitor_access(oauth(VISITOR))
+    *_, served, info = list(app.preview("tiny", "hello", 8, 0, 0, "alice/private-steer", *contrastive_args(),
+                                        access=alice))[-1]  # fmt: skip
+    assert served and "Served adapter" in info
+    with pytest.raises(gr.Error, match="Served adapter: .*alice/private-steer"):  # though it was downloaded here
+        list(app.preview("tiny", "hello", 8, 0, 0, "alice/private-steer", *contrastive_args()))
+    huge = tmp_path / "adapter_model.safetensors"
+    with huge.open("wb") as f:
+        f.truncate(app.LIMITS.adapter_bytes + 1)  # sparse: sized by the Hub's metadata, never downloaded
+    hub.add("bob/huge", Repo("bob", {"adapter_config.json": b"{}", "adapter_model.safetensors": huge}))
+    with pytest.raises(gr.Error, match="weights are 67.1 MB: this server previews adapters up to 67.1 MB"):
+        list(app.preview("tiny", "hello", 8, 0, 0, "bob/huge", *contrastive_args()))
+    assert not [r for r in hub.requests_for("bob/huge") if "/resolve/" in r.path]

@@ -308,3 +308,23 @@ def test_feature_without_sae_needs_an_embedded_sae(
     assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--feature", "3"]) == 1
     err = capsys.readouterr().err
     assert "has no embedded SAE" in err and "smollm2-135m-instruct" in err
+
+
+def test_export_and_push_as_the_users_token_and_an_existing_repo_refused_before_the_export(
+    model_dir: Path, vector_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fakehub import FakeHub, use
+
+    args = ["export", "--model", str(model_dir), "--vector", str(vector_file), "--layer", "1", "--mode", "exact",
+            "--verify-tokens", "256", "--push", "me/cli-steer", "--private"]  # fmt: skip
+    with FakeHub({"hf_cli_user": "me"}).serve() as hub:
+        use(hub, monkeypatch)
+        monkeypatch.setenv("HF_TOKEN", "hf_cli_user")
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+        assert "pushed to" in capsys.readouterr().out and hub.repos["me/cli-steer"].private
+        assert main([*args, "--out", str(tmp_path / "b")]) != 0
+        assert "me/cli-steer exists already" in capsys.readouterr().err
+        assert not (tmp_path / "b").exists(), "refused before a minute of export, not after"
+        assert main([*args, "--out", str(tmp_path / "c"), "--update-existing"]) == 0
+        assert "updated private repo" in capsys.readouterr().out
+        assert hub.tokens_seen("me/cli-steer") == {"hf_cli_user"}

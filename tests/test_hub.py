@@ -94,3 +94,22 @@ def test_local_sizes_are_read_without_loading(tmp_path: Path) -> None:
     lm.model.save_pretrained(tmp_path / "m")
     assert local_parameters(tmp_path / "m") == sum(p.numel() for p in lm.model.parameters())
     assert local_parameters(tmp_path) is None
+
+
+def test_the_shared_hub_cache_stays_under_its_budget(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from huggingface_hub import hf_hub_download
+
+    from steer_core.hub import trim_cache
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    for i, name in enumerate(["org/old", "org/curated", "org/new"]):
+        hub.add(name, Repo("org", {"w.bin": bytes(1000)}))
+        path = hf_hub_download(name, "w.bin")
+        os.utime(path, (1000.0 + i, 1000.0 + i))  # accessed in this order
+    assert trim_cache(5000, keep={"org/curated"}) == []  # under the budget: nothing goes
+    assert trim_cache(1500, keep={"org/curated"}) == ["org/old", "org/new"]  # least recently used first, kept kept
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("models--")) == [
+        "models--org--curated"
+    ]

@@ -173,6 +173,7 @@ def test_the_adapter_folder_names_no_path_or_file_name_of_this_machine(tmp_path:
         text = "\n".join(p.read_bytes().decode("utf-8", "replace") for p in out.iterdir())
         for leak in (str(tmp_path), "gradio-uploads", "Jane Doe", "secret plan", "private-sae-folder"):
             assert leak not in text, f"{leak!r} is in the adapter folder"
-        meta = json.loads((out / "steering.json").read_text())
-        named = meta["vector"]["provenance"].get("file") or meta["vector"]["provenance"]["sae"]["folder"]
-        assert named.startswith(("vector-", "sae-")) and len(meta["vector"]["provenance"].get("sha256", "x" * 64)) == 64
+        prov = json.loads((out / "steering.json").read_text())["vector"]["provenance"]
+        source = prov if i == 0 else prov["sae"]
+        named, digest = source.get("file") or source.get("folder"), source["sha256"]
+        assert named == f"{('vector', 'sae')[i]}-{digest[:12]}" + (".safetensors" if i == 0 else "")

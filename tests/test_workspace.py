@@ -1,6 +1,8 @@
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,22 +140,41 @@ def test_one_visitors_slow_sae_load_does_not_hold_up_what_is_loaded(tmp_path: Pa
     loading.join()
 
 
-def test_a_visitors_private_model_stays_theirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture()
+def visitors_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A Hub on loopback with alice's private model and a gated model she accepted, and an empty Hub cache."""
     from fakehub import FakeHub, use
     from spacesim import tiny_repo
-    from steer_core.hub import Access
-    from steer_core.model import load_model
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     with FakeHub({"hf_alice": "alice", "hf_owner": "owner"}).serve() as hub:
         use(hub, monkeypatch)
         hub.add("alice/secret", tiny_repo(tmp_path / "m", "alice", private=True))
-        ws = Workspace(load_model)
-        alice = Access(space=True, owner="hf_owner", visitor="hf_alice")
-        anonymous = Access(space=True, owner="hf_owner")
-        mine = ws.model("alice/secret", alice)
-        assert ws.model("alice/secret", alice) is mine and "alice/secret" not in ws.models
-        with pytest.raises(LookupError, match="not a model on the Hub that this server may read.*sign in"):
-            ws.model("alice/secret", anonymous)  # though its files are in this server's Hub cache now
-        assert hub.tokens_seen("alice/secret") == {"hf_alice", None}, "never the owner's token"
+        hub.add("org/gated", tiny_repo(tmp_path / "g", "org", gated=True, readers={"alice"}))
+        yield hub, cache
+
+
+@pytest.mark.parametrize("repo", ["alice/secret", "org/gated"])
+def test_what_a_visitor_reads_with_their_own_token_stays_theirs(visitors_hub: Any, repo: str) -> None:
+    """In memory, and on disk: huggingface_hub serves a cached file when the Hub refuses a request, so her files must
+    never be in the cache the next visitor's reads fall back to."""
+    from steer_core.hub import Access
+    from steer_core.model import load_model
+
+    hub, cache = visitors_hub
+    ws = Workspace(load_model)
+    alice = Access(space=True, owner="hf_owner", visitor="hf_alice")
+    anonymous = Access(space=True, owner="hf_owner")
+    mine = ws.model(repo, alice)
+    assert ws.model(repo, alice) is mine and repo not in ws.models, "kept for her, not under the shared name"
+    assert not (cache / f"models--{repo.replace('/', '--')}").exists(), "nothing of it in the shared Hub cache"
+    assert not list(Path(alice.cache_dir or "").rglob("*.safetensors")), "her own download folder is emptied"
+    with pytest.raises(LookupError, match="sign in|gated"):
+        ws.model(repo, anonymous)
+    with pytest.raises(LookupError, match="could not load model"):  # and a load past the check fails too
+        load_model(repo, token=False)
+    assert hub.tokens_seen(repo) <= {"hf_alice", None}, "never the owner's token"
+
+
