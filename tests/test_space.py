@@ -168,6 +168,9 @@ def test_the_owners_token_only_ever_read_what_the_owner_curated(space: tuple[Spa
 
 
 def test_a_cpu_space_holds_what_it_offers(space: tuple[Space, FakeHub]) -> None:
+    """After all of the above (Gemma 3 270M-it, its SAE and an export among it) the app is alive under a CPU Space's
+    16 GB, which the cgroup enforces where the machine let the test make one (the kernel kills past it)."""
     running, _ = space
+    assert running.process.poll() is None, "the app died (the kernel's OOM killer, past the cgroup's limit?)"
     peak = running.peak_memory()
-    assert peak["process_peak_rss"] < 16 * 10**9 / 2, f"the app's own memory peaked at {peak}"
+    assert peak["process_peak_rss"] < 16 * 10**9, f"the app's own memory peaked at {peak}"
