@@ -209,15 +209,15 @@ def _recipe(
 
 def _vector(lm: LoadedModel, recipe: VectorRecipe, access: Access | None = None, *, load: bool = False):
     with user_errors("Cannot build the steering vector"):
-        return workspace.vector(lm, recipe, access, load=load)
+        return workspace.vector(lm, recipe, access, load=load or INLINE_LOADS)
 
 
 def _steering(
     model_name: str, vector_args: tuple[Any, ...], access: Access | None, *, load: bool = False
 ) -> tuple[LoadedModel, Any]:
     """The model and the steering vector the form asks for (the model must be loaded; see get_model)."""
-    lm = get_model(model_name, access, load=INLINE_LOADS)
-    return lm, _vector(lm, _recipe(model_name, *vector_args, tokenizer=lm.tokenizer), access, load=load or INLINE_LOADS)
+    lm = get_model(model_name, access)
+    return lm, _vector(lm, _recipe(model_name, *vector_args, tokenizer=lm.tokenizer), access, load=load)
 
 
 # ---- 1 · model ---------------------------------------------------------------------------------------------------
