@@ -10,6 +10,7 @@ request carries no token. Locally the user is the owner, and huggingface_hub's o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -78,9 +79,7 @@ class Access:
     def shared_read_token(self, repo_id: str, *, curated: bool) -> str | bool | None:
         """The token for reads whose result every visitor shares (registry SAEs, which sae_lens keeps in the shared Hub
         cache): never a visitor's own, or their private or gated files would serve everyone after them."""
-        if not self.space:
-            return None
-        return self.owner if curated and self.owner else NO_TOKEN
+        return dataclasses.replace(self, visitor=None).read_token(repo_id, curated=curated)
 
     @property
     def cache_dir(self) -> str | None:
@@ -112,12 +111,13 @@ class RepoSize:
 
     repo_id: str
     parameters: int  # elements of every weight tensor
-    how: str  # "safetensors metadata" or "file sizes (estimated)"
+    how: str  # where the count came from: the Hub's own count, safetensors headers, or file sizes (an estimate)
     private: bool = False
     gated: bool = False
 
 
-def _api(token: str | bool | None) -> Any:
+def hub_api(token: str | bool | None) -> Any:
+    """huggingface_hub's client for the Hub HF_ENDPOINT names (read now, not at import: tests and scripts set it)."""
     from huggingface_hub import HfApi, constants
 
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or constants.ENDPOINT, token=token)
@@ -132,7 +132,7 @@ def model_size(repo_id: str, *, token: str | bool | None = None, revision: str |
     """
     from huggingface_hub.errors import NotASafetensorsRepoError
 
-    api = _api(token)
+    api = hub_api(token)
     info = api.model_info(repo_id, revision=revision, files_metadata=True)
     private, gated = bool(info.private), bool(info.gated)
     if gated:  # its metadata is public; its files are not, and a refused download would fall back to the cache
@@ -161,7 +161,7 @@ def sae_size(release: str, sae_id: str, *, token: str | bool | None = None) -> R
     if sae_id not in entry.saes_map:
         raise LookupError(f"sae_id {sae_id!r} is not in release {release!r}")
     repo_id, path = entry.repo_id, entry.saes_map[sae_id]
-    api = _api(token)
+    api = hub_api(token)
     found = api.get_paths_info(repo_id, [path], expand=True)
     if not found:
         raise LookupError(f"{repo_id} has nothing at {path!r} (release {release!r}, sae_id {sae_id!r})")
@@ -184,7 +184,7 @@ def adapter_size(repo_id: str, *, token: str | bool | None = None) -> int:
     """Bytes of an adapter repo's weights (PEFT's file names), read from the Hub's metadata before downloading."""
     from huggingface_hub import RepoFile
 
-    found = _api(token).get_paths_info(repo_id, ["adapter_model.safetensors", "adapter_model.bin"])
+    found = hub_api(token).get_paths_info(repo_id, ["adapter_model.safetensors", "adapter_model.bin"])
     sizes = [f.size or 0 for f in found if isinstance(f, RepoFile)]
     if not sizes:
         raise LookupError(f"{repo_id} has no adapter_model.safetensors or adapter_model.bin: not a PEFT adapter repo")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from steer_core.constants import (
     STEERING_JSON_FILENAME,
     STEERING_VECTOR_FILENAME,
 )
+from steer_core.hub import hub_api
 from steer_core.targets import CONTROL_VECTOR_FILENAME, GGUF_LORA_FILENAME, MODELFILE_FILENAME
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -123,19 +123,13 @@ class PushResult:
         return "; ".join(parts)
 
 
-def _api(token: str | None) -> Any:
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-
-
 def check_push_target(repo_id: str, *, token: str | None, update_existing: bool) -> None:
     """Before a long export whose end is a push: refuse a repo that exists, unless updating it was asked for."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     check_repo_id(repo_id)
     try:
-        _api(token).repo_info(repo_id, repo_type="model")
+        hub_api(token).repo_info(repo_id, repo_type="model")
     except RepositoryNotFoundError:
         return
     if not update_existing:
@@ -147,7 +141,7 @@ def plan_push(folder: str | Path, repo_id: str, *, token: str | None = None, api
     from huggingface_hub.errors import RepositoryNotFoundError
 
     folder = Path(folder)
-    api = api or _api(token)
+    api = api or hub_api(token)
     ours = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     try:
         info = api.repo_info(repo_id, repo_type="model")
@@ -208,7 +202,7 @@ def push(
     folder = Path(folder)
     check_repo_id(repo_id)
     meta = check_publishable(folder)
-    api = _api(token)
+    api = hub_api(token)
     created, left = False, "nothing was pushed"
     try:
         plan = plan_push(folder, repo_id, api=api)

@@ -71,9 +71,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
-def read_adapter(
-    source: str | Path, *, token: str | bool | None = None, cache_dir: str | None = None
-) -> ServedAdapter:
+def read_adapter(source: str | Path, *, token: str | bool | None = None, cache_dir: str | None = None) -> ServedAdapter:
     """Read an adapter folder or Hub repo (PEFT format, LoRA) through PEFT's own loaders (`token` and `cache_dir`
     for the Hub's requests: steer_core.hub.Access)."""
     where = str(source)

@@ -20,11 +20,13 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from torch import Tensor
 
 from steer_core.catalog import (
     SAEChoice,
@@ -102,13 +104,16 @@ class BudgetCache(OrderedDict, Generic[K, V]):  # type: ignore[type-arg]
         return dropped
 
 
-def model_bytes(lm: LoadedModel) -> int:
-    tensors = chain(lm.model.parameters(), lm.model.buffers())
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def model_bytes(lm: LoadedModel) -> int:
+    return tensor_bytes(chain(lm.model.parameters(), lm.model.buffers()))
+
+
 def sae_bytes(sae: LoadedSAE) -> int:
-    return sum(t.numel() * t.element_size() for t in sae.sae.state_dict().values())
+    return tensor_bytes(sae.sae.state_dict().values())
 
 
 def labels_bytes(labels: FeatureLabels) -> int:
@@ -378,46 +383,62 @@ def _hub_error(name: str, err: Exception, access: Access) -> Exception:
     return LookupError(f"could not read {name} from the Hub ({type(err).__name__}: {str(err)[:120]}); try again later")
 
 
+@contextmanager
+def _hub_errors(name: str, access: Access) -> Iterator[None]:
+    """Hub and network errors said for a visitor (_hub_error); LookupErrors of our own, and offline mode (which
+    callers treat as "nothing will download"), pass as they are."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        yield
+    except (LookupError, OfflineModeIsEnabled):
+        raise
+    except Exception as err:  # network and Hub errors: refuse with a message, never load blind
+        raise _hub_error(name, err, access) from err
+
+
 def _hub_size(name: str, token: str | bool | None, access: Access) -> Any:
+    """The model's size from the Hub; None offline, where nothing downloads."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     from steer_core.hub import model_size
 
     try:
-        return model_size(name, token=token)
+        with _hub_errors(name, access):
+            return model_size(name, token=token)
     except OfflineModeIsEnabled:
         return None
-    except Exception as err:  # network and Hub errors: refuse with a message, never load blind
-        raise _hub_error(name, err, access) from err
+
+
+def _sae_repo(release: str, access: Access) -> tuple[str, str | bool | None]:
+    """A registry SAE's repo and the token to read it with: shared by every visitor after, so never a visitor's own
+    (Access.shared_read_token)."""
+    from steer_core.feature import registry_entry
+
+    repo = registry_entry(release).repo_id
+    return repo, access.shared_read_token(repo, curated=is_curated_release(release))
 
 
 def _sae_hub_size(release: str, sae_id: str, access: Access) -> int | None:
+    """The SAE's weights from the Hub; None offline, where nothing downloads."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from steer_core.feature import registry_entry
     from steer_core.hub import sae_size
 
-    repo = registry_entry(release).repo_id
+    repo, token = _sae_repo(release, access)
     try:
-        token = access.shared_read_token(repo, curated=is_curated_release(release))
-        return sae_size(release, sae_id, token=token).parameters
+        with _hub_errors(repo, access):
+            return sae_size(release, sae_id, token=token).parameters
     except OfflineModeIsEnabled:
         return None
-    except LookupError:
-        raise
-    except Exception as err:
-        raise _hub_error(repo, err, access) from err
 
 
 def _download_sae(release: str, sae_id: str, access: Access) -> None:
-    from steer_core.feature import registry_entry
     from steer_core.hub import download_sae
 
-    repo = registry_entry(release).repo_id
-    try:  # shared by every visitor after, so never with a visitor's own token (Access.shared_read_token)
-        download_sae(release, sae_id, token=access.shared_read_token(repo, curated=is_curated_release(release)))
-    except Exception as err:
-        raise _hub_error(repo, err, access) from err
+    repo, token = _sae_repo(release, access)
+    with _hub_errors(repo, access):
+        download_sae(release, sae_id, token=token)
 
 
 def prune_work_folders(
