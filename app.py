@@ -467,9 +467,14 @@ def run_export(
 
 @gpu(duration=300)
 def run_map(
-    model_name: str, *vector_args: Any, progress=gr.Progress(), access: Access | None = None
+    model_name: str,
+    also_sites: list[str] | None,
+    *vector_args: Any,
+    progress=gr.Progress(),
+    access: Access | None = None,
 ) -> tuple[str, Any]:
-    """Predicted fidelity at nearby layers or strengths (a miniature export each), and what is servable."""
+    """Predicted fidelity at nearby layers or strengths (a miniature export each), and what is servable; a file or
+    contrastive vector also at `also_sites` (an SAE feature's site is its SAE's)."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     import pandas as pd
 
@@ -481,6 +486,7 @@ def run_map(
         result = servability_map(
             lm,
             recipe,
+            sites=also_sites if recipe.layer is not None else None,
             progress=lambda f, m: progress(f, desc=f"mapping: {m}"),
             build=lambda r: workspace.vector(lm, r, access, load=INLINE_LOADS),  # the workspace's bounds, every cell
         )
@@ -702,7 +708,16 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
                 info="On a GPU 300 (512 tokens a step); on a CPU 60 on post-norm models (Gemma 2/3), 0 elsewhere",
             )
         with gr.Accordion("Before exporting: which layers or strengths serve faithfully? (~20 s a cell)", open=False):
-            map_btn = gr.Button("Map the predicted fidelity")
+            with gr.Row():
+                map_btn = gr.Button("Map the predicted fidelity", scale=2)
+                map_sites = gr.CheckboxGroup(
+                    ["attn_out", "resid_post"],
+                    value=[],
+                    label="Also map at these sites (file and contrastive vectors; doubles the time)",
+                    info="attn_out: added between attention and MLP, served exactly by o_proj, whose input is nearly "
+                    "constant (docs/fidelity.md)",
+                    scale=3,
+                )
             with gr.Row():
                 map_md = gr.Markdown()
                 map_plot = gr.BarPlot(
@@ -785,7 +800,9 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
         api_name="run_export",
         **HEAVY,
     ).success(lambda f: f, folder, served)
-    map_btn.click(for_visitor(run_map), [model_name, *vector_inputs], [map_md, map_plot], api_name="run_map", **HEAVY)
+    map_btn.click(
+        for_visitor(run_map), [model_name, map_sites, *vector_inputs], [map_md, map_plot], api_name="run_map", **HEAVY
+    )
     cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY)
     compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD)
     push_btn.click(run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH).then(

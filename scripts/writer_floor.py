@@ -89,22 +89,24 @@ def sink_heads(lm: LoadedModel, batches: list[tuple[Tensor, Tensor]], threshold:
     return found
 
 
-def attention_response(lm: LoadedModel, vector: SteeringVector, module: str, batches: list) -> Tensor:
-    """The mean over tokens of what an attention writer adds differently when v is in its input (the hook's case)."""
+def attention_response(
+    lm: LoadedModel, vector: SteeringVector, module: str, batches: list, already: float = 0.0
+) -> Tensor:
+    """The mean over tokens of what an attention writer adds differently when v is in its input (the hook's case)
+    than when `already` × v is (0: the unsteered model)."""
     diffs: list[Tensor] = []
-    outs: dict[str, list[Tensor]] = {"base": [], "hook": []}
-    for key in ("base", "hook"):
+    outs: dict[float, list[Tensor]] = {already: [], 1.0: []}
+    for scale in outs:
         with torch.no_grad():
             for ids, mask in batches:
                 got: list[Tensor] = []
-                with recording(lm.model, [module], lambda _n, y, got=got: got.append(y), what="output"):
-                    if key == "hook":
-                        with steering(lm.model, vector):
-                            lm.model(input_ids=ids, attention_mask=mask)
-                    else:
-                        lm.model(input_ids=ids, attention_mask=mask)
-                outs[key].append(got[0][mask.bool()].double())
-    for base, hook in zip(outs["base"], outs["hook"], strict=True):
+                with (
+                    recording(lm.model, [module], lambda _n, y, got=got: got.append(y), what="output"),
+                    steering(lm.model, vector.scaled(scale)),
+                ):
+                    lm.model(input_ids=ids, attention_mask=mask)
+                outs[scale].append(got[0][mask.bool()].double())
+    for base, hook in zip(outs[already], outs[1.0], strict=True):
         diffs.append(hook - base)
     return torch.cat(diffs).mean(0)
 
@@ -133,6 +135,8 @@ def measure(lm: LoadedModel, vector: SteeringVector, args: argparse.Namespace) -
         row[f"floor {name}"] = round(heldout_rms(a, hx), 4)
     joint_a, _r, _val = ridge_fit(torch.cat([x_down, z_next], 1))
     row["floor down_proj L + o_proj L+1"] = round(heldout_rms(joint_a, torch.cat([hx_down, hz_next], 1)), 4)
+    if args.floors_only:
+        return row
 
     def lora(module: str, a: Tensor, b: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         return {module: (a.float().to(lm.device), b.float().to(lm.device))}
@@ -146,6 +150,13 @@ def measure(lm: LoadedModel, vector: SteeringVector, args: argparse.Namespace) -
     row["attention L+1 response to v, |mean| / |v|"] = round(float(response.norm() / v.norm()), 4)
     row["adapter o_proj L+1, B = v + mean response"] = held.measure(lora(o_next, fits["o_proj L+1"], v + response))
     row["adapter o_proj L, B = v"] = held.measure(lora(o_here, fits["o_proj L"], v))
+    for share in args.split:  # down_proj L adds `share` × v as exported; o_proj L+1 the rest and what attention
+        # L+1 would have answered to it
+        rest = attention_response(lm, vector, o_next, cal[: max(1, len(cal) // 4)], already=share).float()
+        split = {f.module: (f.A.float().to(lm.device), share * f.B.float().to(lm.device)) for f in exported.fits}
+        row[f"adapter split {share:g} down_proj L / o_proj L+1 + response"] = held.measure(
+            split | lora(o_next, fits["o_proj L+1"], (1 - share) * v + rest)
+        )
     d = x_down.shape[1]
     row["adapter down_proj L + o_proj L+1, joint A"] = held.measure(
         lora(down, joint_a[:d], v) | lora(o_next, joint_a[d:], v)
@@ -178,13 +189,16 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--sinks", action="store_true", help="also list the sink-attending heads of every layer")
     p.add_argument("--sink-threshold", type=float, default=0.5, help="mean attention on position 0 that makes a sink")
+    p.add_argument("--split", type=float, nargs="*", default=[0.75, 0.5],
+                   help="shares of v that down_proj L keeps in the split adapters")  # fmt: skip
     p.add_argument("--refine-steps", type=int, default=0, help="also train both starts end to end, this many steps")
     p.add_argument("--lr", type=float, default=0.01, help="refinement learning rate (steer_core.refine's pre-norm one)")
+    p.add_argument("--floors-only", action="store_true", help="only the floors (and --sinks): any model, Gemma too")
     p.add_argument("--out", default="artifacts/writer-floor.json")
     args = p.parse_args()
     keep_freed_memory()
     lm = load_model(args.model)
-    if architecture_for(lm.model).post_norm:
+    if architecture_for(lm.model).post_norm and not args.floors_only:
         p.error(f"{args.model} is post-norm: a writer's addition passes its norm, so A·x = 1 is not the target there")
     rows = []
     for layer in args.layers:

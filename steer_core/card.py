@@ -84,6 +84,19 @@ def _target_lines(meta: dict[str, Any]) -> str:
     return f"\nExported for **{meta['target']}**" + (f" ({files})" if files else "") + f": {serve}.\n"
 
 
+def _writer_line(meta: dict[str, Any]) -> str:
+    """Which writer calibration kept, and the KL on unseen calibration text it was chosen by (steer_core.composite)."""
+    choice = meta.get("calibration", {}).get("writer_choice") or {}
+    if not choice:
+        return ""
+    if choice.get("asked"):
+        return f"\n- writer: `{choice['used']}`, asked for (`--writer {choice['asked']}`)"
+    kl = ", ".join(f"`{m}` {v:.3g}" for m, v in choice["unseen_kl"].items())
+    return (
+        f"\n- writer: `{choice['used']}`, chosen by KL(hook ‖ adapter) per token on calibration text no fit saw ({kl})"
+    )
+
+
 def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     base = meta["base_model"]
     mode = meta["mode"]
@@ -150,7 +163,7 @@ wherever LoRA adapters are served. Mode `{mode}`: {MODE_WHERE[mode]}.
 
 ## What it steers
 {chr(10).join(_what(meta))}
-- target modules: {", ".join(f"`{m}`" for m in meta.get("target_modules", []))}
+- target modules: {", ".join(f"`{m}`" for m in meta.get("target_modules", []))}{_writer_line(meta)}
 
 ## Measured fidelity (held-out text, adapter vs. hook steering)
 {fidelity}

@@ -20,6 +20,7 @@ from steer_core.constants import (
     SITES,
     STRENGTH_UNITS,
     TARGET_NAMES,
+    WRITERS,
 )
 from steer_core.recipe import VectorRecipe, strength_note
 
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU). Default on a GPU: 300 steps of 512 tokens (Gemma 3 L9 0.25x 85.9%% -> 95.8%% top-1); on a CPU: 60 "
         "steps of 128 tokens on post-norm models (Gemma 2/3: L9 0.25x -> 92.9%%), 0 on others",
     )
+    e.add_argument(
+        "--writer",
+        choices=WRITERS,
+        default="auto",
+        help="portable mode, one-site vectors on pre-norm models: which module serves the vector. auto (default): the "
+        "lowest held-in KL of the site's own MLP writer (own), block L+1's attention writer (next) and the two "
+        "splitting the vector (split); docs/fidelity.md",
+    )
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--push", metavar="USER/REPO", help="push to the Hub after verification (token: HF_TOKEN)")
     e.add_argument("--private", action="store_true", help="with --push: create a private repo")
@@ -138,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(m)
     _steering_args(m)
     m.add_argument("--layers", type=int, nargs="+", help="layers to map (default: every n/8th and the chosen one)")
+    m.add_argument(
+        "--sites",
+        nargs="+",
+        choices=SITES,
+        help="also map these sites at each layer, e.g. attn_out: the attention writer's exact site (--vector and "
+        "--contrastive)",
+    )
     m.add_argument("--calibration-tokens", type=int, default=MAP_CALIBRATION_TOKENS)
     m.add_argument("--eval-tokens", type=int, default=MAP_EVAL_TOKENS)
     m.add_argument("--json", action="store_true", help="print the map as one JSON object")
@@ -267,6 +283,7 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         verify_tokens=args.verify_tokens,
         skip_bos=args.skip_bos,
         refine_steps=default_steps(lm.model) if args.refine_steps is None else args.refine_steps,
+        writer=args.writer,
         overwrite=args.overwrite,
         progress=lambda f, m: log.info("%3.0f%% %s", 100 * f, m),
         target=args.target,
@@ -346,13 +363,16 @@ def _cmd_map(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     _check_steering_args(parser, args, required=True)
     recipe = recipe_from_args(args)
-    if args.layers and recipe.layer is None:
-        parser.error("--layers applies to --vector and --contrastive; an SAE feature or control vector maps strengths")
+    if (args.layers or args.sites) and recipe.layer is None:
+        parser.error(
+            "--layers and --sites apply to --vector and --contrastive; an SAE feature or control vector maps strengths"
+        )
     lm = _load(args)
     result = servability_map(
         lm,
         recipe,
         layers=args.layers,
+        sites=args.sites,
         calibration_tokens=args.calibration_tokens,
         eval_tokens=args.eval_tokens,
         skip_bos=args.skip_bos,
@@ -361,11 +381,11 @@ def _cmd_map(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
-    print(f"{'layer':>5} {'strength':>9} {'top-1':>7} {'KL ratio':>9}  servable")
+    print(f"{'layer':>5} {'site':>10} {'strength':>9} {'top-1':>7} {'KL ratio':>9}  servable")
     for c in result.cells:
-        mark = " (chosen)" if (c.layer, c.strength) == result.chosen else ""
+        mark = " (chosen)" if (c.layer, c.strength, c.site) == (*result.chosen, result.site) else ""
         servable = "yes" if c.servable else "no"
-        print(f"{c.layer:>5} {c.strength:>9.4g} {c.top1:>7.1%} {c.kl_ratio:>9.3g}  {servable}{mark}")
+        print(f"{c.layer:>5} {c.site:>10} {c.strength:>9.4g} {c.top1:>7.1%} {c.kl_ratio:>9.3g}  {servable}{mark}")
     print(result.recommendation())
     print(f"({result.seconds:.0f} s; predicted from {result.calibration_tokens} calibration and {result.eval_tokens} "
           "held-out tokens per cell)")  # fmt: skip

@@ -28,6 +28,9 @@ DEFAULT_GREEDY_PROMPTS = 8  # two per input format
 DEFAULT_GREEDY_TOKENS = 20
 MODES = ("portable", "exact", "ablate")
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+# Which module serves a one-site vector on a pre-norm model: chosen by held-in KL, the site's own MLP writer, block
+# L+1's attention writer, or the two splitting the vector (steer_core.composite)
+WRITERS = ("auto", "own", "next", "split")
 STRENGTH_UNITS = ("abs", "resid", "writer")
 
 

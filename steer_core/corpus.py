@@ -268,6 +268,34 @@ def batches(
         yield collate(items[start : start + batch_size], pad)
 
 
+def batches_after(
+    tokenizer: PreTrainedTokenizerBase,
+    split: Split,
+    after: int,
+    max_tokens: int,
+    *,
+    max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS,
+    batch_size: int = 8,
+) -> list[Batch]:
+    """Documents of `split` that `batches(split, after, max_doc_tokens=...)` does not hold, about `max_tokens` real
+    tokens of them, batched by length: text the fits made on those first `after` tokens never saw."""
+    seen = {item[0] for item in _texts_until(tokenizer, split, after, max_doc_tokens)}
+    items: list[Item] = []
+    total = 0
+    for item in _texts_until(tokenizer, split, after + 4 * max_tokens, max_doc_tokens):
+        if item[0] in seen:
+            continue
+        items.append(item)
+        total += len(item[1])
+        if total >= max_tokens:
+            break
+    if not items:
+        raise ValueError(f"the {split} text holds nothing past its first {after} tokens; calibrate on fewer tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    items.sort(key=lambda item: len(item[1]))
+    return [collate(items[start : start + batch_size], pad) for start in range(0, len(items), batch_size)]
+
+
 Item = tuple[int, Tensor, str, str, Tensor]  # (index in split, token ids, format, source, scored positions)
 
 

@@ -181,9 +181,12 @@ def serve_line(meta: dict[str, Any]) -> str:
 def map_rows(result: Any) -> list[dict[str, Any]]:
     """A servability map (steer_core.servability.ServabilityMap) as plot rows, in map order."""
     unit = "" if result.unit == "abs" else "×"
+    several = len({c.site for c in result.cells}) > 1
     return [
         {
-            "cell": f"L{c.layer}" if result.varies == "layer" else f"{c.strength:g}{unit}",
+            "cell": (f"L{c.layer}" + (f" {c.site}" if several else ""))
+            if result.varies == "layer"
+            else f"{c.strength:g}{unit}",
             "predicted top-1 (%)": round(100 * c.top1, 1),
             "servable": "yes" if c.servable else "no",
         }
@@ -193,14 +196,14 @@ def map_rows(result: Any) -> list[dict[str, Any]]:
 
 def map_markdown(result: Any) -> str:
     rows = "\n".join(
-        f"| {c.layer} | {c.strength:g} | {c.top1:.1%} | {c.kl_ratio:.3g} | {'✅' if c.servable else '—'} |"
+        f"| {c.layer} | {c.site} | {c.strength:g} | {c.top1:.1%} | {c.kl_ratio:.3g} | {'✅' if c.servable else '—'} |"
         for c in result.cells
     )
     return (
-        f"{result.recommendation()}\n\n| layer | strength | predicted top-1 | KL ratio | servable |\n"
-        f"|---|---|---|---|---|\n{rows}\n\n*Each cell: a portable adapter calibrated on {result.calibration_tokens} "
-        f"tokens, measured against the hook on {result.eval_tokens} held-out tokens of every format "
-        f"({result.seconds:.0f} s in all).*"
+        f"{result.recommendation()}\n\n| layer | site | strength | predicted top-1 | KL ratio | servable |\n"
+        f"|---|---|---|---|---|---|\n{rows}\n\n*Each cell: a portable adapter calibrated on "
+        f"{result.calibration_tokens} tokens, measured against the hook on {result.eval_tokens} held-out tokens "
+        f"of every format ({result.seconds:.0f} s in all).*"
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from steer_core import __version__
 from steer_core.adapter import Mode, build_ablate, build_exact, build_portable, write_adapter, write_json
-from steer_core.calibrate import Calibration, Progress, calibrate
+from steer_core.calibrate import Calibration, Progress, Writers, calibrate
 from steer_core.card import model_card
 from steer_core.constants import (
     DEFAULT_CALIBRATION_TOKENS,
@@ -62,6 +62,7 @@ def export(
     skip_bos: bool = False,
     refine_steps: int = 0,
     split_writers: bool = True,
+    writer: Writers = "auto",
     overwrite: bool = False,
     progress: Progress | None = None,
     calibration: Calibration | None = None,
@@ -71,6 +72,9 @@ def export(
 
     `target` adds what that engine loads (steer_core.targets): fireworks pads the rank to 4, llama.cpp writes a GGUF
     LoRA and the control vector, ollama a GGUF LoRA and a Modelfile. The PEFT folder is always there and verified.
+
+    `writer`: which writer serves a one-site vector on a pre-norm model (calibrate: "auto" measures the site's own,
+    block L+1's attention writer and the two splitting it; steer_core.composite).
 
     `calibration` (portable mode) exports a calibration made earlier for this vector instead of making one (refined
     further if `refine_steps` asks).
@@ -108,6 +112,7 @@ def export(
                 tokens=calibration_tokens,
                 skip_bos=skip_bos,
                 split_writers=split_writers,
+                writer=writer,
                 progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
             )
         if refine_steps:
@@ -160,6 +165,7 @@ def export(
             "first_weight_held_in_kl": {f"{w:g}": kl for w, kl in calibration.selection_kl.items()},
             "post_norm_shares": calibration.shares,
             "reused_statistics": calibration.reused_statistics,
+            "writer_choice": calibration.writer_choice,
         }
         meta["fits"] = [
             {
@@ -173,6 +179,7 @@ def export(
                 "cv_rel_rmse": f.cv_rel_rmse,
                 "refined_steps": f.refined_steps,
                 "b_unscaled_norm": f.b_unscaled_norm,
+                "reads_steered": f.reads_steered,
             }
             for f in calibration.fits
         ]

@@ -88,7 +88,7 @@ def steered_positions(input_ids: Tensor, skip_bos: bool, bos_token_id: int | Non
 # ~50 s. 75 MB a site on SmolLM2 (two 1536² float64 folds, position 0 and the rest), 170 MB on Gemma-3-270M; a site
 # of a model with d_in = 14336 (Llama-3-8B's down_proj) would hold 6.6 GB, so nothing over STATISTICS_MAX_BYTES in
 # all is kept, on the model's device.
-STATISTICS_KEPT = 3
+STATISTICS_KEPT = 6  # three sites, each with its writer and the next block's attention writer (composite)
 STATISTICS_MAX_BYTES = 2**30
 _StatsKey = tuple[frozenset[str], frozenset[str], int, int, bool]
 _StatsValue = tuple[dict[str, "tuple[Stats, Stats]"], dict[str, list[Tensor]], int]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from steer_core.calibrate import calibrate
-from steer_core.constants import MAP_CALIBRATION_TOKENS, MAP_EVAL_TOKENS, SERVABLE_TOP1
+from steer_core.constants import MAP_CALIBRATION_TOKENS, MAP_EVAL_TOKENS, SERVABLE_TOP1, SITES
 from steer_core.divergence import kl_per_token
 from steer_core.model import LoadedModel
 from steer_core.recipe import VectorRecipe
@@ -32,6 +32,14 @@ from steer_core.verify import heldout_batches
 
 NEAR = 0.02  # a prediction this close to SERVABLE_TOP1 could fall on either side of it
 STRENGTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # an SAE feature's map: these multiples of the chosen strength
+# What steering at a site means, for a map that compares sites (docs/fidelity.md, "The attention writer").
+SITE_MEANING = {
+    "attn_out": "there the vector is added between block L's attention and its MLP (which then reads it), and "
+    "the attention writer o_proj, whose input is nearly constant, adds it exactly where the hook does.",
+    "resid_post": "there the vector is added after block L's MLP, by the MLP writer down_proj.",
+    "resid_pre": "there the vector is added before block L, by block L-1's MLP writer.",
+    "mlp_out": "there the vector is added to block L's MLP output, by the MLP writer down_proj.",
+}
 
 
 class HeldOut:
@@ -81,6 +89,7 @@ class MapCell:
     top1: float  # predicted top-1 agreement of the exported adapter with the hook
     kl_ratio: float
     tokens: int  # held-out answer tokens measured
+    site: str = "resid_post"
 
     @property
     def servable(self) -> bool:
@@ -97,19 +106,28 @@ class ServabilityMap:
     calibration_tokens: int = MAP_CALIBRATION_TOKENS
     eval_tokens: int = MAP_EVAL_TOKENS
     notes: list[str] = field(default_factory=list)
+    site: str = "resid_post"  # the chosen cell's site
 
     def recommendation(self) -> str:
         """What to export: the chosen cell if servable, else the nearest servable layer or strongest servable
         strength; and llama.cpp's exact alternative."""
-        chosen = next(c for c in self.cells if (c.layer, c.strength) == self.chosen)
+        chosen = next(c for c in self.cells if (c.layer, c.strength, c.site) == (*self.chosen, self.site))
         unit = "" if self.unit == "abs" else f" × {self.unit} norm"
+        sites = {c.site for c in self.cells}
+        at = f" ({chosen.site})" if len(sites) > 1 else ""
         lines = [
-            f"Layer {chosen.layer} at {chosen.strength:g}{unit}: predicted top-1 {chosen.top1:.1%} — "
+            f"Layer {chosen.layer}{at} at {chosen.strength:g}{unit}: predicted top-1 {chosen.top1:.1%} — "
             + ("servable." if chosen.servable else f"below {SERVABLE_TOP1:.0%}.")
             + (" Near the line (the map is within ~3 points): the export's own report decides."
                if abs(chosen.top1 - SERVABLE_TOP1) < NEAR else "")
         ]  # fmt: skip
-        servable = [c for c in self.cells if c.servable]
+        others = [c for c in self.cells if c.site != chosen.site and c.servable and c.layer == chosen.layer]
+        servable = [c for c in self.cells if c.servable and c.site == chosen.site]
+        if not chosen.servable and others:
+            best = max(others, key=lambda c: c.top1)
+            lines.append(
+                f"At {best.site} {best.layer}, the same vector is predicted {best.top1:.1%}: {SITE_MEANING[best.site]}"
+            )
         if not chosen.servable:
             if not servable:
                 lines.append(
@@ -142,9 +160,12 @@ class ServabilityMap:
         }
 
 
-def map_cells(recipe: VectorRecipe, lm: LoadedModel, layers: Sequence[int] | None = None) -> list[VectorRecipe]:
-    """The recipes of a map: file and contrastive vectors move over layers (the chosen one included), SAE features
-    and control vectors (whose layers are fixed) over multiples of the chosen strength."""
+def map_cells(
+    recipe: VectorRecipe, lm: LoadedModel, layers: Sequence[int] | None = None, sites: Sequence[str] | None = None
+) -> list[VectorRecipe]:
+    """The recipes of a map: file and contrastive vectors move over layers (the chosen one included) and, if asked,
+    over `sites` (the chosen one included); SAE features and control vectors (whose sites are fixed) over multiples
+    of the chosen strength."""
     if recipe.layer is not None:
         n = num_layers(lm.model)
         chosen = recipe.layer
@@ -152,7 +173,16 @@ def map_cells(recipe: VectorRecipe, lm: LoadedModel, layers: Sequence[int] | Non
         bad = [layer for layer in picked if not 0 <= layer < n]
         if bad:
             raise ValueError(f"layers {bad} are out of range: this model has layers 0..{n - 1}")
-        return [dataclasses.replace(recipe, layer=layer) for layer in picked]
+        wrong = [s for s in sites or () if s not in SITES]
+        if wrong:
+            raise ValueError(f"sites {wrong} are not steering sites; choose from {', '.join(SITES)}")
+        on = [recipe.site, *(s for s in dict.fromkeys(sites or ()) if s != recipe.site)]
+        return [dataclasses.replace(recipe, layer=layer, site=site) for site in on for layer in picked]  # type: ignore[arg-type]
+    if sites and set(sites) != {recipe.site}:
+        raise ValueError(
+            f"an {recipe.source} vector's sites are fixed by its source, so its map moves over strengths; "
+            f"sites {list(sites)} apply to file and contrastive vectors"
+        )
     return [dataclasses.replace(recipe, strengths=tuple(s * f for s in recipe.strengths)) for f in STRENGTH_FACTORS]
 
 
@@ -165,13 +195,14 @@ def predict(
     eval_tokens: int = MAP_EVAL_TOKENS,
     *,
     skip_bos: bool = False,
+    site: str = "resid_post",
 ) -> MapCell:
     """One cell: calibrate the portable update on a little text, measure it against the hook on held-out text."""
     cal = calibrate(lm.model, lm.tokenizer, vector, tokens=calibration_tokens, skip_bos=skip_bos)
     params = {f.module: (f.A.float().to(lm.device), f.B.float().to(lm.device)) for f in cal.fits}
     held = HeldOut(lm, vector, eval_tokens, skip_bos=skip_bos)
     m = held.measure(params)
-    return MapCell(layer, strength, m["top1"], m["kl_ratio"], held.n)
+    return MapCell(layer, strength, m["top1"], m["kl_ratio"], held.n, site)
 
 
 def servability_map(
@@ -179,6 +210,7 @@ def servability_map(
     recipe: VectorRecipe,
     *,
     layers: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
     calibration_tokens: int = MAP_CALIBRATION_TOKENS,
     eval_tokens: int = MAP_EVAL_TOKENS,
     skip_bos: bool = False,
@@ -188,14 +220,19 @@ def servability_map(
     """Predicted fidelity of the portable export of `recipe` and its neighbours (see `map_cells`). `build` makes each
     cell's vector (a server's shared, bounded workspace: steer_core.workspace); by default `recipe.build(lm)`."""
     start = time.perf_counter()
-    recipes = map_cells(recipe, lm, layers)
+    recipes = map_cells(recipe, lm, layers, sites)
     cells = []
     for i, r in enumerate(recipes):
         vector = build(r) if build else r.build(lm)
-        layer = min(p.layer for p in vector.points)
+        point = min(vector.points)
         if progress:
-            progress(i / len(recipes), f"layer {layer}, strength {r.strengths[0]:g}")
-        cells.append(predict(lm, vector, layer, r.strengths[0], calibration_tokens, eval_tokens, skip_bos=skip_bos))
+            progress(i / len(recipes), f"layer {point.layer} {point.site}, strength {r.strengths[0]:g}")
+        strength = r.strengths[0]
+        cells.append(
+            predict(
+                lm, vector, point.layer, strength, calibration_tokens, eval_tokens, skip_bos=skip_bos, site=point.site
+            )
+        )
     by_layer = recipe.layer is not None
     return ServabilityMap(
         cells,
@@ -205,4 +242,5 @@ def servability_map(
         time.perf_counter() - start,
         calibration_tokens,
         eval_tokens,
+        site=cells[0].site if not by_layer else recipe.site,
     )

@@ -242,7 +242,8 @@ def _check_loaded(peft_model: nn.Module, saved: dict[str, Tensor]) -> None:
 def _fit_error(
     model: nn.Module, meta: dict[str, Any], saved: dict[str, Tensor], out: dict[str, list[float]]
 ) -> Iterator[dict[str, Tensor]]:
-    """Record |A·x − target| at each fitted writer during the hook-steered pass (portable mode only)."""
+    """Record |A·x − target| at each fitted writer during the hook-steered pass, or the unsteered one for a writer
+    that replaces a hook upstream of it (composite; portable mode only)."""
     state: dict[str, Tensor] = {}
     fits = meta.get("fits", []) if meta["mode"] == "portable" else []
     if not fits:
@@ -253,9 +254,10 @@ def _fit_error(
     b_norm = {f["module"]: float(saved[f"base_model.model.{f['module']}.lora_B.weight"][:, 0].norm()) for f in fits}
     v_norm = {f["module"]: f["b_unscaled_norm"] for f in fits}
     layer_kind = {f["module"]: (f["writer_layer"], f["writer_kind"]) for f in fits}
+    unsteered = {f["module"] for f in fits if not f.get("reads_steered", True)}
 
     def on(name: str, x: Tensor) -> None:
-        keep = state["mask"].to(x.device)
+        keep = state["base_mask" if name in unsteered else "mask"].to(x.device)
         xs = x[keep].float()
         # A was rescaled against B (balance); undo that to compare A·x with its target.
         ax = (xs @ a[name].to(xs)) * b_norm[name] / v_norm[name]
@@ -315,6 +317,7 @@ def verify(
             if not keep.any():
                 continue  # documents cut off before their answers
             fit_state["mask"] = torch.zeros_like(keep)
+            fit_state["base_mask"] = mask.bool()  # the unsteered pass, for writers that read it
             fit_state["steered"] = steered_positions(ids, skip_bos, bos_id)
             if first is None:
                 base_logits = model(input_ids=ids, attention_mask=mask).logits
@@ -324,6 +327,7 @@ def verify(
             # Only measured tokens from here on: vocabulary-wide work on padding was a tenth of verify's time.
             base = F.log_softmax(base_logits[keep].float(), -1)
             fit_state["mask"] = mask.bool()  # the fit: every real token, on the hook-steered pass only
+            fit_state["base_mask"] = torch.zeros_like(keep)
             with reference(model, vector, meta):
                 hook_logits = (
                     model(input_ids=ids, attention_mask=mask).logits

@@ -198,10 +198,10 @@ def test_the_preview_serves_the_exported_adapter_beside_the_hook(sae_folder: str
 
 
 def test_the_servability_map_shows_each_cell_and_a_recommendation(sae_folder: str) -> None:
-    text, frame = app.run_map("tiny", *sae_args(sae_folder, "3:8"), **NO_PROGRESS)
+    text, frame = app.run_map("tiny", [], *sae_args(sae_folder, "3:8"), **NO_PROGRESS)
     assert list(frame["cell"]) == ["2×", "4×", "8×", "16×", "32×"]  # the chosen strength's multiples
     assert set(frame["servable"]) <= {"yes", "no"} and frame["predicted top-1 (%)"].between(0, 100).all()
-    assert "predicted top-1" in text and "| layer | strength |" in text
+    assert "predicted top-1" in text and "| layer | site | strength |" in text
 
 
 def test_export_for_llama_cpp_zips_the_gguf_files_and_says_how_to_serve(sae_folder: str) -> None:
@@ -391,11 +391,11 @@ def test_on_a_gpu_models_load_onto_it_in_bfloat16(monkeypatch: pytest.MonkeyPatc
 
 def test_on_a_space_a_map_reads_no_folder_and_loads_nothing(on_a_space: None, sae_folder: str) -> None:
     with pytest.raises(gr.Error, match="does not read folders on its own disk"):
-        app.run_map("tiny", *sae_args(f"folder: {sae_folder}"), **NO_PROGRESS)  # typed as a list label
+        app.run_map("tiny", [], *sae_args(f"folder: {sae_folder}"), **NO_PROGRESS)  # typed as a list label
     registry = ["SAE features", "gpt2-small-res-jb / blocks.1.hook_resid_pre", "", "3:1", 1.0, UNIT, "", "", 1,
                 "resid_post", None]  # fmt: skip
     with pytest.raises(gr.Error, match="not loaded yet: pick it in step 2"):
-        app.run_map("tiny", *registry, **NO_PROGRESS)
+        app.run_map("tiny", [], *registry, **NO_PROGRESS)
 
 
 def test_a_served_adapter_from_the_hub_is_the_visitors_alone(

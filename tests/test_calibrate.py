@@ -8,7 +8,7 @@ import torch
 
 from helpers import D_MODEL, tiny_lm
 from steer_core import corpus
-from steer_core.calibrate import balance, calibrate
+from steer_core.calibrate import NEXT_MARGIN, balance, calibrate
 from steer_core.divergence import kl_per_token
 from steer_core.position0 import choose_first_weight
 from steer_core.ridge import Stats, fit_ridge
@@ -171,7 +171,7 @@ def test_chat_models_read_every_format_in_equal_measure_and_base_models_plain_te
 def test_calibration_fits_its_target(family: str) -> None:
     lm = tiny_lm(family)
     vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL)})
-    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, split_writers=False)
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048, split_writers=False, writer="own")
     (fit,) = cal.fits
     assert fit.module.endswith(("mlp.down_proj", "mlp.c_proj"))
     assert fit.target == ("rms(Wx)" if family == "gemma3" else "one")
@@ -413,7 +413,9 @@ def test_statistics_are_reused_only_for_one_site_with_the_same_settings() -> Non
 
     def reused(points: tuple[HookPoint, ...], **kwargs: Any) -> bool:
         vec = SteeringVector({p: torch.randn(D_MODEL) * 3 for p in points})
-        return calibrate(lm.model, lm.tokenizer, vec, **{"tokens": 512, **kwargs}).reused_statistics
+        # one writer a calibration: the next block's attention writer would keep a second entry
+        settings = {"tokens": 512, "writer": "own", **kwargs}
+        return calibrate(lm.model, lm.tokenizer, vec, **settings).reused_statistics
 
     assert not reused((one,)) and reused((one,))
     assert not reused((one,), tokens=768) and not reused((one,), skip_bos=True) and not reused((two,))
@@ -447,3 +449,86 @@ def test_statistics_over_the_byte_budget_are_not_kept(monkeypatch: pytest.Monkey
     monkeypatch.undo()
     calibrate(lm.model, lm.tokenizer, vec, tokens=512)
     assert calibrate(lm.model, lm.tokenizer, vec, tokens=512).reused_statistics
+
+
+def test_the_next_blocks_attention_writer_is_a_candidate_chosen_by_held_in_kl() -> None:
+    """A one-site vector on a pre-norm model: down_proj L, o_proj L+1 and the two splitting v are fitted and
+    measured, the lowest held-in KL kept; none where there is no next block, on post-norm models or when asked."""
+    lm = tiny_lm("llama")
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3})
+    cal = calibrate(lm.model, lm.tokenizer, vec, tokens=2048)
+    choice = cal.writer_choice
+    own, attn = "model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"
+    kl = choice["unseen_kl"]
+    assert set(kl) == {own, attn, f"{own} + {attn}"}
+    best = min(kl, key=kl.__getitem__)
+    assert choice["used"] == (best if kl[best] < NEXT_MARGIN * kl[own] else own)
+    assert " + ".join(f.module for f in cal.fits) == choice["used"]
+    v_norm = float(vec.directions[HookPoint(1, "resid_post")].norm())
+    if choice["used"] == f"{own} + {attn}":  # the MLP writer keeps SPLIT of v, the attention writer the rest
+        assert cal.fits[0].b_unscaled_norm == pytest.approx(0.75 * v_norm)
+    assert calibrate(lm.model, lm.tokenizer, vec, tokens=2048, writer="own").writer_choice == {}
+    last = SteeringVector({HookPoint(2, "resid_post"): torch.randn(D_MODEL)})
+    assert calibrate(lm.model, lm.tokenizer, last, tokens=1024).writer_choice == {}
+    gemma = tiny_lm("gemma3")
+    assert calibrate(gemma.model, gemma.tokenizer, vec, tokens=1024).writer_choice == {}
+
+
+def test_the_attention_response_is_what_the_writer_outputs_differently_under_the_hook() -> None:
+    from steer_core.composite import mean_responses
+
+    lm = tiny_lm("llama")
+    vec = SteeringVector({HookPoint(0, "resid_post"): torch.randn(D_MODEL) * 3})
+    module = "model.layers.1.self_attn.o_proj"
+    got = mean_responses(lm.model, lm.tokenizer, vec, module, 1, 512, skip_bos=False, already=(0.0, 1.0))
+    assert torch.equal(got[1.0], torch.zeros(D_MODEL))  # the hook against itself
+    got = got[0.0]
+    outs = []
+    batch = next(corpus.batches(lm.tokenizer, "calibration", 512, max_doc_tokens=64, by_length=True))
+    keep = batch.attention_mask.bool()
+    keep[:, 0] = False
+    from steer_core.activations import recording
+
+    for steer in (False, True):
+        rows: list[torch.Tensor] = []
+        with torch.no_grad(), recording(lm.model, [module], lambda _n, y, rows=rows: rows.append(y), what="output"):
+            if steer:
+                with steering(lm.model, vec):
+                    lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            else:
+                lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        outs.append(rows[0][keep])
+    first_batch = (outs[1] - outs[0]).mean(0)
+    assert got.norm() > 0 and torch.nn.functional.cosine_similarity(got, first_batch, dim=0) > 0.9
+
+
+def test_an_export_on_the_attention_writer_loads_verifies_and_says_why(tmp_path) -> None:
+    """Where the attention writer serves the vector (asked for here), the adapter is an o_proj LoRA on block L+1,
+    its fit is measured on the unsteered input it reads, and steering.json and the card name the choice."""
+    from steer_core.card import model_card
+    from steer_core.export import export
+
+    lm = tiny_lm("llama")
+    vec = SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * 3}, {"source": "test"})
+    result = export(lm, vec, tmp_path / "a", calibration_tokens=1024, verify_tokens=256, writer="next")
+    meta = json.loads((result.folder / "steering.json").read_text())
+    assert meta["target_modules"] == ["model.layers.2.self_attn.o_proj"]
+    assert meta["calibration"]["writer_choice"]["used"] == "model.layers.2.self_attn.o_proj"
+    assert meta["fits"][0]["reads_steered"] is False and meta["fits"][0]["writer_layer"] == 2
+    # A·x read off the unsteered pass, as the adapter reads it: close to its target 1
+    assert result.report.fit_abs_error["model.layers.2.self_attn.o_proj"] < 0.25
+    card = (result.folder / "README.md").read_text()
+    assert "- writer: `model.layers.2.self_attn.o_proj`, asked for (`--writer next`)" in card
+    meta["calibration"]["writer_choice"] = {"used": "m.o", "unseen_kl": {"m.d": 0.2, "m.o": 0.1}}
+    assert "- writer: `m.o`, chosen by KL(hook ‖ adapter) per token on calibration text no fit saw (`m.d` 0.2, " in (
+        model_card(meta)
+    )
+
+
+def test_the_writer_choice_reads_calibration_text_no_fit_saw() -> None:
+    lm = tiny_lm("llama")
+    seen = {int(i) for b in corpus.batches(lm.tokenizer, "calibration", 2048, max_doc_tokens=256) for i in b.doc_index}
+    after = corpus.batches_after(lm.tokenizer, "calibration", 2048, 1024, max_doc_tokens=256)
+    unseen = [int(i) for b in after for i in b.doc_index]
+    assert unseen and not seen & set(unseen)
+    assert sum(int(b.attention_mask.sum()) for b in after) >= 1024 and any(b.measured.any() for b in after)

@@ -46,6 +46,35 @@ def test_map_cells_move_layers_or_strengths(vector_file: Path) -> None:
         map_cells(VectorRecipe("file", (1.0,), "abs", path=str(vector_file), layer=1), lm, layers=[7])
 
 
+def test_map_cells_add_the_sites_asked_for(vector_file: Path) -> None:
+    lm = tiny_lm("llama")
+    recipe = VectorRecipe("file", (2.0,), "abs", path=str(vector_file), layer=1)
+    cells = map_cells(recipe, lm, layers=[2], sites=["attn_out", "resid_post"])
+    expected = [(1, "resid_post"), (2, "resid_post"), (1, "attn_out"), (2, "attn_out")]
+    assert [(r.layer, r.site) for r in cells] == expected
+    with pytest.raises(ValueError, match=r"sites \['mid'\] are not steering sites; choose from resid_pre"):
+        map_cells(recipe, lm, sites=["mid"])
+    with pytest.raises(ValueError, match="an sae vector's sites are fixed by its source"):
+        map_cells(VectorRecipe("sae", (0.5,), "resid", features=(1,)), lm, sites=["attn_out"])
+
+
+def test_a_map_over_sites_measures_each_site_where_its_writer_adds(vector_file: Path) -> None:
+    """The attn_out cells are calibrated on o_proj (the site's exact writer) and say so in the recommendation."""
+    lm = tiny_lm("llama")
+    recipe = VectorRecipe("file", (1.0,), "abs", path=str(vector_file), layer=1)
+    result = servability_map(lm, recipe, layers=[1], sites=["attn_out"], calibration_tokens=512, eval_tokens=512)
+    assert [(c.layer, c.site) for c in result.cells] == [(1, "resid_post"), (1, "attn_out")]
+    assert result.site == "resid_post" and result.cells[0].kl_ratio != result.cells[1].kl_ratio
+    text = result.recommendation()
+    assert text.startswith("Layer 1 (resid_post) at 1: predicted top-1")
+    served_there = ServabilityMap(
+        [MapCell(1, 1.0, 0.80, 0.05, 500), MapCell(1, 1.0, 0.98, 0.001, 500, "attn_out")], (1, 1.0), "layer", "abs", 1
+    )
+    assert "At attn_out 1, the same vector is predicted 98.0%: there the vector is added between block L's " in (
+        served_there.recommendation()
+    )
+
+
 def _map(cells: list[tuple[int, float, float]], chosen: tuple[int, float], varies: str) -> ServabilityMap:
     return ServabilityMap([MapCell(la, s, t, 0.01, 500) for la, s, t in cells], chosen, varies, "resid", 1.0)
 
@@ -76,4 +105,7 @@ def test_cli_map(tmp_path: Path, vector_file: Path, capsys: pytest.CaptureFixtur
     assert "(chosen)" in out and "predicted top-1" in out and len(out.splitlines()) == 5
     with pytest.raises(SystemExit):
         main(["map", "--feature", "3", "--layers", "1", "--model", str(folder), "--sae-path", "x"])
-    assert "--layers applies to --vector and --contrastive" in capsys.readouterr().err
+    assert "--layers and --sites apply to --vector and --contrastive" in capsys.readouterr().err
+    assert main([*argv[:-4], "--sites", "attn_out", "--calibration-tokens", "256", "--eval-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" attn_out ") == 2 and out.count(" resid_post ") == 2, out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,8 +27,8 @@ def _vec() -> SteeringVector:
     return SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL, generator=g) * 3}, {"source": "test"})
 
 
-def _export(lm: LoadedModel, out: Path, target: str, mode: str = "portable"):
-    return export(lm, _vec(), out, mode=mode, calibration_tokens=512, verify_tokens=256, target=target)  # type: ignore[arg-type]
+def _export(lm: LoadedModel, out: Path, target: str, mode: str = "portable", **kwargs: Any):
+    return export(lm, _vec(), out, mode=mode, calibration_tokens=512, verify_tokens=256, target=target, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,10 @@ def _read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return fields, {t.name: np.array(t.data) for t in reader.tensors}
 
 
-def test_the_gguf_lora_is_what_llama_cpps_converter_writes(lm: LoadedModel, tmp_path: Path) -> None:
-    result = _export(lm, tmp_path / "a", "llama.cpp")
+@pytest.mark.parametrize("writer", ["mlp", "attn"])
+def test_the_gguf_lora_is_what_llama_cpps_converter_writes(lm: LoadedModel, tmp_path: Path, writer: str) -> None:
+    # block 2's attention writer, as where it comes closer to the hook (steer_core.composite)
+    result = _export(lm, tmp_path / "a", "llama.cpp", writer={"mlp": "own", "attn": "next"}[writer])
     assert result.meta["target_files"] == ["adapter.gguf", "control_vector.gguf"]
     ours_meta, ours = _read_gguf(result.folder / "adapter.gguf")
     assert ours_meta["general.type"] == "adapter" and ours_meta["adapter.type"] == "lora"
@@ -96,7 +99,8 @@ def test_the_gguf_lora_is_what_llama_cpps_converter_writes(lm: LoadedModel, tmp_
     run_llama_cpp_script(src, "convert_lora_to_gguf.py", "--base", str(base), "--outtype", "f32", "--outfile",
                          str(theirs_path), str(result.folder))  # fmt: skip
     theirs_meta, theirs = _read_gguf(theirs_path)
-    assert sorted(ours) == sorted(theirs) == ["blk.1.ffn_down.weight.lora_a", "blk.1.ffn_down.weight.lora_b"]
+    tensor = {"mlp": "blk.1.ffn_down", "attn": "blk.2.attn_output"}[writer]
+    assert sorted(ours) == sorted(theirs) == [f"{tensor}.weight.lora_a", f"{tensor}.weight.lora_b"]
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name])
     for key in ("general.type", "general.architecture", "adapter.type", "adapter.lora.alpha"):

@@ -176,5 +176,3 @@ def test_what_a_visitor_reads_with_their_own_token_stays_theirs(visitors_hub: An
     with pytest.raises(LookupError, match="could not load model"):  # and a load past the check fails too
         load_model(repo, token=False)
     assert hub.tokens_seen(repo) <= {"hf_alice", None}, "never the owner's token"
-
-
