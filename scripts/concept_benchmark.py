@@ -11,7 +11,7 @@ text: its concept mentions against the hook's are what a user keeps by serving t
 A script that prints numbers, not a test:
 
     .venv/bin/python -m scripts.concept_benchmark --out artifacts/concepts        # ~8 min per strength, 2 CPU cores
-    .venv/bin/python -m scripts.concept_benchmark --strengths 0.5 --export --out artifacts/concepts-kept  # ~25 min
+    .venv/bin/python -m scripts.concept_benchmark --strengths 0.5 --export --out artifacts/concepts-kept
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--folder", type=Path, help="an SAE for --model not shipped yet, labelled (scripts.label_sae)")
     p.add_argument("--export", action="store_true", help="also export each found vector and count what it keeps")
     p.add_argument("--verify-tokens", type=int, default=512, help="with --export: verify's held-out tokens")
+    p.add_argument("--writer", default="auto", help="with --export: export's --writer (auto, own, next, split)")
     args = p.parse_args()
 
     lm = load_model(args.model)
@@ -172,10 +173,10 @@ def kept(lm, vector, steered: list[str], words: list[str], k: float, args: argpa
 
     hook = {"chat": steered, "plain": answers(lm, vector, args.max_new_tokens, plain=True)}
     with tempfile.TemporaryDirectory() as tmp:
-        result = export(lm, vector, Path(tmp) / "adapter", verify_tokens=args.verify_tokens)
+        result = export(lm, vector, Path(tmp) / "adapter", verify_tokens=args.verify_tokens, writer=args.writer)
         peft = load_peft(lm.model, result.folder)
     served = {f: answers(lm, None, args.max_new_tokens, model=peft, plain=f == "plain") for f in hook}
-    out: dict = {f"writer_{k:g}": result.meta["calibration"]["writer_choice"].get("used"),
+    out: dict = {f"writer_{k:g}": (result.meta["calibration"]["writer_choice"] or {}).get("used", "own"),
                  f"report_top1_{k:g}": result.report.top1_agreement}  # fmt: skip
     for f in hook:
         out[f"hook_{f}_{k:g}"] = sum(mentions(a, words) for a in hook[f])
