@@ -81,7 +81,7 @@ def least_squares_floor(x: Tensor) -> float:
 
 
 def budget(lm: LoadedModel, vector: SteeringVector, lambdas: list[float], args: argparse.Namespace) -> list[dict]:
-    cal = calibrate(lm.model, lm.tokenizer, vector, tokens=args.calibration_tokens)
+    cal = calibrate(lm.model, lm.tokenizer, vector, tokens=args.calibration_tokens, writer="own")  # the site's writer
     if len(cal.fits) != 1 or cal.fits[0].target != "one":
         raise SystemExit("the error budget is defined for one pre-norm writer (target A·x = 1)")
     fit = cal.fits[0]

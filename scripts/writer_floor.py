@@ -141,7 +141,7 @@ def measure(lm: LoadedModel, vector: SteeringVector, args: argparse.Namespace) -
     def lora(module: str, a: Tensor, b: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         return {module: (a.float().to(lm.device), b.float().to(lm.device))}
 
-    exported = calibrate(lm.model, lm.tokenizer, vector, tokens=args.calibration_tokens)
+    exported = calibrate(lm.model, lm.tokenizer, vector, tokens=args.calibration_tokens, writer="own")
     row["adapter down_proj L (exported today)"] = held.measure(
         {f.module: (f.A.float().to(lm.device), f.B.float().to(lm.device)) for f in exported.fits}
     )

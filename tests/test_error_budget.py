@@ -32,7 +32,7 @@ def test_lambda_runs_from_the_hook_to_the_adapter(setup) -> None:
     assert rows[0.0]["top1"] == 1.0 and rows[0.0]["kl_ratio"] < 1e-6
     assert rows[0.0]["noise_top1"] == 1.0 and rows[0.0]["noise_kl_ratio"] < 1e-6  # zero noise is the hook too
     # λ = 1 is the closed-form adapter, measured the way refine_curve measures it.
-    cal = calibrate(lm.model, lm.tokenizer, vector, tokens=ARGS.calibration_tokens)
+    cal = calibrate(lm.model, lm.tokenizer, vector, tokens=ARGS.calibration_tokens, writer="own")
     fit = cal.fits[0]
     adapter = HeldOut(lm, vector, ARGS.eval_tokens).measure({fit.module: (fit.A.float(), fit.B.float())})
     assert rows[1.0]["top1"] == pytest.approx(adapter["top1"])
@@ -43,7 +43,7 @@ def test_lambda_runs_from_the_hook_to_the_adapter(setup) -> None:
 
 def test_floor_bounds_every_a_and_is_zero_when_a_constant_is_readable(setup) -> None:
     lm, vector = setup
-    cal = calibrate(lm.model, lm.tokenizer, vector, tokens=ARGS.calibration_tokens)
+    cal = calibrate(lm.model, lm.tokenizer, vector, tokens=ARGS.calibration_tokens, writer="own")
     fit = cal.fits[0]
     x = writer_inputs(lm, fit.module, fit.writer[0], calibration_batches(lm, ARGS.calibration_tokens))
     assert x.shape[1] == fit.A.numel() and len(x) >= ARGS.calibration_tokens * 0.9
