@@ -119,7 +119,7 @@ def calibrate(
     if nxt_site is not None:
         # One pass for both: a single site's own writer reads nothing its steering changes, and the next block's
         # attention writer must be read without it, as the adapter that replaces the hook leaves it.
-        gathered[nxt_site[1]] = (nxt_site[0].writer()[0] + 1, "attn")
+        gathered[nxt_site[1]] = (nxt_site[2], "attn")
     seen = gather(
         model,
         tokenizer,
@@ -151,7 +151,7 @@ def calibrate(
     fits = (fitted if chosen.shares == "fitted" else split)[chosen.first_weight]
     choice: dict[str, Any] = {}
     if nxt_site is not None:
-        nxt = next_writer(model, tokenizer, vector, a[chosen.first_weight][nxt_site[1]], tokens=tokens,
+        nxt = next_writer(model, tokenizer, vector, nxt_site, a[chosen.first_weight][nxt_site[1]], tokens=tokens,
                           max_doc_tokens=max_doc_tokens, skip_bos=skip_bos)  # fmt: skip
         fits, choice = _choose_writer(model, tokenizer, vector, fits, nxt, skip_bos, tokens, max_doc_tokens, writer)
     return Calibration(

@@ -45,43 +45,39 @@ class NextWriter:
     tokens: int  # of the mean response
 
 
-def next_writer_site(model: nn.Module, vector: SteeringVector) -> tuple[HookPoint, str] | None:
-    """(the vector's site, block L+1's attention writer) where that is a candidate: one site, written by an MLP on a
-    pre-norm model, with a block after it. Post-norm writers add through a norm, so this B would not be v there."""
+def next_writer_site(model: nn.Module, vector: SteeringVector) -> tuple[HookPoint, str, int] | None:
+    """(the vector's site, block L+1's attention writer, L+1) where that is a candidate: one site, written by an MLP
+    on a pre-norm model, with a block after it. Post-norm writers add through a norm, so this B would not be v there."""
     if architecture_for(model).post_norm or len(vector.points) != 1:
         return None
     point = vector.points[0]
     layer, kind = point.writer()
     if kind != "mlp" or layer + 1 >= num_layers(model):
         return None
-    return point, architecture_for(model).writer_name(layer + 1, "attn")
+    return point, architecture_for(model).writer_name(layer + 1, "attn"), layer + 1
 
 
 def next_writer(
     model: nn.Module,
     tokenizer: Any,
     vector: SteeringVector,
+    site: tuple[HookPoint, str, int],
     a: InputFit,
     *,
     tokens: int,
     max_doc_tokens: int,
     skip_bos: bool,
 ) -> NextWriter:
-    """The candidate for a vector that has one (next_writer_site), with its A fitted on the calibration pass's
+    """The candidate at `site` (next_writer_site), with its A fitted on the calibration pass's
     statistics of the attention writer's unsteered input: A on the full calibration text, not a slice of it (on 4k
     tokens A overfitted: SmolLM2 L22, random 4×, held-out top-1 74.6% against 78.0% on 16k)."""
-    found = next_writer_site(model, vector)
-    if found is None:
-        raise ValueError(f"{', '.join(p.tl_name for p in vector.points)}: no next-block attention writer to serve it")
-    point, module = found
-    layer = point.writer()[0] + 1
+    point, module, layer = site
     v = vector.directions[point].float().cpu()
-    response = mean_responses(
-        model, tokenizer, vector, module, layer, min(tokens // 2, RESPONSE_TOKENS), skip_bos, max_doc_tokens
-    )
+    budget = min(tokens // 2, RESPONSE_TOKENS)
+    response = mean_responses(model, tokenizer, vector, module, layer, budget, skip_bos, max_doc_tokens)
     full, rest = response[0.0], response[SPLIT]
     return NextWriter(point, module, layer, a, v + full, (1 - SPLIT) * v + rest, float(full.norm() / v.norm()),
-                      min(tokens // 2, RESPONSE_TOKENS))  # fmt: skip
+                      budget)  # fmt: skip
 
 
 def mean_responses(
