@@ -11,4 +11,6 @@ case "$*" in
   *) bash scripts/llama_cpp.sh >/dev/null && bash scripts/vllm_venv.sh >/dev/null ;;
 esac
 .venv/bin/python -m ruff check steer_core app.py tests scripts
+.venv/bin/python -m ruff format --check steer_core app.py tests scripts
+.venv/bin/python -m mypy  # steer_core, as configured in pyproject.toml
 exec .venv/bin/python -m pytest "$@"

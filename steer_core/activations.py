@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 
 from steer_core import corpus
 from steer_core.hooks import gated_hooks, untuple
-from steer_core.sites import HookPoint, architecture_for, blocks
+from steer_core.sites import HookPoint, architecture_for, blocks, pretrained
 
 Capture = Callable[[str, Tensor], None]
 
@@ -91,8 +91,9 @@ def forward_from(model: nn.Module, first: int, calls: list[BlockCall]) -> Tensor
             hidden = untuple(block(hidden, *args[1:], **kwargs))
         else:
             hidden = untuple(block(**{**kwargs, "hidden_states": hidden}))
-    logits = model.get_output_embeddings()(model.get_submodule(architecture_for(model).final_norm)(hidden))
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    hf = pretrained(model)
+    logits = hf.get_output_embeddings()(model.get_submodule(architecture_for(model).final_norm)(hidden))
+    cap = getattr(hf.config.get_text_config(), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
@@ -154,7 +155,7 @@ def text_activations(
     tokenizer: Any,
     point: HookPoint,
     unit: Literal["resid", "writer"],
-    texts: list[str] | tuple[str, ...],
+    texts: Sequence[str],
     *,
     max_tokens_per_text: int = 128,
     batch_size: int = 8,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from steer_core.calibrate import Calibration
 from steer_core.constants import ADAPTER_WEIGHTS_FILENAME, STEERING_VECTOR_FILENAME
 from steer_core.postnorm import norm_gain
-from steer_core.sites import Architecture, architecture_for
+from steer_core.sites import Architecture, architecture_for, num_layers, weight_of
 from steer_core.vector import SteeringVector
 
 Mode = Literal["portable", "exact", "ablate"]
@@ -68,7 +68,7 @@ def _config(
 
 
 def _writer_dims(model: nn.Module, name: str) -> tuple[int, int]:
-    weight = model.get_submodule(name).weight
+    weight = weight_of(model.get_submodule(name))
     # Conv1D stores (in, out); nn.Linear stores (out, in).
     d_out, d_in = weight.shape
     if architecture_for(model).fan_in_fan_out:
@@ -104,7 +104,7 @@ def build_portable(model: nn.Module, calibration: Calibration, base_model: str) 
     layers: set[int] = set()
     for fit in calibration.fits:
         layer, kind = fit.writer
-        kinds.add(kind)
+        kinds.add(kind)  # type: ignore[arg-type]  # WriterFit.writer's kind is a Kind
         layers.add(layer)
         tensors[_key(fit.module, "lora_A.weight")] = fit.A.float().reshape(1, -1).contiguous()
         tensors[_key(fit.module, "lora_B.weight")] = fit.B.float().reshape(-1, 1).contiguous()
@@ -154,7 +154,7 @@ def build_exact(model: nn.Module, vector: SteeringVector, base_model: str) -> Bu
 def ablation_direction(model: nn.Module, layer: int, kind: Kind, unit: Tensor) -> Tensor:
     """The direction to project the writer's output against so that `unit` is absent from what reaches the residual.
 
-    Pre-norm: `unit` itself. Post-norm: N(z) ⊥ r exactly when z ⊥ g ⊙ r (math.md).
+    Pre-norm: `unit` itself. Post-norm: N(z) ⊥ r exactly when z ⊥ g ⊙ r (docs/math.md, "Ablation is exact").
     """
     arch = architecture_for(model)
     if not arch.post_norm:
@@ -170,14 +170,14 @@ def build_ablate(model: nn.Module, direction: Tensor, base_model: str) -> BuiltA
         raise ValueError("cannot ablate a zero direction")
     unit = (direction / direction.norm()).float().cpu()
     tensors: dict[str, Tensor] = {}
-    n_layers = len(model.get_submodule(arch.layers_path))
+    n_layers = num_layers(model)
     kinds: set[Kind] = {"attn", "mlp"}
     notes = []
     for layer in range(n_layers):
         for kind in sorted(kinds):
             name = arch.writer_name(layer, kind)
             q = ablation_direction(model, layer, kind, unit)
-            weight = model.get_submodule(name).weight.detach().float().cpu()
+            weight = weight_of(model.get_submodule(name)).detach().float().cpu()
             a = weight @ q if arch.fan_in_fan_out else q @ weight
             tensors[_key(name, "lora_A.weight")] = a.reshape(1, -1).contiguous()
             tensors[_key(name, "lora_B.weight")] = (-q).reshape(-1, 1).contiguous()

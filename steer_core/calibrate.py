@@ -99,10 +99,9 @@ def calibrate(
 
     Running with the hooks on means each writer sees the inputs it will see once the earlier sites are steered.
     split_writers (post-norm models, resid sites): share each vector between the layer's attention and MLP writers
-    by their norms' gains (split_shares) instead of giving it all to the MLP writer. Measured on Gemma-3-270M L9,
-    0.25× a random direction: top-1 59.5% -> 66.0%, KL ratio 0.747 -> 0.461. No effect on pre-norm models.
+    by their norms' gains (split_shares) instead of giving it all to the MLP writer. No effect on pre-norm models.
     share_steps: then fit both writers' B to the vector where the later layers read it (fit_shares) and keep the
-    fitted B if its held-in KL is lower; 0 keeps the split. Same site: top-1 66.0% -> 85.9%, KL ratio 0.461 -> 0.067.
+    fitted B if its held-in KL is lower; 0 keeps the split. What each bought: docs/fidelity.md.
     first_weights: how much position 0 counts in the fit; with several, the first is the default and another wins
     only if its adapter is clearly closer to the hook on `select_tokens` held-in tokens (position0).
     writer: for a one-site vector on a pre-norm model, "auto" also fits block L+1's attention writer and the two

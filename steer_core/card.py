@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from steer_core.record import SteeringRecord
+
 MODE_WHERE = {
     "portable": "a plain rank-1 LoRA: loads in PEFT, vLLM and LoRA-upload services",
     "exact": "uses PEFT's lora_bias: exact, but loads only in PEFT/transformers (vLLM removed LoRA bias)",
@@ -11,8 +13,8 @@ MODE_WHERE = {
 }
 
 
-def _what(meta: dict[str, Any]) -> list[str]:
-    prov = meta.get("vector", {}).get("provenance", {})
+def _what(record: SteeringRecord) -> list[str]:
+    prov = record.vector.provenance
     lines = []
     if prov.get("source") == "sae":
         sae = prov["sae"]
@@ -35,7 +37,7 @@ def _what(meta: dict[str, Any]) -> list[str]:
         lines.append(f"- llama.cpp control vector `{name}`, strength {prov.get('strength', 1):g}")
     elif prov:
         lines.append(f"- vector: {prov}")
-    for point, norm in meta.get("vector", {}).get("norms", {}).items():
+    for point, norm in record.vector.norms.items():
         lines.append(f"- `{point}`: vector norm {norm:.4g}")
     return lines
 
@@ -75,18 +77,17 @@ FORMAT_NAMES = {
 }
 
 
-def _target_lines(meta: dict[str, Any]) -> str:
+def _target_lines(record: SteeringRecord) -> str:
     """How to load what the export wrote for its target engine (steer_core.targets), when it is not plain PEFT."""
-    serve = meta.get("serve")
-    if not serve or meta.get("target", "peft") == "peft":
+    if not record.serve or record.target == "peft":
         return ""
-    files = ", ".join(f"`{f}`" for f in meta.get("target_files", []))
-    return f"\nExported for **{meta['target']}**" + (f" ({files})" if files else "") + f": {serve}.\n"
+    files = ", ".join(f"`{f}`" for f in record.target_files)
+    return f"\nExported for **{record.target}**" + (f" ({files})" if files else "") + f": {record.serve}.\n"
 
 
-def _writer_line(meta: dict[str, Any]) -> str:
+def _writer_line(record: SteeringRecord) -> str:
     """Which writer calibration kept, and the KL on unseen calibration text it was chosen by (steer_core.composite)."""
-    choice = meta.get("calibration", {}).get("writer_choice") or {}
+    choice = (record.calibration and record.calibration.writer_choice) or {}
     if not choice:
         return ""
     if choice.get("asked"):
@@ -97,11 +98,11 @@ def _writer_line(meta: dict[str, Any]) -> str:
     )
 
 
-def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
-    base = meta["base_model"]
-    mode = meta["mode"]
-    rep = meta.get("fidelity", {})
-    secs = meta.get("seconds", {})
+def model_card(record: SteeringRecord, repo_id: str | None = None) -> str:
+    base = record.base_model
+    mode = record.mode
+    rep = record.fidelity or {}
+    secs = record.seconds
     name = repo_id or "path/to/this/adapter"
     front = "\n".join(
         [
@@ -119,7 +120,7 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     # The writers' input statistics may come from an earlier export at the same site: say so beside the time.
     reused = (
         " (input statistics kept from an earlier export)"
-        if meta.get("calibration", {}).get("reused_statistics")
+        if record.calibration and record.calibration.reused_statistics
         else ""
     )
     fidelity = (
@@ -148,7 +149,7 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
     )
     if rep.get("by_format"):
         fidelity = by_format_table(rep) + "\n\nAll formats together:\n\n" + fidelity
-    notes = "\n".join(f"- {n}" for n in meta.get("notes", []))
+    notes = "\n".join(f"- {n}" for n in record.notes)
     vllm_bias = (
         "\nThis adapter uses `lora_bias`, which vLLM does not load; serve it with PEFT/transformers.\n"
         if mode == "exact"
@@ -158,12 +159,12 @@ def model_card(meta: dict[str, Any], repo_id: str | None = None) -> str:
 
 # Steering adapter for `{base}`
 
-A rank-{meta.get("rank", 1)} LoRA exported by steer_core that reproduces activation steering, so it can be served
+A rank-{record.rank} LoRA exported by steer_core that reproduces activation steering, so it can be served
 wherever LoRA adapters are served. Mode `{mode}`: {MODE_WHERE[mode]}.
 
 ## What it steers
-{chr(10).join(_what(meta))}
-- target modules: {", ".join(f"`{m}`" for m in meta.get("target_modules", []))}{_writer_line(meta)}
+{chr(10).join(_what(record))}
+- target modules: {", ".join(f"`{m}`" for m in record.target_modules)}{_writer_line(record)}
 
 ## Measured fidelity (held-out text, adapter vs. hook steering)
 {fidelity}
@@ -183,7 +184,7 @@ Serve it with vLLM (any adapter rank up to `--max-lora-rank`; several adapters c
 ```
 vllm serve {base} --enable-lora --max-lora-rank 8 --lora-modules steer={name}
 ```
-{vllm_bias}{_target_lines(meta)}
+{vllm_bias}{_target_lines(record)}
 `steering.json` holds the provenance and the full fidelity report; `steering_vector.safetensors` holds the hook
 vector, so `python -m steer_core verify --model {base} --adapter DIR` can re-measure it.
 """

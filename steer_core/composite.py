@@ -105,7 +105,7 @@ def mean_responses(
         for share in (*already, 1.0):
             got: list[Tensor] = []
             with (
-                recording(model, [module], lambda _n, y, got=got: got.append(y), what="output"),
+                recording(model, [module], lambda _n, y: got.append(y), what="output"),  # noqa: B023 (used at once)
                 steering(model, vector.scaled(share), skip_bos=skip_bos),
             ):
                 forward_until(model, layer, input_ids=ids, attention_mask=mask)

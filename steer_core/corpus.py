@@ -147,9 +147,9 @@ def _head(text: str) -> str:
 def document_from(item: dict, fmt: str, partner: dict, rng: random.Random) -> Document:
     """A corpus item read in `fmt` (a generated one keeps its own); a multi-turn chat answers with `partner` next."""
     if "messages" in item:  # generated: a conversation in its own format
-        turns = tuple((m["role"], m["content"]) for m in item["messages"])
-        text = "\n\n".join(content for role, content in turns if role != "system")
-        return Document(item["source"], item["format"], text, turns, item.get("topic", ""))
+        said = tuple((m["role"], m["content"]) for m in item["messages"])
+        text = "\n\n".join(content for role, content in said if role != "system")
+        return Document(item["source"], item["format"], text, said, item.get("topic", ""))
     text = item["text"]
     if item["source"] == "generated" or fmt == "plain":
         return Document(item["source"], "plain", text, topic=item.get("topic", ""))

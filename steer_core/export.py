@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from steer_core import __version__
-from steer_core.adapter import Mode, build_ablate, build_exact, build_portable, write_adapter, write_json
+from steer_core.adapter import (
+    BuiltAdapter,
+    Mode,
+    build_ablate,
+    build_exact,
+    build_portable,
+    write_adapter,
+    write_json,
+)
 from steer_core.calibrate import Calibration, Progress, Writers, calibrate
 from steer_core.card import model_card
 from steer_core.constants import (
@@ -23,6 +31,7 @@ from steer_core.constants import (
 )
 from steer_core.controlvector import save_control_vector
 from steer_core.model import LoadedModel
+from steer_core.record import CalibrationRecord, FitRecord, SteeringRecord, VectorRecord
 from steer_core.refine import refine
 from steer_core.sites import architecture_for, num_layers
 from steer_core.targets import (
@@ -42,8 +51,13 @@ from steer_core.verify import FidelityReport, verify
 class ExportResult:
     folder: Path
     report: FidelityReport
-    meta: dict[str, Any]
+    record: SteeringRecord  # steering.json
     seconds: dict[str, float]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """steering.json as the JSON object written."""
+        return self.record.to_dict()
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -89,7 +103,6 @@ def export(
     check_fits_model(vector, int(model.config.get_text_config().hidden_size), num_layers(model))
     out = Path(out)
     _check_out(out, overwrite)
-    arch = architecture_for(model)
     engine = check_target(target, mode, model)
     for point in vector.points:
         point.writer()  # resid_pre 0 has no writer: fail before any work
@@ -104,26 +117,8 @@ def export(
             f"{', '.join(sorted({f.point.tl_name for f in calibration.fits}))}"
         )
     if mode == "portable":
-        if calibration is None:
-            calibration = calibrate(
-                model,
-                lm.tokenizer,
-                vector,
-                tokens=calibration_tokens,
-                skip_bos=skip_bos,
-                split_writers=split_writers,
-                writer=writer,
-                progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
-            )
-        if refine_steps:
-            calibration = refine(
-                model,
-                lm.tokenizer,
-                vector,
-                calibration,
-                steps=refine_steps,
-                progress=lambda f, m: report(0.5 + 0.2 * f, m),
-            )
+        calibration = _calibration(lm, vector, calibration, calibration_tokens, skip_bos, split_writers, writer,
+                                   refine_steps, report)  # fmt: skip
         built = build_portable(model, calibration, lm.base_model_id)
         seconds["calibrate"] = calibration.seconds
     elif mode == "exact":
@@ -132,78 +127,34 @@ def export(
         if len(vector.points) != 1:
             raise ValueError(f"mode 'ablate' removes one direction; this vector has {len(vector.points)} sites")
         built = build_ablate(model, next(iter(vector.directions.values())), lm.base_model_id)
-
     if engine.min_rank > 1:
         built = pad_rank(built, engine.min_rank)
 
     report(0.72, "writing adapter")
-    meta: dict[str, Any] = {
-        "steer_core_version": __version__,
-        "mode": mode,
-        "rank": built.config.r,
-        "target": target,
-        "serve": engine.how,
-        "base_model": lm.base_model_id,
-        "model": lm.public_name,
-        "architecture": arch.family,
-        "skip_bos": skip_bos if mode != "ablate" else False,
-        "target_modules": built.modules,
-        "vector": {
-            "points": [p.tl_name for p in vector.points],
-            "norms": vector.norms(),
-            "provenance": vector.provenance,
-        },
-        "notes": built.notes + _sae_notes(vector, lm.base_model_id),
-    }
-    if calibration is not None:
-        meta["calibration"] = {
-            "tokens": calibration.tokens,
-            "seconds": round(calibration.seconds, 2),
-            "corpus": calibration.corpus,
-            "refine": calibration.refine,
-            "first_weight": calibration.first_weight,
-            "first_weight_held_in_kl": {f"{w:g}": kl for w, kl in calibration.selection_kl.items()},
-            "post_norm_shares": calibration.shares,
-            "reused_statistics": calibration.reused_statistics,
-            "writer_choice": calibration.writer_choice,
-        }
-        meta["fits"] = [
-            {
-                "module": f.module,
-                "point": f.point.tl_name,
-                "writer_layer": f.writer[0],
-                "writer_kind": f.writer[1],
-                "target": f.target,
-                "ridge": f.ridge,
-                "tokens": f.tokens,
-                "cv_rel_rmse": f.cv_rel_rmse,
-                "refined_steps": f.refined_steps,
-                "b_unscaled_norm": f.b_unscaled_norm,
-                "reads_steered": f.reads_steered,
-            }
-            for f in calibration.fits
-        ]
-
+    record = _record(lm, vector, mode, built, engine, skip_bos, calibration)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the adapter folder's mode
     try:
         write_adapter(built, vector, tmp)
-        write_json(tmp / STEERING_JSON_FILENAME, meta)
+        write_json(tmp / STEERING_JSON_FILENAME, record.to_dict())
         report(0.75, "verifying against hook steering on held-out text")
         t = time.perf_counter()
         fidelity = verify(model, lm.tokenizer, tmp, tokens=verify_tokens, base_model=lm.base_model_id)
         seconds["verify"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - start
-        meta["fidelity"] = fidelity.to_dict()
-        meta["target_files"], target_notes = _write_target_files(engine, lm, vector, tmp, skip_bos)
-        meta["notes"] += target_notes
-        meta["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-        # What this export wrote: a later push into the same repo removes these, and only these, when it no longer
-        # writes them (steer_core.publish).
-        meta["files"] = sorted({p.name for p in tmp.iterdir()} | {STEERING_JSON_FILENAME, MODEL_CARD_FILENAME})
-        write_json(tmp / STEERING_JSON_FILENAME, meta)
-        (tmp / MODEL_CARD_FILENAME).write_text(model_card(meta), encoding="utf-8")
+        target_files, target_notes = _write_target_files(engine, lm, vector, tmp, skip_bos)
+        record = record.replace(
+            fidelity=fidelity.to_dict(),
+            target_files=tuple(target_files),
+            notes=record.notes + tuple(target_notes),
+            seconds={k: round(v, 2) for k, v in seconds.items()},
+            # What this export wrote: a later push into the same repo removes these, and only these, when it no
+            # longer writes them (steer_core.publish).
+            files=tuple(sorted({p.name for p in tmp.iterdir()} | {STEERING_JSON_FILENAME, MODEL_CARD_FILENAME})),
+        )
+        write_json(tmp / STEERING_JSON_FILENAME, record.to_dict())
+        (tmp / MODEL_CARD_FILENAME).write_text(model_card(record), encoding="utf-8")
         _check_out(out, overwrite)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -212,7 +163,93 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report(1.0, "done")
-    return ExportResult(out, fidelity, meta, seconds)
+    return ExportResult(out, fidelity, record, seconds)
+
+
+def _calibration(
+    lm: LoadedModel,
+    vector: SteeringVector,
+    given: Calibration | None,
+    tokens: int,
+    skip_bos: bool,
+    split_writers: bool,
+    writer: Writers,
+    refine_steps: int,
+    report: Progress,
+) -> Calibration:
+    """The given calibration or a new one, refined if asked."""
+    calibration = given or calibrate(
+        lm.model,
+        lm.tokenizer,
+        vector,
+        tokens=tokens,
+        skip_bos=skip_bos,
+        split_writers=split_writers,
+        writer=writer,
+        progress=lambda f, m: report((0.5 if refine_steps else 0.7) * f, m),
+    )
+    if not refine_steps:
+        return calibration
+    return refine(
+        lm.model, lm.tokenizer, vector, calibration, steps=refine_steps, progress=lambda f, m: report(0.5 + 0.2 * f, m)
+    )
+
+
+def _record(
+    lm: LoadedModel,
+    vector: SteeringVector,
+    mode: Mode,
+    built: BuiltAdapter,
+    engine: Target,
+    skip_bos: bool,
+    calibration: Calibration | None,
+) -> SteeringRecord:
+    """steering.json before verification: what was built, from what, and how it was calibrated."""
+    record = SteeringRecord(
+        steer_core_version=__version__,
+        mode=mode,
+        rank=built.config.r,
+        target=engine.name,
+        serve=engine.how,
+        base_model=lm.base_model_id,
+        model=lm.public_name,
+        architecture=architecture_for(lm.model).family,
+        skip_bos=skip_bos if mode != "ablate" else False,
+        target_modules=tuple(built.modules),
+        vector=VectorRecord(tuple(p.tl_name for p in vector.points), vector.norms(), vector.provenance),
+        notes=tuple(built.notes + _sae_notes(vector, lm.base_model_id)),
+    )
+    if calibration is None:
+        return record
+    return record.replace(
+        calibration=CalibrationRecord(
+            tokens=calibration.tokens,
+            seconds=round(calibration.seconds, 2),
+            corpus=calibration.corpus,
+            refine=calibration.refine,
+            first_weight=calibration.first_weight,
+            first_weight_held_in_kl={f"{w:g}": kl for w, kl in calibration.selection_kl.items()},
+            post_norm_shares=calibration.shares,
+            reused_statistics=calibration.reused_statistics,
+            writer_choice=calibration.writer_choice,
+        ),
+        fits=tuple(
+            FitRecord(
+                module=f.module,
+                point=f.point.tl_name,
+                writer_layer=f.writer[0],
+                writer_kind=f.writer[1],
+                target=f.target,
+                ridge=f.ridge,
+                tokens=f.tokens,
+                cv_rel_rmse=f.cv_rel_rmse,
+                refined_steps=f.refined_steps,
+                b_unscaled_norm=f.b_unscaled_norm,
+                reads_steered=f.reads_steered,
+            )
+            for f in calibration.fits
+        ),
+    )
 
 
 def _write_target_files(

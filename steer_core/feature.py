@@ -52,7 +52,7 @@ class SAESource:
         (steer_core.provenance), never the folder's path."""
         out = dataclasses.asdict(self) | {"point": self.point.tl_name, "path": None}
         if is_embedded_sae(self.path):
-            out["folder"] = f"embedded:{Path(self.path).name}"
+            out["folder"] = f"embedded:{Path(str(self.path)).name}"
         elif self.path:
             named = file_provenance(Path(self.path) / "sae_weights.safetensors", "sae")
             out |= {"folder": named["file"].removesuffix(".safetensors"), "sha256": named["sha256"]}

@@ -66,7 +66,7 @@ class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> bool:  # type: ignore[override]
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> bool:
         return self.event.is_set()
 
 
@@ -158,7 +158,7 @@ def stream_sides(
                 # run that is going on meanwhile.
                 if sampling:
                     torch.manual_seed(config.seed)
-                lm.model.generate(**kwargs)
+                lm.model.generate(**kwargs)  # type: ignore[operator]  # transformers types it outside PreTrainedModel
         except BaseException as err:  # surfaced to the consumer below
             errors.append(err)
             streamer.end()
@@ -181,7 +181,7 @@ def stream_sides(
                     if not done[row]:
                         done[row] = token in stops
                         tokens[row].append(token)
-                yield tuple(lm.tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+                yield tuple(str(lm.tokenizer.decode(t, skip_special_tokens=True)) for t in tokens)
         finally:
             cancel.set()
             worker.join()

@@ -112,11 +112,11 @@ def _dequantize_to_cache(gguf: Path, dest: Path, dtype: torch.dtype) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The loaded model keeps a GGUF quantizer and refuses save_pretrained although its weights are plain floats.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (nn.Module types its attributes as Tensor | Module)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if hasattr(model, "is_quantized"):
-        model.is_quantized = False
+        setattr(model, "is_quantized", False)  # noqa: B010
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:

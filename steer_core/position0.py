@@ -1,9 +1,9 @@
 """How much position 0 counts in the fit of A: one closed-form fit per candidate weight, and the rule that picks one.
 
 Position 0 is an attention sink every later token reads from, so its error costs more than one token's; how much
-more depends on the layer (SmolLM2, 4x: L6 top-1 42% at weight 1, 64% at 100; L12 71% at 1, 62% at 100). Each
-candidate weight is fitted, and a heavier one wins only if it at least halves KL(hook ‖ adapter) on held-in tokens
-(selection): where the sink matters the gain is 4× (L6), while a 20% held-in gain at L24 was a 2.5× loss held out.
+more depends on the layer, in both directions (docs/fidelity.md, "What each idea bought"). Each candidate weight is
+fitted, and a heavier one wins only if it at least halves KL(hook ‖ adapter) on held-in tokens (selection): a
+smaller held-in gain did not survive on held-out text.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The post-norm after a writer (Gemma 2/3), as the fits see it: its gain g, its eps, and the rms it divides by.
 
-A post-norm model adds N(W x) = W x / rms(W x) ⊙ g to the residual stream instead of W x (math.md), so the fit of A
+A post-norm model adds N(W x) = W x / rms(W x) ⊙ g to the residual stream instead of W x (docs/math.md), so the fit of A
 (ridge), the writers' shares of v (shares) and the ablation direction (adapter) all read these numbers off the model.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from steer_core.sites import Architecture
+from steer_core.sites import Architecture, weight_of
 
 
 def gain(norm: nn.Module) -> Tensor:
     """g = 1 + w of a Gemma-style RMSNorm (its output is z / rms(z) ⊙ g)."""
-    return 1.0 + norm.weight.detach().float()
+    return 1.0 + weight_of(norm).detach().float()
 
 
 def norm_gain(model: nn.Module, arch: Architecture, layer: int, kind: str) -> Tensor:

@@ -26,6 +26,7 @@ from steer_core.constants import (
     STEERING_VECTOR_FILENAME,
 )
 from steer_core.hub import hub_api
+from steer_core.record import SteeringRecord, read_record
 from steer_core.targets import CONTROL_VECTOR_FILENAME, GGUF_LORA_FILENAME, MODELFILE_FILENAME
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -43,19 +44,18 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def check_publishable(folder: Path) -> dict:
+def check_publishable(folder: Path) -> SteeringRecord:
     """Only verified, non-empty, finite adapters leave this machine."""
     from safetensors.torch import load_file
 
-    meta_path = folder / STEERING_JSON_FILENAME
-    if not meta_path.is_file():
+    if not (folder / STEERING_JSON_FILENAME).is_file():
         raise ValueError(f"{folder} has no {STEERING_JSON_FILENAME}; export it with steer_core first")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    fidelity = meta.get("fidelity")
+    record = read_record(folder)
+    fidelity = record.fidelity
     if not fidelity or not all(math.isfinite(fidelity[k]) for k in ("top1_agreement", "kl_hook_adapter")):
         raise ValueError(f"{folder} was not verified (no finite fidelity report); refusing to push it")
     check_tensors(load_file(str(folder / ADAPTER_WEIGHTS_FILENAME)))
-    return meta
+    return record
 
 
 class PushError(ValueError):
@@ -171,13 +171,13 @@ def _earlier_export_files(api: Any, repo_id: str, files: set[str]) -> set[str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = api.hf_hub_download(repo_id, STEERING_JSON_FILENAME, repo_type="model", cache_dir=tmp)
         try:
-            meta = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            record = SteeringRecord.from_dict(data) if "steer_core_version" in data else None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
             return set()
-    if not isinstance(meta, dict) or "steer_core_version" not in meta:
+    if record is None:
         return set()
-    listed = meta.get("files")
-    return set(listed) if isinstance(listed, list) else set(EXPORT_FILES) & files
+    return set(record.files) if record.files is not None else set(EXPORT_FILES) & files
 
 
 def push(
@@ -201,7 +201,7 @@ def push(
 
     folder = Path(folder)
     check_repo_id(repo_id)
-    meta = check_publishable(folder)
+    record = check_publishable(folder)
     api = hub_api(token)
     created, left = False, "nothing was pushed"
     try:
@@ -209,9 +209,9 @@ def push(
         if plan.exists and not update_existing:
             raise RepoExistsError(plan)
         # The card names the repo it lives in, so users can copy the load snippet as is.
-        (folder / MODEL_CARD_FILENAME).write_text(model_card(meta, repo_id), encoding="utf-8")
+        (folder / MODEL_CARD_FILENAME).write_text(model_card(record, repo_id), encoding="utf-8")
         with tempfile.TemporaryDirectory(prefix="steer-push-") as staged:
-            operations = _stage(folder, plan, meta, Path(staged))
+            operations = _stage(folder, plan, record, Path(staged))
             operations += [CommitOperationDelete(path_in_repo=name) for name in plan.delete]
             if not plan.exists:
                 try:
@@ -225,8 +225,7 @@ def push(
                 api.create_commit(
                     repo_id,
                     operations,
-                    commit_message=f"steer_core adapter ({meta['mode']}, "
-                    f"top-1 {meta['fidelity']['top1_agreement']:.1%})",
+                    commit_message=f"steer_core adapter ({record.mode}, top-1 {record.top1:.1%})",
                     repo_type="model",
                 )
             except Exception:
@@ -252,7 +251,7 @@ def push(
     return PushResult(f"{api.endpoint}/{repo_id}", plan, bool(info.private))
 
 
-def _stage(folder: Path, plan: PushPlan, meta: dict, staged: Path) -> list[Any]:
+def _stage(folder: Path, plan: PushPlan, record: SteeringRecord, staged: Path) -> list[Any]:
     """Copies of the files as they go up: steering.json lists them, so the next push knows which were ours."""
     from huggingface_hub import CommitOperationAdd
 
@@ -260,7 +259,8 @@ def _stage(folder: Path, plan: PushPlan, meta: dict, staged: Path) -> list[Any]:
     for name, local in sorted(plan.upload.items()):
         target = staged / name
         if local == STEERING_JSON_FILENAME:
-            target.write_text(json.dumps({**meta, "files": sorted(plan.upload)}, indent=2), encoding="utf-8")
+            listed = record.replace(files=tuple(sorted(plan.upload))).to_dict()
+            target.write_text(json.dumps(listed, indent=2), encoding="utf-8")
         else:
             shutil.copyfile(folder / local, target)
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(target)))

@@ -12,6 +12,7 @@ from typing import Literal
 
 from steer_core.activations import median_norm
 from steer_core.constants import SITES, STRENGTH_UNITS
+from steer_core.contrastive import Method, Position
 from steer_core.feature import LoadedSAE
 from steer_core.model import LoadedModel
 from steer_core.sites import HookPoint, Site, num_layers
@@ -44,14 +45,19 @@ class VectorRecipe:
     features: tuple[int, ...] = ()
     positive: tuple[str, ...] = ()
     negative: tuple[str, ...] = ()
-    method: str = "mean"
-    position: str = "last"
+    method: Method = "mean"
+    position: Position = "last"
 
     def __post_init__(self) -> None:
         if self.source not in ("file", "sae", "contrastive", "control_vector"):
             raise ValueError(f"vector source {self.source!r} is not one of file, sae, contrastive, control_vector")
         if self.strength_unit not in STRENGTH_UNITS:
             raise ValueError(f"strength unit {self.strength_unit!r} is not one of {', '.join(STRENGTH_UNITS)}")
+        if self.method not in ("mean", "pca") or self.position not in ("last", "mean"):
+            raise ValueError(
+                f"contrastive method {self.method!r} / position {self.position!r}: methods are mean, pca; positions "
+                "last, mean"
+            )
         if self.site not in SITES:
             raise ValueError(f"site {self.site!r} is not one of {', '.join(SITES)}")
         bad = [s for s in self.strengths if not math.isfinite(s)]
@@ -101,7 +107,7 @@ class VectorRecipe:
             point = HookPoint(self.layer, self.site)  # type: ignore[arg-type]
             raw = contrastive_vector(
                 lm, self.positive, self.negative, point, method=self.method, position=self.position
-            )  # type: ignore[arg-type]
+            )
         check_fits_model(raw, d_model, n_layers)
         (point, v), strength = next(iter(raw.directions.items())), self.strengths[0]
         factor = strength

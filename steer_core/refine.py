@@ -1,8 +1,8 @@
 """Optional end-to-end refinement: train the rank-1 A and B on KL(hook ‖ adapter), starting from the closed form.
 
 The closed form makes A·x match a per-token target at one writer; it cannot see what the rest of the model does with
-the error. Training A and B on the model's own next-token distributions can (math.md: on Gemma-3-270M this lifted
-top-1 from 63% to 84% where the closed form's geometric ceiling was 65%). The model stays frozen.
+the error. Training A and B on the model's own next-token distributions can (docs/math.md, "Post-norm models"; what
+it bought is in docs/fidelity.md). The model stays frozen.
 """
 
 from __future__ import annotations
@@ -76,22 +76,16 @@ def train(
     return losses
 
 
-# Relative learning rates (Adam's step over each tensor's mean |coordinate|), measured with 60 steps of 128 tokens:
-# pre-norm, the closed form is near the optimum and small steps keep it (SmolLM2 L6 1x: 67.1% top-1 at 0.01, 65.0% at
-# 0.1; L5 4x: 87.7% vs 86.4%); post-norm, B must move far from v to get past the norm (Gemma L9 0.25x: 92.9% at 0.1,
-# 90.5% at 0.01).
+# Relative learning rates (Adam's step over each tensor's mean |coordinate|): pre-norm, the closed form is near the
+# optimum and small steps keep it; post-norm, B must move far from v to get past the norm (docs/fidelity.md, "What
+# each idea bought").
 LR_PRE_NORM = 0.01
 LR_POST_NORM = 0.1
 
 
-# What the CLI and the app refine by default, by where the model runs (held-out top-1, closed form -> refined):
-# - CPU: post-norm, 60 steps of 128 tokens (4 minutes on 2 cores for Gemma-3-270M): Gemma L9 0.25x 85.9% -> 92.9%,
-#   L5 0.25x 39.1% -> 61.1%, L5 1x 38.2% -> 86.2%. Pre-norm none: 2-6 points for two minutes, which a 60-second
-#   export cannot pay.
-# - GPU: 300 steps of 512 tokens on every architecture, where the curves flatten (H200, docs/refine-curve-gpu*.jsonl;
-#   at step 300 of cosine schedules to 300-1000 steps):
-#   Gemma 0.25x L9 85.9% -> 95.8%, L17 86.1% -> 97.0%, L13 82.3% -> 91.2%; 1x L17 23.0% -> 83.2%; SmolLM2 L6 1x
-#   62.9% -> 69.8%, L12 4x 71.4% -> 85.4%; about a minute with five such runs sharing the GPU.
+# What the CLI and the app refine by default, by where the model runs: on a CPU, post-norm models only (4 minutes buy
+# Gemma most; pre-norm gains are 2-6 points, which a 60-second export cannot pay); on a GPU, every architecture, to
+# where the curves flatten (docs/fidelity.md, "What each idea bought"; docs/refine-curve-gpu*.jsonl).
 DEFAULT_STEPS_POST_NORM = 60
 DEFAULT_STEPS_GPU = 300
 DEFAULT_BATCH_CPU = 2

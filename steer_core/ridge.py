@@ -2,7 +2,7 @@
 
 The adapter adds (A·x) B to a writer's output. Pre-norm writers: with B = v that is the steering when A·x = 1 for
 every token. Post-norm writers (Gemma 2/3): with B = share ⊘ g it is the norm's output + share (shrunk by one scalar
-per token) when A·x = rms(W x) (math.md). No adapter is exact there.
+per token) when A·x = rms(W x) (docs/math.md). No adapter is exact there.
 
 One pass over the calibration text, with all the steering applied by hooks, accumulates sufficient statistics
 (XᵀX, Xᵀy) batch by batch, so memory does not grow with calibration tokens; the penalty is chosen by two-fold
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from steer_core import corpus
 from steer_core.activations import forward_until, recording
 from steer_core.postnorm import norm_eps, rms_target
-from steer_core.sites import architecture_for
+from steer_core.sites import architecture_for, weight_of
 from steer_core.steer import steering
 from steer_core.vector import SteeringVector
 
@@ -66,7 +66,7 @@ def writer_target(model: nn.Module, module: str, layer: int, kind: str, xs: Tens
     ones, times `steered` (0 where the hook leaves the leading BOS alone, so the adapter should add nothing)."""
     arch = architecture_for(model)
     if arch.post_norm:
-        weight = model.get_submodule(module).weight.float()
+        weight = weight_of(model.get_submodule(module)).float()
         y = rms_target(xs @ weight.T.to(xs.device), norm_eps(model, arch, layer, kind))
     else:
         y = torch.ones(len(xs), device=xs.device)
@@ -90,7 +90,7 @@ def steered_positions(input_ids: Tensor, skip_bos: bool, bos_token_id: int | Non
 # all is kept, on the model's device.
 STATISTICS_KEPT = 6  # three sites, each with its writer and the next block's attention writer (composite)
 STATISTICS_MAX_BYTES = 2**30
-_StatsKey = tuple[frozenset[str], frozenset[str], int, int, bool]
+_StatsKey = tuple[frozenset[str], frozenset[str], int, int, bool, torch.dtype]
 _StatsValue = tuple[dict[str, "tuple[Stats, Stats]"], dict[str, list[Tensor]], int]
 _STATISTICS: weakref.WeakKeyDictionary[nn.Module, OrderedDict[_StatsKey, _StatsValue]] = weakref.WeakKeyDictionary()
 _STATISTICS_LOCK = threading.Lock()

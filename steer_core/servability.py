@@ -236,7 +236,7 @@ def servability_map(
     by_layer = recipe.layer is not None
     return ServabilityMap(
         cells,
-        (recipe.layer if by_layer else cells[0].layer, recipe.strengths[0]),
+        (recipe.layer if recipe.layer is not None else cells[0].layer, recipe.strengths[0]),
         "layer" if by_layer else "strength",
         recipe.strength_unit,
         time.perf_counter() - start,

@@ -9,7 +9,6 @@ and weights) and tests hold the result to PeftModel's output, token for token.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from peft.utils import load_peft_weights
 from torch import Tensor, nn
 
 from steer_core.constants import STEERING_JSON_FILENAME, STEERING_VECTOR_FILENAME
+from steer_core.record import SteeringRecord, read_record
 from steer_core.steer import lowrank_updates
 from steer_core.vector import SteeringVector
 
@@ -43,7 +43,7 @@ class ServedAdapter:
     scaling: dict[str, float]
     biases: dict[str, Tensor] = field(default_factory=dict)  # lora_B's bias (PEFT's lora_bias: exact mode)
     base_model: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)  # steering.json, when the adapter is one of ours
+    record: SteeringRecord | None = None  # steering.json, when the adapter is one of ours
     vector: SteeringVector | None = None  # the hook vector it stands for, when the adapter is one of ours
 
     def __post_init__(self) -> None:
@@ -107,11 +107,10 @@ def read_adapter(source: str | Path, *, token: str | bool | None = None, cache_d
             biases[name] = bias.float()
         scaling[name] = _scaling(config, name, a.shape[0])
     folder = Path(where)
-    meta_file = folder / STEERING_JSON_FILENAME
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    record = read_record(folder) if (folder / STEERING_JSON_FILENAME).is_file() else None
     vector_file = folder / STEERING_VECTOR_FILENAME
     vector = SteeringVector.load(vector_file) if vector_file.is_file() else None
-    return ServedAdapter(where, params, scaling, biases, str(config.base_model_name_or_path or ""), meta, vector)
+    return ServedAdapter(where, params, scaling, biases, str(config.base_model_name_or_path or ""), record, vector)
 
 
 def _scaling(config: LoraConfig, name: str, rank: int) -> float:

@@ -3,8 +3,8 @@
 Pre-norm models add a writer's output to the residual stream as it is: the site's writer carries all of v, B = v.
 Post-norm models (Gemma 2/3) pass it through a norm with gain g first, which shrinks whatever the writer adds; the
 layer's attention and MLP writers can then share v where their gains are large (split_shares, B = share ⊘ g), and
-their B can be fitted to v where the later layers read the residual stream (fit_shares). Measured on Gemma-3-270M
-L9, 0.25× a random direction: top-1 59.5% (all to the MLP) -> 66.0% (split) -> 85.9% (fitted).
+their B can be fitted to v where the later layers read the residual stream (fit_shares). What each bought on Gemma 3:
+docs/fidelity.md, "What each idea bought".
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from steer_core.postnorm import gain, norm_eps, norm_gain, rms_target
-from steer_core.sites import Architecture, HookPoint, architecture_for, num_layers
+from steer_core.sites import Architecture, HookPoint, architecture_for, num_layers, weight_of
 from steer_core.vector import SteeringVector
 
 # Post-norm writers' shares of v are fitted on this many sampled tokens per writer, with at most this many L-BFGS
@@ -49,7 +49,7 @@ def writers(model: nn.Module, vector: SteeringVector, split: bool) -> dict[str, 
             g = {k: norm_gain(model, arch, layer, k).cpu() for k in ("attn", "mlp")}
             parts = dict(zip(("attn", "mlp"), split_shares(v, g["attn"], g["mlp"]), strict=True))
         for part_kind, share in parts.items():
-            name = arch.writer_name(layer, part_kind)  # type: ignore[arg-type]
+            name = arch.writer_name(layer, part_kind)
             if name in out:
                 raise ValueError(
                     f"{point.tl_name} and {out[name].point.tl_name} are both written by {name}; "
@@ -60,7 +60,7 @@ def writers(model: nn.Module, vector: SteeringVector, split: bool) -> dict[str, 
 
 
 def split_shares(v: Tensor, g_attn: Tensor, g_mlp: Tensor) -> tuple[Tensor, Tensor]:
-    """Split v between a post-norm layer's two writers to keep the norms' shrink small (math.md).
+    """Split v between a post-norm layer's two writers to keep the norms' shrink small (docs/math.md, post-norm).
 
     A writer whose norm has gain g delivers its share s as (N(z) + s) / sqrt(1 + rms(s ⊘ g)²) for s orthogonal to
     N(z): its own output and s both shrink, and a dimension costs least where the gain is large. Minimising
@@ -141,7 +141,7 @@ def fit_shares(
     with torch.enable_grad():
         before = float(loss().detach())
         if steps > 0:
-            opt.step(closure)  # type: ignore[arg-type]
+            opt.step(closure)
         after = float(loss().detach())
     if not after < before:  # never worse than where it started
         return {k: t.detach().float() for k, t in init.items()}, before, before
@@ -181,7 +181,7 @@ def writer_bs(
         zhat, gains = {}, {}
         for n in names:
             kind = writers[n].kind
-            z = torch.cat(sampled[n])[:SHARE_SAMPLE_TOKENS] @ model.get_submodule(n).weight.detach().float().cpu().T
+            z = torch.cat(sampled[n])[:SHARE_SAMPLE_TOKENS] @ weight_of(model.get_submodule(n)).detach().float().cpu().T
             zhat[n] = z / rms_target(z, norm_eps(model, arch, layer, kind)).unsqueeze(-1)
             gains[n] = norm_gain(model, arch, layer, kind).cpu()
         fitted_bs, before, after = fit_shares(

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from steer_core.constants import SITES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Site = Literal["resid_pre", "resid_post", "mlp_out", "attn_out"]
 
@@ -44,7 +47,7 @@ class HookPoint:
         """The (block, writer kind) whose output is the last thing added before this site.
 
         A rank-1 adapter on that writer is the only single-module adapter whose addition reaches the site without
-        passing through other computation first (math.md).
+        passing through other computation first (docs/math.md, "Setting").
         """
         if self.site in ("resid_post", "mlp_out"):
             return self.layer, "mlp"
@@ -176,3 +179,13 @@ def num_layers(model: nn.Module) -> int:
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(architecture_for(model).layers_path)  # type: ignore[return-value]
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """A linear layer's or a norm's weight. nn.Module types its attributes as Tensor | Module; this one is a Tensor."""
+    return cast(Tensor, module.weight)
+
+
+def pretrained(model: nn.Module) -> PreTrainedModel:
+    """`model` as transformers types it (config, embeddings, generate), for the type checker only."""
+    return cast("PreTrainedModel", model)

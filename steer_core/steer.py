@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from steer_core.hooks import HookSet, gated_hooks, retuple, untuple
-from steer_core.sites import HookPoint, architecture_for, blocks
+from steer_core.sites import HookPoint, architecture_for, blocks, pretrained
 from steer_core.vector import SteeringVector
 
 
@@ -121,9 +121,9 @@ def ablation(model: nn.Module, direction: Tensor, *, include_embedding: bool = F
     with gated_hooks() as hooks:
         for layer in range(len(blocks(model))):
             for kind in ("attn", "mlp"):
-                hooks.forward(model.get_submodule(arch.adds_to_residual_name(layer, kind)), remove, prepend=True)  # type: ignore[arg-type]
+                hooks.forward(model.get_submodule(arch.adds_to_residual_name(layer, kind)), remove, prepend=True)
         if include_embedding:
-            hooks.forward(model.get_input_embeddings(), remove, prepend=True)
+            hooks.forward(pretrained(model).get_input_embeddings(), remove, prepend=True)
         yield
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from steer_core.adapter import BuiltAdapter
+from steer_core.sites import pretrained
 
 GGUF_LORA_FILENAME = "adapter.gguf"
 CONTROL_VECTOR_FILENAME = "control_vector.gguf"
@@ -121,7 +122,7 @@ def write_gguf_lora(folder: Path, model: nn.Module, out: Path) -> Path:
     arch = gguf_arch(model)
     names = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
-        int(model.config.get_text_config().num_hidden_layers),
+        int(pretrained(model).config.get_text_config().num_hidden_layers),
     )
     # llama.cpp scales by adapter.lora.alpha / r, so alpha = PEFT's scaling × r reproduces it (rsLoRA included)
     alpha = {

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,13 @@ from steer_core.constants import (
     DEFAULT_GREEDY_TOKENS,
     DEFAULT_MAX_DOC_TOKENS,
     DEFAULT_VERIFY_TOKENS,
-    STEERING_JSON_FILENAME,
     STEERING_VECTOR_FILENAME,
 )
 from steer_core.divergence import kl_per_token
 from steer_core.generate import left_pad
+from steer_core.record import SteeringRecord, read_record
 from steer_core.ridge import steered_positions, writer_target
+from steer_core.sites import pretrained
 from steer_core.steer import ablation, steering
 from steer_core.vector import SteeringVector
 
@@ -107,7 +108,7 @@ class _Tally:
             return  # a document cut off before its answer
         s = self.sums.setdefault(group, [0.0] * 5)
         for i, value in enumerate((len(kl_a), agree.sum(), agree_base.sum(), kl_a.sum(), kl_b.sum())):
-            s[i] += float(value)
+            s[i] += float(value)  # type: ignore[arg-type]  # an int or a 0-d tensor
 
     def figures(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -157,18 +158,11 @@ class _Effect:
         return kept, everything.topk(self.k).indices
 
 
-def read_steering_json(folder: Path) -> dict[str, Any]:
-    path = folder / STEERING_JSON_FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {STEERING_JSON_FILENAME}: not an adapter exported by steer_core")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def reference(model: nn.Module, vector: SteeringVector, meta: dict[str, Any]) -> AbstractContextManager[None]:
+def reference(model: nn.Module, vector: SteeringVector, record: SteeringRecord) -> AbstractContextManager[None]:
     """The hook intervention an adapter folder stands for."""
-    if meta["mode"] == "ablate":
+    if record.mode == "ablate":
         return ablation(model, next(iter(vector.directions.values())), include_embedding=False)
-    return steering(model, vector, skip_bos=bool(meta.get("skip_bos", False)))
+    return steering(model, vector, skip_bos=record.skip_bos)
 
 
 def read_adapter_files(folder: Path, base_model: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -240,21 +234,21 @@ def _check_loaded(peft_model: nn.Module, saved: dict[str, Tensor]) -> None:
 
 @contextmanager
 def _fit_error(
-    model: nn.Module, meta: dict[str, Any], saved: dict[str, Tensor], out: dict[str, list[float]]
+    model: nn.Module, record: SteeringRecord, saved: dict[str, Tensor], out: dict[str, list[float]]
 ) -> Iterator[dict[str, Tensor]]:
     """Record |A·x − target| at each fitted writer during the hook-steered pass, or the unsteered one for a writer
     that replaces a hook upstream of it (composite; portable mode only)."""
     state: dict[str, Tensor] = {}
-    fits = meta.get("fits", []) if meta["mode"] == "portable" else []
+    fits = record.fits if record.mode == "portable" else ()
     if not fits:
         yield state
         return
     # The rank-1 update is the first rank (a rank-padded adapter's others are zero).
-    a = {f["module"]: saved[f"base_model.model.{f['module']}.lora_A.weight"][0] for f in fits}
-    b_norm = {f["module"]: float(saved[f"base_model.model.{f['module']}.lora_B.weight"][:, 0].norm()) for f in fits}
-    v_norm = {f["module"]: f["b_unscaled_norm"] for f in fits}
-    layer_kind = {f["module"]: (f["writer_layer"], f["writer_kind"]) for f in fits}
-    unsteered = {f["module"] for f in fits if not f.get("reads_steered", True)}
+    a = {f.module: saved[f"base_model.model.{f.module}.lora_A.weight"][0] for f in fits}
+    b_norm = {f.module: float(saved[f"base_model.model.{f.module}.lora_B.weight"][:, 0].norm()) for f in fits}
+    v_norm = {f.module: f.b_unscaled_norm or b_norm[f.module] for f in fits}
+    layer_kind = {f.module: (f.writer_layer, f.writer_kind) for f in fits}
+    unsteered = {f.module for f in fits if not f.reads_steered}
 
     def on(name: str, x: Tensor) -> None:
         keep = state["base_mask" if name in unsteered else "mask"].to(x.device)
@@ -272,7 +266,7 @@ def _fit_error(
 
 def heldout_batches(model: nn.Module, tokenizer: Any, tokens: int) -> Iterator[corpus.Batch]:
     """The held-out text verification measures on, in batches whose vocabulary-wide logits stay near 150M floats."""
-    vocab = int(model.config.get_text_config().vocab_size)
+    vocab = int(pretrained(model).config.get_text_config().vocab_size)
     batch_size = max(1, min(8, int(1.5e8 // (vocab * DEFAULT_MAX_DOC_TOKENS))))
     return corpus.batches(
         tokenizer, "heldout", tokens, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS, batch_size=batch_size, by_length=True
@@ -293,7 +287,7 @@ def verify(
     """Compare the adapter (reloaded with PeftModel.from_pretrained) with hook steering on held-out text.
     `base_model`: the loaded model's id, checked against the one the adapter's config names."""
     folder = Path(folder)
-    meta = read_steering_json(folder)
+    record = read_record(folder)
     vector = SteeringVector.load(folder / STEERING_VECTOR_FILENAME)
     _config, saved = read_adapter_files(folder, base_model)
     adapted = peft_model if peft_model is not None else _peft_of(model, folder, saved)
@@ -307,10 +301,10 @@ def verify(
     fit_acc: dict[str, list[float]] = {}
     by_format, by_source = _Tally(), _Tally()
     effect = _Effect()
-    skip_bos = bool(meta.get("skip_bos", False))
+    skip_bos = record.skip_bos
     bos_id = getattr(model.config, "bos_token_id", None)
-    first = _first_changed_block(vector, meta, saved) if isinstance(adapted, PeftModel) else None
-    with torch.no_grad(), _fit_error(model, meta, saved, fit_acc) as fit_state:
+    first = _first_changed_block(vector, record, saved) if isinstance(adapted, PeftModel) else None
+    with torch.no_grad(), _fit_error(model, record, saved, fit_acc) as fit_state:
         for batch in heldout_batches(model, tokenizer, tokens):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             keep = batch.measured.to(device)  # generated positions: a chat's answers, all of a plain text
@@ -328,7 +322,7 @@ def verify(
             base = F.log_softmax(base_logits[keep].float(), -1)
             fit_state["mask"] = mask.bool()  # the fit: every real token, on the hook-steered pass only
             fit_state["base_mask"] = torch.zeros_like(keep)
-            with reference(model, vector, meta):
+            with reference(model, vector, record):
                 hook_logits = (
                     model(input_ids=ids, attention_mask=mask).logits
                     if first is None
@@ -339,7 +333,7 @@ def verify(
             adapt_logits = (
                 adapted(input_ids=ids, attention_mask=mask).logits
                 if first is None
-                else forward_from(adapted.get_base_model(), first, calls)
+                else forward_from(cast(PeftModel, adapted).get_base_model(), first, calls)
             )
             adapt = F.log_softmax(adapt_logits[keep].float(), -1)
             effect.add(base, hook, adapt)
@@ -352,7 +346,7 @@ def verify(
             agree_base += int(same_b.sum())
             rows = keep.nonzero()[:, 0].cpu()
             for tally, tags in ((by_format, batch.formats), (by_source, batch.sources)):
-                for tag in set(tags):
+                for tag in dict.fromkeys(tags):  # in order of appearance: a set's order changes with the hash seed
                     sel = torch.isin(rows, torch.tensor([r for r, t in enumerate(tags) if t == tag])).to(kl_a.device)
                     tally.add(tag, same_a[sel], same_b[sel], kl_a[sel], kl_b[sel])
             kl_ha += float(kl_a.sum())
@@ -368,7 +362,7 @@ def verify(
             f"{tokens} held-out tokens held no answer tokens to measure; raise the verification tokens "
             "(--verify-tokens on export, --tokens on verify)"
         )
-    greedy = _greedy_agreement(model, adapted, tokenizer, vector, meta, greedy_prompts, greedy_tokens)
+    greedy = _greedy_agreement(model, adapted, tokenizer, vector, record, greedy_prompts, greedy_tokens)
     prefixes = [p for _fmt, p in greedy]
     prefix = sum(prefixes) / len(prefixes) if prefixes else float("nan")
     full = sum(p == greedy_tokens for p in prefixes) / len(prefixes) if prefixes else float("nan")
@@ -380,7 +374,7 @@ def verify(
     kl_by_pos = (pos_sum / pos_n.clamp(min=1))[pos_n > 0].tolist()
     kept, promoted = effect.kept()
     return FidelityReport(
-        mode=meta["mode"],
+        mode=record.mode,
         tokens=n,
         top1_agreement=agree / n,
         kl_hook_adapter=kl_ha / n,
@@ -402,10 +396,10 @@ def verify(
     )
 
 
-def _first_changed_block(vector: SteeringVector, meta: dict[str, Any], saved: dict[str, Tensor]) -> int | None:
+def _first_changed_block(vector: SteeringVector, record: SteeringRecord, saved: dict[str, Tensor]) -> int | None:
     """The first block whose computation the steering or the adapter changes, when passes may share the blocks
     before it; None when they may not (ablation hooks every writer, skip_bos needs the model-level input ids)."""
-    if meta["mode"] == "ablate" or meta.get("skip_bos"):
+    if record.mode == "ablate" or record.skip_bos:
         return None
     first = min(point.writer()[0] for point in vector.points)
     adapted_layers = {int(m.group(1)) for key in saved if (m := re.search(r"\.(\d+)\.", key))}
@@ -419,7 +413,7 @@ def _greedy_agreement(
     adapted: nn.Module,
     tokenizer: Any,
     vector: SteeringVector,
-    meta: dict[str, Any],
+    record: SteeringRecord,
     prompts: int,
     new_tokens: int,
 ) -> list[tuple[str, int]]:
@@ -439,8 +433,8 @@ def _greedy_agreement(
     ids, mask = left_pad(rows, pad, device)
     width = ids.shape[1]
     with torch.no_grad():
-        with reference(model, vector, meta):
-            seq = model.generate(
+        with reference(model, vector, record):
+            seq = pretrained(model).generate(  # type: ignore[operator]  # transformers types it outside PreTrainedModel
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=new_tokens,

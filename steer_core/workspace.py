@@ -57,7 +57,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class BudgetCache(OrderedDict, Generic[K, V]):  # type: ignore[type-arg]
+class BudgetCache(OrderedDict, Generic[K, V]):
     """An OrderedDict whose values' total size (`sizer`, in bytes) stays within `budget`: putting one in drops the
     least recently used others first; `pinned` keys are never dropped. Reading with `get` marks an entry as used."""
 

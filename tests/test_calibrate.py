@@ -11,6 +11,7 @@ from steer_core import corpus
 from steer_core.calibrate import NEXT_MARGIN, balance, calibrate
 from steer_core.divergence import kl_per_token
 from steer_core.position0 import choose_first_weight
+from steer_core.record import SteeringRecord
 from steer_core.ridge import Stats, fit_ridge
 from steer_core.selection import SELECT_TOKENS
 from steer_core.sites import HookPoint
@@ -521,7 +522,7 @@ def test_an_export_on_the_attention_writer_loads_verifies_and_says_why(tmp_path)
     assert "- writer: `model.layers.2.self_attn.o_proj`, asked for (`--writer next`)" in card
     meta["calibration"]["writer_choice"] = {"used": "m.o", "unseen_kl": {"m.d": 0.2, "m.o": 0.1}}
     assert "- writer: `m.o`, chosen by KL(hook ‖ adapter) per token on calibration text no fit saw (`m.d` 0.2, " in (
-        model_card(meta)
+        model_card(SteeringRecord.from_dict(meta))
     )
 
 

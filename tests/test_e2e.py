@@ -135,7 +135,7 @@ def test_smollm2_contrastive_vector_passes_verify(smollm2: LoadedModel, tmp_path
 def test_gemma_portable_reports_its_fidelity(
     gemma: LoadedModel, tmp_path: Path, layer: int, floor: float, kl_ceiling: float, shares: str
 ) -> None:
-    """Gemma 3 (post-norm): 0.25× the post-normed MLP output norm. No adapter is exact here (math.md)."""
+    """Gemma 3 (post-norm): 0.25× the post-normed MLP output norm. No adapter is exact here (docs/math.md)."""
     assert gemma.arch.post_norm and not gemma.is_chat
     vec = _random_vector(gemma, HookPoint(layer, "resid_post"), 0.25, "writer")
     result = export(gemma, vec, tmp_path / "a")

@@ -5,6 +5,7 @@ import torch
 from steer_core import explain
 from steer_core.feature import SAESource
 from steer_core.labels import Context, FeatureLabel, FeatureLabels, TokenFeatures
+from steer_core.record import SteeringRecord
 from steer_core.sites import HookPoint
 from steer_core.vector import SteeringVector
 from steer_core.verify import FidelityReport
@@ -64,7 +65,7 @@ def test_fidelity_markdown_and_repo_name() -> None:
     assert text.startswith("### ⚠️") and text.index("plain text (no chat template) | 80.00%") < text.index("99.00%")
     meta = {"base_model": "Org/Model-1B", "mode": "portable", "vector": {"provenance": {"source": "sae",
             "features": [{"index": 3}, {"index": 9}]}}}  # fmt: skip
-    assert explain.repo_name(meta) == "steer-model-1b-f3-9-portable"
+    assert explain.repo_name(SteeringRecord.from_dict(meta)) == "steer-model-1b-f3-9-portable"
 
 
 def test_a_report_measured_in_bfloat16_says_so_in_the_app_and_the_card() -> None:
@@ -75,4 +76,4 @@ def test_a_report_measured_in_bfloat16_says_so_in_the_app_and_the_card() -> None
     gpu = replace(rep, dtype="bfloat16")
     assert "| measured in | **bfloat16** (the GPU's dtype)" in explain.fidelity_markdown(gpu, {}, [])
     meta = {"base_model": "m", "mode": "portable", "fidelity": gpu.to_dict()}
-    assert "| model dtype while measured | bfloat16 |" in model_card(meta)
+    assert "| model dtype while measured | bfloat16 |" in model_card(SteeringRecord.from_dict(meta))

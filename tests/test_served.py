@@ -98,7 +98,7 @@ def test_concurrent_batched_previews_never_share_steering(lm: LoadedModel) -> No
 
 def test_the_served_side_is_what_peft_serves(lm: LoadedModel, adapter: Path) -> None:
     served = read_adapter(adapter)
-    assert served.meta["mode"] == "portable"
+    assert served.record is not None and served.record.mode == "portable"
     assert set(served.scaling.values()) == {1.0}
     peft_lm = LoadedModel(load_peft(lm.model, adapter), lm.tokenizer, lm.name, lm.base_model_id)  # type: ignore[arg-type]
     ids = lm.tokenizer("hello there", return_tensors="pt").input_ids
