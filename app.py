@@ -18,9 +18,9 @@ from typing import Any
 
 import gradio as gr
 
-from steer_core import catalog, explain, search
+from steer_core import catalog, concept, explain, search
 from steer_core.card import MODE_WHERE
-from steer_core.constants import DEFAULT_MODEL, TARGET_NAMES
+from steer_core.constants import CONCEPT_STRENGTH, DEFAULT_MODEL, TARGET_NAMES
 from steer_core.feature import embedded_sae_for, is_embedded_sae
 from steer_core.generate import GenerationConfig, stream_sides
 from steer_core.hardware import current_budget, format_bytes, parse_size
@@ -295,7 +295,9 @@ def show_feature(
 @gpu
 def search_features(
     model_name: str, sae_pick: str, sae_folder: str, query: str, *, access: Access | None = None
-) -> list[list[Any]]:
+) -> tuple[list[list[Any]], str, Any]:
+    """The features found for the query; whether the top one is the concept itself (with what search achieves per
+    word frequency); and, when it is not, the offer of the model's own reading of the query instead."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     with user_errors("Search"):
         LIMITS.check_search(query or "")
@@ -304,10 +306,36 @@ def search_features(
     with user_errors("Search"):
         sae = workspace.sae(choice, lm, access, load=INLINE_LOADS)
         labels = workspace.labels(choice, lm, access, compute=INLINE_LOADS)
-        rows = explain.search_rows(search.search(labels, sae, lm.model, lm.tokenizer, query, k=25))
-    if not rows:
+        hits = search.search(labels, sae, lm.model, lm.tokenizer, query, k=25)
+        found = concept.match(sae, lm.model, lm.tokenizer, query, hits)
+    if not hits:
         gr.Warning(f"No feature matches {query!r}; try another word.")
-    return rows
+    note = explain.concept_note(found, concept.expected_rates(lm.name))
+    offer = gr.Button(f"Steer with the model's reading of {query.strip()!r}", visible=not found.carries)
+    return explain.search_rows(hits), note, offer
+
+
+@gpu
+def use_concept(
+    model_name: str, sae_pick: str, sae_folder: str, query: str, *, access: Access | None = None
+) -> tuple[Any, ...]:
+    """Fill the contrastive form with the model's reading of the query at the SAE's layer (steer_core.concept)."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    lm = get_model(model_name, access)
+    choice = _choice(model_name, sae_pick, sae_folder)
+    with user_errors("Steer with the word's reading"):
+        LIMITS.check_search(query or "")
+        point = workspace.sae(choice, lm, access, load=INLINE_LOADS).source.point
+        recipe = concept.concept_recipe(query, point, CONCEPT_STRENGTH)
+    return (
+        gr.Radio(value="Contrastive prompts"),
+        "\n".join(recipe.positive),
+        "\n".join(recipe.negative),
+        point.layer,
+        point.site,
+        CONCEPT_STRENGTH,
+        "× residual norm",
+    )
 
 
 @gpu
@@ -454,14 +482,14 @@ def run_export(
     plot = pd.DataFrame({"position": range(len(rep.kl_by_position)), "KL(hook‖adapter)": rep.kl_by_position})
     card = (result.folder / "README.md").read_text(encoding="utf-8")
     return (
-        explain.fidelity_markdown(rep, result.seconds, result.meta["notes"]) + explain.serve_line(result.meta),
+        explain.fidelity_markdown(rep, result.seconds, list(result.record.notes)) + explain.serve_line(result.record),
         plot,
         gr.DownloadButton(
             f"Download adapter ({Path(archive).stat().st_size / 1024:.0f} KB zip)", value=archive, visible=True
         ),
         card,
         str(result.folder),
-        explain.repo_name(result.meta),
+        explain.repo_name(result.record),
     )
 
 
@@ -623,6 +651,8 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
             with gr.Tab("Search by meaning"):
                 query = gr.Textbox(label="Words", placeholder="e.g. dog, rain, king")
                 search_btn = gr.Button("Search")
+                concept_md = gr.Markdown(elem_id="concept-note")
+                concept_btn = gr.Button(visible=False, elem_id="use-concept", size="sm")
                 search_df = gr.Dataframe(
                     elem_id="search-results",
                     headers=explain.SEARCH_COLUMNS,
@@ -778,9 +808,13 @@ with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as
         [search_btn.click, query.submit],
         for_visitor(search_features),
         [*sae_inputs, query],
-        search_df,
+        [search_df, concept_md, concept_btn],
         api_name="search_features",
     )
+    concept_btn.click(
+        for_visitor(use_concept), [*sae_inputs, query], [source, pos, neg, layer, site, strength, unit],
+        api_name="use_concept",
+    )  # fmt: skip
     active_btn.click(for_visitor(features_on_prompt), [*sae_inputs, prompt], active_df)
     for table in (search_df, active_df):
         table.select(pick_row, None, feature).then(for_visitor(show_feature), [*sae_inputs, feature], card_md)

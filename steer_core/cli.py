@@ -1,8 +1,11 @@
-"""Command line: `python -m steer_core {export,verify,generate}`. The argument names are a contract; keep them."""
+"""Command line: `python -m steer_core {search,generate,map,export,verify,control-vector,features}` (docs/cli.md).
+
+The argument names are a contract; keep them."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from steer_core.constants import (
+    CONCEPT_STRENGTH,
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_VERIFY_TOKENS,
@@ -23,6 +27,7 @@ from steer_core.constants import (
     WRITERS,
 )
 from steer_core.recipe import VectorRecipe, strength_note
+from steer_core.sites import Site
 
 log = logging.getLogger("steer_core")
 
@@ -37,6 +42,12 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help='prompts {"positive": [...], "negative": [...]} or [{"positive": .., "negative": ..}]: CAA vector',
     )
+    g.add_argument(
+        "--concept",
+        metavar="WORD",
+        help="the model's own reading of a word (for a concept the SAE has no feature for; docs/concept-bands.md): "
+        "a contrastive vector at --layer, by default the embedded SAE's layer, strength unit resid by default",
+    )
     g.add_argument("--contrastive-method", choices=["mean", "pca"], default="mean")
     g.add_argument("--contrastive-position", choices=["last", "mean"], default="last")
     g.add_argument("--control-vector", metavar="GGUF", help="a llama.cpp / repeng control vector (direction.N)")
@@ -50,12 +61,12 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
         default=[],
         help="SAE feature index(es); without --sae-path/--sae-release, of the model's embedded SAE",
     )
-    g.add_argument("--strength", type=float, nargs="+", default=[1.0], help="one, or one per feature")
+    g.add_argument("--strength", type=float, nargs="+", help="one, or one per feature (default 1; 0.5 for --concept)")
     g.add_argument(
         "--strength-unit",
         choices=STRENGTH_UNITS,
-        default="abs",
-        help="abs: coefficient on the decoder row / multiplier of --vector (Neuronpedia convention); resid: the "
+        help="abs (the default; resid for --concept): coefficient on the decoder row / multiplier of --vector "
+        "(Neuronpedia convention); resid: the "
         "vector's norm as a multiple of the site's median residual norm; writer: of the median norm of what the "
         "site's writer adds (better for Gemma, whose residual norm is dominated by a few massive dimensions)",
     )
@@ -99,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-steps",
         type=int,
         help="portable mode: then train A and B end to end on KL(hook‖adapter) for N steps (about 2-4 s a step on a "
-        "CPU). Default on a GPU: 300 steps of 512 tokens (Gemma 3 L9 0.25x 85.9%% -> 95.8%% top-1); on a CPU: 60 "
-        "steps of 128 tokens on post-norm models (Gemma 2/3: L9 0.25x -> 92.9%%), 0 on others",
+        "CPU). Default: 300 steps of 512 tokens on a GPU; on a CPU 60 steps of 128 tokens on post-norm models, 0 on "
+        "others (what they buy: docs/fidelity.md)",
     )
     e.add_argument(
         "--writer",
@@ -181,25 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespace, required: bool) -> bool:
+    if args.strength is None:
+        args.strength = [CONCEPT_STRENGTH if args.concept is not None else 1.0]
     sources = [
         args.vector is not None,
         args.sae_release is not None or args.sae_id is not None,
         args.sae_path is not None,
         args.contrastive is not None,
+        args.concept is not None,
         args.control_vector is not None,
     ]
     if sum(sources) > 1:
         parser.error(
-            "give one vector source: --vector, --sae-release/--sae-id, --sae-path, --contrastive or --control-vector"
+            "give one vector source: --vector, --sae-release/--sae-id, --sae-path, --contrastive, --concept or "
+            "--control-vector"
         )
-    positioned = args.vector is not None or args.contrastive is not None
+    positioned = args.vector is not None or args.contrastive is not None or args.concept is not None
     if (args.layer is not None or args.site is not None) and not positioned:
         # An SAE feature lives at the SAE's hook and a control vector names its layers: a silently ignored --layer
         # would export something other than what the user asked for.
         given = " ".join(f"--{k} {v}" for k, v in (("layer", args.layer), ("site", args.site)) if v is not None)
         parser.error(
-            f"{given} only applies to --vector/--contrastive; an SAE feature is added at the SAE's own hook point "
-            "and a control vector carries its layers"
+            f"{given} only applies to --vector/--contrastive/--concept; an SAE feature is added at the SAE's own hook "
+            "point and a control vector carries its layers"
         )
     if sum(sources) == 0 and args.feature:
         return _check_values(parser, args)  # features of the model's embedded SAE
@@ -215,12 +230,16 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--vector needs --layer L")
     if args.contrastive is not None and args.layer is None:
         parser.error("--contrastive needs --layer L")
+    if args.concept is not None and args.layer is None:
+        args.layer = _embedded_sae_layer(parser, args.model)
     if (args.sae_release is None) != (args.sae_id is None):
         parser.error("--sae-release and --sae-id go together")
     if (args.sae_release or args.sae_path) and not args.feature:
         parser.error("an SAE source needs --feature N [N ...]")
-    if args.feature and (args.vector or args.contrastive or args.control_vector):
-        parser.error("--feature selects SAE features; it does not combine with --vector/--contrastive/--control-vector")
+    if args.feature and (args.vector or args.contrastive or args.concept or args.control_vector):
+        parser.error(
+            "--feature selects SAE features; it does not combine with --vector/--contrastive/--concept/--control-vector"
+        )
     return _check_values(parser, args)
 
 
@@ -231,26 +250,42 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return True
 
 
+def _embedded_sae_layer(parser: argparse.ArgumentParser, model: str) -> int:
+    from steer_core.feature import embedded_sae_for, load_sae_from_disk
+
+    spec = embedded_sae_for(model)
+    if spec is None:
+        parser.error(f"--concept needs --layer L: {model} has no embedded SAE whose layer it would default to")
+    return load_sae_from_disk(spec.path).source.point.layer
+
+
 def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
     strengths = tuple(args.strength)
-    site = args.site or "resid_post"  # None on the command line means "not given", so it can be refused elsewhere
+    site: Site = args.site or "resid_post"  # None on the command line means "not given", so it can be refused elsewhere
+    unit = args.strength_unit or ("resid" if args.concept is not None else "abs")
     if args.control_vector is not None:
-        return VectorRecipe("control_vector", strengths, args.strength_unit, path=args.control_vector)
+        return VectorRecipe("control_vector", strengths, unit, path=args.control_vector)
+    if args.concept is not None:
+        from steer_core.concept import concept_recipe
+        from steer_core.sites import HookPoint
+
+        recipe = concept_recipe(args.concept, HookPoint(args.layer, site), strengths[0])
+        return dataclasses.replace(recipe, strengths=strengths, strength_unit=unit)
     if args.contrastive is not None:
         from steer_core.contrastive import read_pairs
 
         positive, negative = read_pairs(args.contrastive)
         return VectorRecipe(
-            "contrastive", strengths, args.strength_unit, layer=args.layer, site=site,
+            "contrastive", strengths, unit, layer=args.layer, site=site,
             positive=tuple(positive), negative=tuple(negative),
             method=args.contrastive_method, position=args.contrastive_position,
         )  # fmt: skip
     if args.vector is not None:
-        return VectorRecipe("file", strengths, args.strength_unit, path=args.vector, layer=args.layer, site=site)
+        return VectorRecipe("file", strengths, unit, path=args.vector, layer=args.layer, site=site)
     return VectorRecipe(
         "sae",
         tuple(args.strength),
-        args.strength_unit,
+        unit,
         path=args.sae_path,
         sae_release=args.sae_release,
         sae_id=args.sae_id,
@@ -291,10 +326,10 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.json:
         print(json.dumps(result.report.to_dict()))
     else:
-        print(f"wrote {result.folder}" + "".join(f", {f}" for f in result.meta["target_files"]))
+        print(f"wrote {result.folder}" + "".join(f", {f}" for f in result.record.target_files))
         print(result.report.summary())
         print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
-        print(f"serve it ({args.target}): {result.meta['serve']}")
+        print(f"serve it ({args.target}): {result.record.serve}")
     if args.push:
         from steer_core.publish import push
 
@@ -306,10 +341,11 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from steer_core.verify import read_adapter_files, read_steering_json, verify
+    from steer_core.record import read_record
+    from steer_core.verify import read_adapter_files, verify
 
     folder = Path(args.adapter)
-    read_steering_json(folder)  # fail before loading the model
+    read_record(folder)  # fail before loading the model
     read_adapter_files(folder)
     lm = _load(args)
     report = verify(lm.model, lm.tokenizer, folder, tokens=args.tokens, base_model=lm.base_model_id)
@@ -436,6 +472,13 @@ def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     for label, value in hits:
         url = sae.source.neuronpedia_url(label.feature)
         print(f"  {value:8.3f}  {label.summary()}" + (f"  {url}" if url else ""))
+    if args.query is not None:
+        from steer_core.concept import expected_rates, match
+
+        found = match(sae, lm.model, lm.tokenizer, args.query, hits)
+        if not found.carries:
+            print(f"{found.message()} That is: --concept {args.query!r}.")
+        print(expected_rates(lm.name))
     return 0
 
 

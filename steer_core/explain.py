@@ -7,8 +7,10 @@ import re
 from typing import Any
 
 from steer_core.card import by_format_table
+from steer_core.concept import ConceptMatch
 from steer_core.feature import SAESource, same_model
 from steer_core.labels import FeatureLabel, FeatureLabels, TokenFeatures, strongest_on
+from steer_core.record import SteeringRecord
 from steer_core.vector import SteeringVector
 
 SEARCH_COLUMNS = ["feature", "score", "fires on", "promotes"]
@@ -64,6 +66,15 @@ def search_rows(results: list[tuple[FeatureLabel, float]]) -> list[list[Any]]:
     ]
 
 
+def concept_note(found: ConceptMatch, expected: str) -> str:
+    """Above the search results: whether the top hit is the concept itself, and what to expect of search."""
+    if found.carries:
+        head = f"The top hit, #{found.feature}, is a feature for {found.query!r}."
+    else:
+        head = f"⚠️ {found.message()}"
+    return f"{head}\n\n{expected}" if expected else head
+
+
 def _plain(tokens: tuple[str, ...], n: int = 6) -> str:
     return " ".join(repr(t.strip() or t)[1:-1] for t in tokens[:n])
 
@@ -116,15 +127,16 @@ def mismatch_note(vector: SteeringVector) -> str:
 def served_note(adapter: Any, model_id: str, vector: SteeringVector | None = None) -> str:
     """What the served column shows: which adapter, how faithful its own report says it is, for which model, and
     whether it was exported from the vector now selected (a user may have changed the selection since)."""
-    meta = adapter.meta
+    record = adapter.record
     line = f"\n\n**Served adapter** `{adapter.source}`"
-    fid = meta.get("fidelity") or {}
+    fid = (record and record.fidelity) or {}
     if fid:
         worst = fid.get("worst_format")
         figures = fid.get("by_format", {}).get(worst, fid) if worst else fid
         where = f" on {worst} text (its worst format)" if worst else ""
+        mode = record.mode if record else "?"
         line += (
-            f" ({meta.get('mode', '?')} mode): top-1 agreement with the hook {figures['top1_agreement']:.1%}{where}. "
+            f" ({mode} mode): top-1 agreement with the hook {figures['top1_agreement']:.1%}{where}. "
             "One early disagreement changes the rest of a greedy answer, so the served text can part from the "
             "hook's after a few words even at high agreement."
         )
@@ -172,10 +184,10 @@ def _dtype_row(report: Any) -> str:
     )
 
 
-def serve_line(meta: dict[str, Any]) -> str:
+def serve_line(record: SteeringRecord) -> str:
     """Where the export will be served and how to load it (steer_core.targets)."""
-    files = "".join(f" + `{f}`" for f in meta.get("target_files", []))
-    return f"\n\n**Serve it ({meta.get('target', 'peft')})**: the adapter folder{files}. {meta.get('serve', '')}"
+    files = "".join(f" + `{f}`" for f in record.target_files)
+    return f"\n\n**Serve it ({record.target})**: the adapter folder{files}. {record.serve}"
 
 
 def map_rows(result: Any) -> list[dict[str, Any]]:
@@ -207,12 +219,12 @@ def map_markdown(result: Any) -> str:
     )
 
 
-def repo_name(meta: dict[str, Any]) -> str:
+def repo_name(record: SteeringRecord) -> str:
     """A Hub repo name that says what the adapter steers, e.g. steer-smollm2-135m-instruct-f123-portable."""
-    model = str(meta.get("base_model", "model")).rsplit("/", 1)[-1].lower()
-    prov = meta.get("vector", {}).get("provenance", {})
+    model = (record.base_model or "model").rsplit("/", 1)[-1].lower()
+    prov = record.vector.provenance
     if prov.get("source") == "sae":
         what = "f" + "-".join(str(f["index"]) for f in prov.get("features", [])[:3])
     else:
         what = str(prov.get("source", "vector")).replace("_", "-")
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"steer-{model}-{what}-{meta.get('mode', 'adapter')}")[:96].strip("-.")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"steer-{model}-{what}-{record.mode}")[:96].strip("-.")

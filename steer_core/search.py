@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from steer_core.activations import text_activations
 from steer_core.feature import LoadedSAE, sae_unit
 from steer_core.labels import FeatureLabel, FeatureLabels, density_discount, term_score
-from steer_core.sites import architecture_for
+from steer_core.sites import architecture_for, pretrained, weight_of
 
 NEIGHBOURS = 12  # embedding neighbours per query word
 PROBED = 4  # of which the word itself and this many in all are read in the probe sentences
@@ -87,7 +87,7 @@ def lens_for(model: nn.Module, sae: LoadedSAE) -> Lens:
 
 
 def _unembedding(model: nn.Module) -> Tensor:
-    return model.get_output_embeddings().weight.detach().float().cpu()
+    return weight_of(pretrained(model).get_output_embeddings()).detach().float().cpu()
 
 
 def _word_tokens(tokenizer: Any, word: str) -> list[int]:
@@ -117,7 +117,7 @@ def neighbours(model: nn.Module, tokenizer: Any, word: str, n: int = NEIGHBOURS)
     found = {word: 1.0}
     if not ids:
         return found
-    emb = model.get_input_embeddings().weight.detach().float().cpu()
+    emb = weight_of(pretrained(model).get_input_embeddings()).detach().float().cpu()
     query = torch.nn.functional.normalize(emb[ids].mean(0), dim=0)
     sims = torch.nn.functional.normalize(emb, dim=-1) @ query
     for tid in sims.topk(n * 4).indices.tolist():
@@ -130,7 +130,7 @@ def neighbours(model: nn.Module, tokenizer: Any, word: str, n: int = NEIGHBOURS)
     return found
 
 
-def _words(query: str) -> list[str]:
+def query_words(query: str) -> list[str]:
     terms = [t for t in re.findall(r"[^\W\d_]+", query.lower()) if t]
     if not terms:
         raise ValueError(f"search query {query!r} has no words; try e.g. 'dog' or 'rain'")
@@ -201,7 +201,7 @@ def search(
     w = _unembedding(model)
     n = lens.normed.shape[0]
     score = torch.zeros(n)
-    for word in _words(query):
+    for word in query_words(query):
         near = neighbours(model, tokenizer, word)
         score += FIRES_WEIGHT * fires_on(sae, labels, model, tokenizer, dict(list(near.items())[:PROBED]))
         score += READS_WEIGHT * (reads_as(sae, model, tokenizer, word) - COS_FLOOR).clamp_min(0)

@@ -107,8 +107,11 @@ def test_feature_card_search_and_prompt_features(sae_folder: str) -> None:
         app.show_feature("tiny", "", sae_folder, 2.5)
     labels = app.workspace.labels(app.catalog.folder_choice(sae_folder), app._models["tiny"])
     word = next(t.strip() for t in labels[5].promoted if t.strip().isalpha())
-    rows = app.search_features("tiny", "", sae_folder, word)
+    rows, note, offer = app.search_features("tiny", "", sae_folder, word)
     assert rows and any(r[0] == 5 for r in rows) and all(r[1] > 0 for r in rows)
+    # this SAE anchors no words: whether the top hit is the concept is by its cosine with the word's reading, and
+    # where it is not, the word's own reading is offered
+    assert f"#{rows[0][0]}" in note and offer.visible == ("No feature for" in note)
     active = app.features_on_prompt("tiny", "", sae_folder, "hello there")
     # dense features (the odd ones here) are left out; each row says which token of the prompt it fired on
     assert active and all(r[0] % 2 == 0 and 0 <= r[0] < 16 and r[1] > 0 for r in active)
@@ -418,3 +421,19 @@ def test_a_served_adapter_from_the_hub_is_the_visitors_alone(
     with pytest.raises(gr.Error, match="weights are 67.1 MB: this server previews adapters up to 67.1 MB"):
         list(app.preview("tiny", "hello", 8, 0, 0, "bob/huge", *contrastive_args()))
     assert not [r for r in hub.requests_for("bob/huge") if "/resolve/" in r.path]
+
+
+def test_a_word_without_a_feature_offers_its_reading_and_it_steers(sae_folder: str) -> None:
+    from steer_core.concept import NEUTRAL, TEMPLATES
+
+    source, pos, neg, layer, site, strength, unit = app.use_concept("tiny", "", sae_folder, "volcano")
+    assert source.value == "Contrastive prompts" and (layer, site) == (1, "resid_post")  # the SAE's own hook point
+    assert pos.splitlines() == [t.format(w="volcano") for t in TEMPLATES]
+    assert len(neg.splitlines()) == len(TEMPLATES) * len(NEUTRAL) and strength == 0.5 and unit == UNIT
+    args = [source.value, "", "", "", strength, unit, pos, neg, layer, site, None]
+    recipe = app._recipe("tiny", *args)
+    assert recipe.source == "contrastive" and recipe.positive[0].endswith("volcano")
+    base, steered, _served, info = list(app.preview("tiny", "hi", 6, 0, 0, "", *args))[-1]
+    assert "blocks.1.hook_resid_post" in info and base and steered
+    with pytest.raises(gr.Error, match="no words"):
+        app.use_concept("tiny", "", sae_folder, " 42 ")

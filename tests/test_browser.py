@@ -138,4 +138,15 @@ def test_new_user_goes_from_page_to_downloaded_verified_adapter(served: tuple[st
         page.get_by_role("tab", name="3 · Preview").click()
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        # a word the embedded SAE has no feature for: search says so, and one click steers with the word's reading
+        if not stand_in:
+            page.get_by_label("Words").fill("volcano")
+            page.get_by_role("button", name="Search", exact=True).click()
+            expect(page.locator("#concept-note")).to_contain_text("No feature for 'volcano'")
+            page.get_by_role("button", name="Steer with the model's reading of 'volcano'").click()
+            expect(page.get_by_label("Positive prompts (one per line)")).to_have_value(re.compile("about the volcano"))
+            expect(page.get_by_label("Contrastive prompts")).to_be_checked()
+            page.get_by_role("button", name="Generate").click()
+            expect(page.locator("#steer-info")).to_contain_text("blocks.15.hook_resid_post")
         browser.close()

@@ -328,3 +328,54 @@ def test_export_and_push_as_the_users_token_and_an_existing_repo_refused_before_
         assert main([*args, "--out", str(tmp_path / "c"), "--update-existing"]) == 0
         assert "updated private repo" in capsys.readouterr().out
         assert hub.tokens_seen("me/cli-steer") == {"hf_cli_user"}
+
+
+def test_a_concept_is_steered_with_the_models_reading_of_it(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from steer_core.cli import _check_steering_args, build_parser, recipe_from_args
+    from steer_core.concept import TEMPLATES
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--prompt", "hi", "--model", "smollm2-135m-instruct", "--concept", "volcano"])
+    _check_steering_args(parser, args, required=True)
+    recipe = recipe_from_args(args)
+    # the embedded SAE's layer, and the measured strength in the residual-norm unit, unless given
+    assert (recipe.source, recipe.layer, recipe.site) == ("contrastive", 15, "resid_post")
+    assert (recipe.strengths, recipe.strength_unit) == ((0.5,), "resid")
+    assert recipe.positive == tuple(t.format(w="volcano") for t in TEMPLATES)
+    given = parser.parse_args(
+        [
+            "generate",
+            "--prompt",
+            "hi",
+            "--concept",
+            "volcano",
+            "--layer",
+            "2",
+            "--strength",
+            "2",
+            "--strength-unit",
+            "abs",
+        ]
+    )
+    _check_steering_args(parser, given, required=True)
+    chosen = recipe_from_args(given)
+    assert (chosen.layer, chosen.strengths, chosen.strength_unit) == (2, (2.0,), "abs")
+    assert main(["generate", "--model", str(model_dir), "--concept", "volcano", "--layer", "1", "--prompt", "hi",
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert "blocks.1.hook_resid_post" in capsys.readouterr().out
+    for argv, message in [
+        (
+            ["generate", "--prompt", "hi", "--model", str(model_dir), "--concept", "volcano"],
+            "--concept needs --layer L",
+        ),
+        (["generate", "--prompt", "hi", "--concept", "volcano", "--feature", "3"], "does not combine"),
+        (
+            ["generate", "--prompt", "hi", "--concept", "volcano", "--vector", "v.npy", "--layer", "1"],
+            "give one vector source",
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
