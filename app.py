@@ -18,21 +18,22 @@ from typing import Any
 
 import gradio as gr
 
-from steer_core import catalog, concept, explain, search
-from steer_core.card import MODE_WHERE
+from steer_core.adapter.card import MODE_WHERE
+from steer_core.adapter.served import read_adapter
 from steer_core.constants import CONCEPT_STRENGTH, DEFAULT_MODEL, TARGET_NAMES
-from steer_core.feature import embedded_sae_for, is_embedded_sae
+from steer_core.fit.refine import default_steps
 from steer_core.generate import GenerationConfig, stream_sides
 from steer_core.hardware import current_budget, format_bytes, parse_size
 from steer_core.hub import Access, on_space, take_owner_token
-from steer_core.labels import active_features
-from steer_core.limits import SERVER_LIMITS as LIMITS
-from steer_core.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
 from steer_core.model import LoadedModel, is_local, keep_freed_memory, load_model
-from steer_core.recipe import VectorRecipe
-from steer_core.refine import default_steps
-from steer_core.served import read_adapter
-from steer_core.workspace import Workspace, is_work_folder, prune_work_folders
+from steer_core.sae import concept, search
+from steer_core.sae.feature import embedded_sae_for, is_embedded_sae
+from steer_core.sae.labels import active_features
+from steer_core.ui import catalog, explain
+from steer_core.ui.limits import SERVER_LIMITS as LIMITS
+from steer_core.ui.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
+from steer_core.ui.workspace import Workspace, is_work_folder, prune_work_folders
+from steer_core.vectors.recipe import VectorRecipe
 
 try:  # ZeroGPU on Spaces: a GPU is attached only while a decorated handler runs
     import spaces
@@ -51,7 +52,7 @@ EXAMPLE_PROMPT = "Describe something you like."  # the default dog feature shows
 QUEUE_MAX = int(os.environ.get("STEER_QUEUE_MAX", "64"))  # waiting requests past which a new one is refused at once
 CSS_PATH = Path(__file__).with_name("app.css")
 USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)
-PROMPT_TOKENS = 1024  # a preview's prompt; contrastive prompts have their own, smaller limit (steer_core.limits)
+PROMPT_TOKENS = 1024  # a preview's prompt; contrastive prompts have their own, smaller limit (steer_core.ui.limits)
 
 # On a Space, HF_TOKEN is the owner's secret: out of the environment at once, so no library sends it for a visitor;
 # it reads the curated (gated) models only (steer_core.hub).
@@ -177,7 +178,7 @@ def _recipe(
     vec_file: str | None,
     tokenizer: Any = None,
 ) -> VectorRecipe:
-    """The form's steering settings as a recipe, within this server's limits (steer_core.limits)."""
+    """The form's steering settings as a recipe, within this server's limits (steer_core.ui.limits)."""
     with user_errors("Bad steering settings"):
         if source == "SAE features":
             choice = _choice(model_name, sae_pick, sae_folder)
@@ -252,7 +253,7 @@ def on_model(model_name: str, progress=gr.Progress(), *, access: Access | None =
         gr.Slider(value=strength),
         unit,
         "SAE features" if first is not None else "Contrastive prompts",
-        gr.Slider(value=default_steps(lm.model)),  # refinement pays on post-norm models (steer_core.refine)
+        gr.Slider(value=default_steps(lm.model)),  # refinement pays on post-norm models (steer_core.fit.refine)
     )
 
 
@@ -319,7 +320,7 @@ def search_features(
 def use_concept(
     model_name: str, sae_pick: str, sae_folder: str, query: str, *, access: Access | None = None
 ) -> tuple[Any, ...]:
-    """Fill the contrastive form with the model's reading of the query at the SAE's layer (steer_core.concept)."""
+    """Fill the contrastive form with the model's reading of the query at the SAE's layer (steer_core.sae.concept)."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     lm = get_model(model_name, access)
     choice = _choice(model_name, sae_pick, sae_folder)
@@ -506,7 +507,7 @@ def run_map(
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     import pandas as pd
 
-    from steer_core.servability import servability_map
+    from steer_core.check.servability import servability_map
 
     lm = get_model(model_name, access)
     recipe = _recipe(model_name, *vector_args, tokenizer=lm.tokenizer)
@@ -524,7 +525,7 @@ def run_map(
 def run_control_vector(model_name: str, *vector_args: Any, access: Access | None = None) -> str:
     """The same vector as a llama.cpp control vector, for `llama-cli --control-vector`."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
-    from steer_core.controlvector import save_control_vector
+    from steer_core.vectors.controlvector import save_control_vector
 
     lm, vector = _steering(model_name, vector_args, access, load=True)
     prune_work_folders()
@@ -536,7 +537,7 @@ def run_control_vector(model_name: str, *vector_args: Any, access: Access | None
 def run_compare(model_name: str, *vector_args: Any, access: Access | None = None) -> str:
     """The vector's norm against the layer's, and the features of the SAE chosen in step 2 nearest to it by cosine."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
-    from steer_core.feature import top_features_by_cosine
+    from steer_core.sae.feature import top_features_by_cosine
 
     _source, sae_pick, sae_folder, *_ = vector_args
     if not (sae_pick or sae_folder or "").strip():
@@ -569,7 +570,7 @@ def run_push(
 ) -> str:
     """Push as the visitor: their sign-in or the token they typed. On a Space never with the owner's HF_TOKEN; locally
     HF_TOKEN or the saved login also work (steer_core.hub.Access)."""
-    from steer_core.publish import RepoExistsError, push
+    from steer_core.adapter.publish import RepoExistsError, push
 
     try:
         secret = visitor_access(oauth, token).write_token()
@@ -853,7 +854,7 @@ def main() -> None:
     get_model(DEFAULT_MODEL, Access(ON_SPACE, OWNER_TOKEN), load=True)
     # Where to listen is Gradio's own setting: GRADIO_SERVER_NAME (a Space sets 0.0.0.0) and GRADIO_SERVER_PORT;
     # 127.0.0.1:7860 by default, so `bash run.sh` serves this machine only. Uploads past the limit are refused by
-    # Gradio before they are written (steer_core.limits).
+    # Gradio before they are written (steer_core.ui.limits).
     demo.queue(default_concurrency_limit=PREVIEW_WORKERS, max_size=QUEUE_MAX).launch(
         theme=THEME, css_paths=CSS_PATH, max_file_size=LIMITS.upload_bytes
     )

@@ -31,17 +31,17 @@ from pathlib import Path
 import torch
 
 from steer_core.activations import median_norm
-from steer_core.calibrate import calibrate
+from steer_core.check.verify import load_peft
 from steer_core.corpus import FORMATS
 from steer_core.export import export
-from steer_core.feature import embedded_sae_for, load_sae_from_disk
+from steer_core.fit.calibrate import calibrate
+from steer_core.fit.ridge import forget_statistics
 from steer_core.generate import GenerationConfig, complete
 from steer_core.model import keep_freed_memory, load_model
-from steer_core.recipe import VectorRecipe
-from steer_core.ridge import forget_statistics
+from steer_core.sae.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.sites import HookPoint, num_layers
-from steer_core.vector import SteeringVector
-from steer_core.verify import load_peft
+from steer_core.vectors.recipe import VectorRecipe
+from steer_core.vectors.vector import SteeringVector
 
 EXAMPLE_PAIRS = Path(__file__).resolve().parents[1] / "examples" / "joy_pairs.json"
 
@@ -59,7 +59,7 @@ def random_vector(lm, point: HookPoint, k: float, unit: str, seed: int) -> Steer
 
 def sae_features(lm, seeds: int) -> tuple[HookPoint, list[int]]:
     """The embedded SAE's layer and `seeds` live features drawn with a fixed seed (labels say which fired)."""
-    from steer_core.labels import load_labels
+    from steer_core.sae.labels import load_labels
 
     spec = embedded_sae_for(lm.name)
     if spec is None:
@@ -76,7 +76,7 @@ def make_vector(lm, kind: str, point: HookPoint, k: float, unit: str, seed: int,
         return random_vector(lm, point, k, unit, seed)
     if kind == "sae":
         return VectorRecipe("sae", (k,), unit, features=(features[seed],)).build(lm)
-    from steer_core.contrastive import read_pairs
+    from steer_core.vectors.contrastive import read_pairs
 
     pos, neg = read_pairs(EXAMPLE_PAIRS)
     recipe = VectorRecipe("contrastive", (k,), unit, layer=point.layer, positive=tuple(pos), negative=tuple(neg))

@@ -6,8 +6,9 @@
 
 23 cases on tiny random models (llama, gpt2, gemma3): calibrate() with each of its switches, reused statistics,
 refine, and full exports in every mode; tensors, steering.json (less timings) and fidelity numbers. Only public entry
-points (steer_core.calibrate.calibrate, steer_core.export.export, steer_core.refine.refine), so the same script runs
-on both sides of a refactor. Used for the calibrate.py split (#19): equal but for cv_rel_rmse at the 14th digit.
+points (steer_core.fit.calibrate.calibrate, steer_core.export.export, steer_core.fit.refine.refine; before #31's
+subpackages, steer_core.calibrate and steer_core.refine), so the same script runs on both sides of a refactor. Used
+for the calibrate.py split (#19): equal but for cv_rel_rmse at the 14th digit.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from helpers import D_MODEL, tiny_lm  # noqa: E402
-from steer_core.calibrate import calibrate  # noqa: E402
 from steer_core.export import export  # noqa: E402
-from steer_core.refine import refine  # noqa: E402
+from steer_core.fit.calibrate import calibrate  # noqa: E402
+from steer_core.fit.refine import refine  # noqa: E402
 from steer_core.sites import HookPoint  # noqa: E402
-from steer_core.vector import SteeringVector  # noqa: E402
+from steer_core.vectors.vector import SteeringVector  # noqa: E402
 
 
 def cal_record(cal) -> dict:

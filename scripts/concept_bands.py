@@ -14,10 +14,10 @@ Each concept's "talks about it" family is derived, not written: the word, the ot
 (synonyms) and of its direct hyponyms, each with its plural (WordNet's irregular plurals, else English rules).
 
 For each concept the run compares what a user can steer with at the app's default strength (0.5× the layer's median
-residual norm): search's top hit (`steer_core.search`), the fallback (`steer_core.concept`: the model's own reading
-of the word at the SAE's layer) and what the app offers (the top hit when it carries the concept, else the fallback,
-`steer_core.concept.match`). Greedy answers to four chat prompts and four plain openings that are in no corpus of the
-project; *steered* means the family is mentioned in more of the 8 answers than without steering. With
+residual norm): search's top hit (`steer_core.sae.search`), the fallback (`steer_core.sae.concept`: the model's own
+reading of the word at the SAE's layer) and what the app offers (the top hit when it carries the concept, else the
+fallback, `steer_core.sae.concept.match`). Greedy answers to four chat prompts and four plain openings that are in no
+corpus of the project; *steered* means the family is mentioned in more of the 8 answers than without steering. With
 --export-every N, the offered vector of every Nth concept it steered is exported as the app exports it and served
 with PEFT: its mentions against the hook's are what serving keeps. A script that prints numbers, not a test:
 
@@ -39,15 +39,15 @@ from pathlib import Path
 
 import torch
 
-from steer_core.concept import RATES_FILE, concept_recipe, match
 from steer_core.constants import LABELS_FILENAME
-from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import left_pad
-from steer_core.labels import load_labels
 from steer_core.model import keep_freed_memory, load_model
-from steer_core.recipe import VectorRecipe
-from steer_core.search import search
+from steer_core.sae.concept import RATES_FILE, concept_recipe, match
+from steer_core.sae.feature import embedded_sae_for, load_sae_from_disk
+from steer_core.sae.labels import load_labels
+from steer_core.sae.search import search
 from steer_core.steer import steering
+from steer_core.vectors.recipe import VectorRecipe
 
 WORDNET = Path("/usr/share/wordnet")
 CONCEPTS_FILE = Path(__file__).resolve().parents[1] / "docs" / "concept-bands.json"
@@ -192,8 +192,8 @@ def answers(lm, vector, *, model=None) -> list[str]:
 
 
 def served(lm, vector, verify_tokens: int) -> list[str]:
+    from steer_core.check.verify import load_peft
     from steer_core.export import export
-    from steer_core.verify import load_peft
 
     with tempfile.TemporaryDirectory() as tmp:
         result = export(lm, vector, Path(tmp) / "adapter", verify_tokens=verify_tokens)

@@ -1,6 +1,6 @@
 """Can a newcomer find an everyday concept and steer with it? Search, take the top hit, steer, count mentions.
 
-For each concept: `steer_core.search` on the concept's own word, the top feature, its vector at each strength (× the
+For each concept: `steer_core.sae.search` on the concept's own word, the top feature, its vector at each strength (× the
 layer's median residual norm, the app's unit), greedy answers to neutral prompts with and without it. A concept is
 *found and steered* when the steered answers mention it (the word or one of its forms: an embedding neighbour that
 starts like it, as a word prefix) in more answers than the unsteered ones do.
@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from steer_core.constants import LABELS_FILENAME
-from steer_core.feature import embedded_sae_for, load_sae_from_disk
 from steer_core.generate import left_pad
-from steer_core.labels import load_labels
 from steer_core.model import keep_freed_memory, load_model
-from steer_core.recipe import VectorRecipe
-from steer_core.search import neighbours, search
+from steer_core.sae.feature import embedded_sae_for, load_sae_from_disk
+from steer_core.sae.labels import load_labels
+from steer_core.sae.search import neighbours, search
 from steer_core.steer import steering
+from steer_core.vectors.recipe import VectorRecipe
 
 CONCEPTS = [
     "dog", "cat", "horse", "bird", "fish",  # animals
@@ -168,8 +168,8 @@ def main() -> None:
 def kept(lm, vector, steered: list[str], words: list[str], k: float, args: argparse.Namespace) -> dict:
     """Export `vector` as the app does, load the adapter with PEFT, and count its concept mentions against the hook's,
     in chat (the hook's answers: `steered`) and in plain text."""
+    from steer_core.check.verify import load_peft
     from steer_core.export import export
-    from steer_core.verify import load_peft
 
     hook = {"chat": steered, "plain": answers(lm, vector, args.max_new_tokens, plain=True)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from steer_core.check.verify import verify
 from steer_core.export import export
 from steer_core.model import load_model
-from steer_core.recipe import VectorRecipe
-from steer_core.verify import verify
+from steer_core.vectors.recipe import VectorRecipe
 
 
 def main() -> None:

@@ -27,13 +27,13 @@ from torch import Tensor
 from scripts.benchmark import random_vector
 from steer_core import corpus
 from steer_core.activations import forward_until, recording
-from steer_core.calibrate import calibrate
+from steer_core.check.servability import HeldOut
+from steer_core.fit.calibrate import calibrate
 from steer_core.hooks import gated_hooks
 from steer_core.model import LoadedModel, keep_freed_memory, load_model
-from steer_core.servability import HeldOut
 from steer_core.sites import HookPoint, architecture_for
 from steer_core.steer import lowrank_updates, steering
-from steer_core.vector import SteeringVector
+from steer_core.vectors.vector import SteeringVector
 
 
 @contextmanager

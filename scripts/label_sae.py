@@ -18,9 +18,9 @@ from pathlib import Path
 
 from scripts.train_sae import build_texts, write_readme
 from steer_core.constants import LABELS_FILENAME, cache_dir
-from steer_core.feature import EMBEDDED_SAES, load_sae_from_disk
-from steer_core.labels import compute_labels, save_labels
 from steer_core.model import load_model
+from steer_core.sae.feature import EMBEDDED_SAES, load_sae_from_disk
+from steer_core.sae.labels import compute_labels, save_labels
 
 
 def main() -> None:

@@ -185,9 +185,9 @@ def _threads(targets: list[Callable[[], None]]) -> None:
 def load_test(url: str, args: argparse.Namespace, run: Run, watch: MemoryWatch) -> dict[str, Any]:
     from gradio_client import Client
 
-    from steer_core import catalog
     from steer_core.constants import DEFAULT_MODEL
-    from steer_core.feature import embedded_sae_for
+    from steer_core.sae.feature import embedded_sae_for
+    from steer_core.ui import catalog
 
     spec = embedded_sae_for(DEFAULT_MODEL)
     choices = catalog.sae_choices(DEFAULT_MODEL)

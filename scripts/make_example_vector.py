@@ -9,9 +9,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from steer_core.contrastive import contrastive_vector, read_pairs
 from steer_core.model import load_model
 from steer_core.sites import HookPoint
+from steer_core.vectors.contrastive import contrastive_vector, read_pairs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 OUT = EXAMPLES / "joy_smollm2_L10.safetensors"

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from scripts.benchmark import random_vector
+from steer_core.check.servability import predict
 from steer_core.export import export
 from steer_core.model import load_model
-from steer_core.servability import predict
 from steer_core.sites import HookPoint
 
 

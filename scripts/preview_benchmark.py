@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from steer_core.feature import embedded_sae_for
+from steer_core.adapter.served import read_adapter
 from steer_core.generate import GenerationConfig, stream_sides
 from steer_core.model import load_model
-from steer_core.recipe import VectorRecipe
-from steer_core.served import read_adapter
+from steer_core.sae.feature import embedded_sae_for
+from steer_core.vectors.recipe import VectorRecipe
 
 PROMPTS = ["Tell me about your day.", "What should I cook tonight?", "Write a short note to a friend."]
 

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from scripts.benchmark import random_vector
-from steer_core.calibrate import Calibration, WriterFit, balance, calibrate
+from steer_core.check.servability import HeldOut
 from steer_core.export import export
+from steer_core.fit.calibrate import Calibration, WriterFit, balance, calibrate
+from steer_core.fit.refine import cosine_decay, default_lr, train
 from steer_core.model import LoadedModel, load_model
-from steer_core.refine import cosine_decay, default_lr, train
-from steer_core.servability import HeldOut
 from steer_core.sites import HookPoint
-from steer_core.vector import SteeringVector
+from steer_core.vectors.vector import SteeringVector
 
 
 def init_params(

@@ -3,10 +3,10 @@ carried, each refusal's message, and the memory it reaches with the curated mode
 
     .venv/bin/python -m scripts.space_check [--json docs/space-check.json]
 
-The Space is simulated as tests/test_space.py does it (tests/spacesim.py): a Gradio Space's environment, a CPU Space's
-16 GB in a memory cgroup where this machine allows one, a Hub on loopback holding the repos the curated entries name
-(the embedded weights saved as those repos; Gemma Scope 2-format SAEs the project builds; GPT-2 small and its SAE at
-their real shapes with random weights), an anonymous visitor and one signed in through the Space's OAuth.
+The Space is simulated as tests/ui/test_space.py does it (tests/spacesim.py): a Gradio Space's environment, a CPU
+Space's 16 GB in a memory cgroup where this machine allows one, a Hub on loopback holding the repos the curated
+entries name (the embedded weights saved as those repos; Gemma Scope 2-format SAEs the project builds; GPT-2 small and
+its SAE at their real shapes with random weights), an anonymous visitor and one signed in through the Space's OAuth.
 """
 
 from __future__ import annotations

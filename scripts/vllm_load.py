@@ -1,7 +1,7 @@
 """Load adapter folders with vLLM's own LoRA loader (PEFTHelper + LoRAModel) and print what it made of each, as JSON.
 
 Runs in vLLM's environment, not the project's (vLLM pins its own torch and transformers), so it imports nothing of
-steer_core. `bash scripts/vllm_venv.sh` makes that environment; tests/test_vllm.py drives this script:
+steer_core. `bash scripts/vllm_venv.sh` makes that environment; tests/adapter/test_vllm.py drives this script:
 
     "$(bash scripts/vllm_venv.sh)"/bin/python scripts/vllm_load.py DIR [DIR ...]
 """

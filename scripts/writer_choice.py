@@ -1,7 +1,7 @@
 """Which writer serves a one-site vector, measured through the whole export: `--writer auto` against each candidate.
 
 For each vector, an export with `--writer auto` (which fits the site's own MLP writer, block L+1's attention writer
-and the two splitting the vector, and keeps the lowest held-in KL; steer_core.composite), then an export with each
+and the two splitting the vector, and keeps the lowest held-in KL; steer_core.fit.composite), then an export with each
 candidate forced. Every row is verify's own report on held-out text: worst format's top-1, all
 formats' top-1, KL ratio, greedy tokens before the adapter first differs from the hook, and the export's seconds.
 
@@ -21,8 +21,8 @@ from typing import Any
 from scripts.benchmark import random_vector
 from steer_core.export import export
 from steer_core.model import keep_freed_memory, load_model
-from steer_core.recipe import VectorRecipe
 from steer_core.sites import HookPoint
+from steer_core.vectors.recipe import VectorRecipe
 
 
 def row(result: Any, writer: str) -> dict[str, Any]:

@@ -33,14 +33,14 @@ from torch import Tensor
 from scripts.benchmark import random_vector
 from scripts.error_budget import calibration_batches, writer_inputs
 from steer_core.activations import recording
-from steer_core.calibrate import calibrate
+from steer_core.check.servability import HeldOut
+from steer_core.fit.calibrate import calibrate
+from steer_core.fit.refine import cosine_decay, train
 from steer_core.model import LoadedModel, keep_freed_memory, load_model
-from steer_core.recipe import VectorRecipe
-from steer_core.refine import cosine_decay, train
-from steer_core.servability import HeldOut
 from steer_core.sites import HookPoint, architecture_for
 from steer_core.steer import steering
-from steer_core.vector import SteeringVector
+from steer_core.vectors.recipe import VectorRecipe
+from steer_core.vectors.vector import SteeringVector
 
 RIDGES = (1e-6, 1e-4, 1e-2, 1.0, 1e2)
 
@@ -161,7 +161,7 @@ def measure(lm: LoadedModel, vector: SteeringVector, args: argparse.Namespace) -
     row["adapter down_proj L + o_proj L+1, joint A"] = held.measure(
         lora(down, joint_a[:d], v) | lora(o_next, joint_a[d:], v)
     )
-    if args.refine_steps:  # both trained end to end on KL(hook ‖ adapter), the same budget each (steer_core.refine)
+    if args.refine_steps:  # both trained end to end on KL(hook ‖ adapter), the same budget each (steer_core.fit.refine)
         starts = {
             "down_proj L": {f.module: (f.A.float(), f.B.float()) for f in exported.fits},
             "o_proj L+1 from B = v + mean response": lora(o_next, fits["o_proj L+1"], v + response),
@@ -192,7 +192,7 @@ def main() -> None:
     p.add_argument("--split", type=float, nargs="*", default=[0.75, 0.5],
                    help="shares of v that down_proj L keeps in the split adapters")  # fmt: skip
     p.add_argument("--refine-steps", type=int, default=0, help="also train both starts end to end, this many steps")
-    p.add_argument("--lr", type=float, default=0.01, help="refinement learning rate (steer_core.refine's pre-norm one)")
+    p.add_argument("--lr", type=float, default=0.01, help="refinement learning rate (the pre-norm one of fit.refine)")
     p.add_argument("--floors-only", action="store_true", help="only the floors (and --sinks): any model, Gemma too")
     p.add_argument("--out", default="artifacts/writer-floor.json")
     args = p.parse_args()

@@ -12,6 +12,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from steer_core.constants import (
     CONCEPT_STRENGTH,
@@ -26,8 +27,10 @@ from steer_core.constants import (
     TARGET_NAMES,
     WRITERS,
 )
-from steer_core.recipe import VectorRecipe, strength_note
-from steer_core.sites import Site
+
+if TYPE_CHECKING:  # the model code loads only when a command runs, so --help stays fast
+    from steer_core.sites import Site
+    from steer_core.vectors.recipe import VectorRecipe
 
 log = logging.getLogger("steer_core")
 
@@ -251,7 +254,7 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _embedded_sae_layer(parser: argparse.ArgumentParser, model: str) -> int:
-    from steer_core.feature import embedded_sae_for, load_sae_from_disk
+    from steer_core.sae.feature import embedded_sae_for, load_sae_from_disk
 
     spec = embedded_sae_for(model)
     if spec is None:
@@ -259,20 +262,28 @@ def _embedded_sae_layer(parser: argparse.ArgumentParser, model: str) -> int:
     return load_sae_from_disk(spec.path).source.point.layer
 
 
+def strength_note(lm: Any, vector: Any) -> str:
+    from steer_core.vectors.recipe import strength_note
+
+    return strength_note(lm, vector)
+
+
 def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
+    from steer_core.vectors.recipe import VectorRecipe
+
     strengths = tuple(args.strength)
     site: Site = args.site or "resid_post"  # None on the command line means "not given", so it can be refused elsewhere
     unit = args.strength_unit or ("resid" if args.concept is not None else "abs")
     if args.control_vector is not None:
         return VectorRecipe("control_vector", strengths, unit, path=args.control_vector)
     if args.concept is not None:
-        from steer_core.concept import concept_recipe
+        from steer_core.sae.concept import concept_recipe
         from steer_core.sites import HookPoint
 
         recipe = concept_recipe(args.concept, HookPoint(args.layer, site), strengths[0])
         return dataclasses.replace(recipe, strengths=strengths, strength_unit=unit)
     if args.contrastive is not None:
-        from steer_core.contrastive import read_pairs
+        from steer_core.vectors.contrastive import read_pairs
 
         positive, negative = read_pairs(args.contrastive)
         return VectorRecipe(
@@ -295,13 +306,13 @@ def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
 
 def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.export import export
-    from steer_core.refine import default_steps
+    from steer_core.fit.refine import default_steps
 
     _check_steering_args(parser, args, required=True)
     push_token = None
     if args.push:  # before the export, which takes minutes: the token, and a repo that exists unless asked to update
+        from steer_core.adapter.publish import check_push_target
         from steer_core.hub import Access
-        from steer_core.publish import check_push_target
 
         push_token = Access().write_token()
         check_push_target(args.push, token=push_token, update_existing=args.update_existing)
@@ -331,7 +342,7 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
         print(f"serve it ({args.target}): {result.record.serve}")
     if args.push:
-        from steer_core.publish import push
+        from steer_core.adapter.publish import push
 
         pushed = push(
             result.folder, args.push, token=push_token, private=args.private, update_existing=args.update_existing
@@ -341,8 +352,8 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from steer_core.record import read_record
-    from steer_core.verify import read_adapter_files, verify
+    from steer_core.adapter.record import read_record
+    from steer_core.check.verify import read_adapter_files, verify
 
     folder = Path(args.adapter)
     read_record(folder)  # fail before loading the model
@@ -369,7 +380,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         sides: list = [None, vector]
         names = ["unsteered", f"steered ({', '.join(p.tl_name for p in vector.points)})"]
         if args.adapter:  # what an endpoint serves, beside the hook: one batched generation, as in the app
-            from steer_core.served import read_adapter
+            from steer_core.adapter.served import read_adapter
 
             sides.append(read_adapter(args.adapter))
             names.append(f"served adapter {args.adapter}")
@@ -381,7 +392,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 print(f"--- {name} ---")
                 print(text)
         return 0
-    from steer_core.verify import load_peft
+    from steer_core.check.verify import load_peft
 
     # loaded (and so checked) before anything is printed: a damaged folder gets one message and no half output
     peft = load_peft(lm.model, Path(args.adapter), base_model=lm.base_model_id)
@@ -395,7 +406,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _cmd_map(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from steer_core.servability import servability_map
+    from steer_core.check.servability import servability_map
 
     _check_steering_args(parser, args, required=True)
     recipe = recipe_from_args(args)
@@ -429,7 +440,7 @@ def _cmd_map(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _cmd_control_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from steer_core.controlvector import layer_of, save_control_vector
+    from steer_core.vectors.controlvector import layer_of, save_control_vector
 
     _check_steering_args(parser, args, required=True)
     if args.skip_bos:
@@ -445,9 +456,9 @@ def _cmd_control_vector(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 
 def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from steer_core.feature import load_sae
-    from steer_core.labels import active_features, labels_for, strongest_on
-    from steer_core.search import search
+    from steer_core.sae.feature import load_sae
+    from steer_core.sae.labels import active_features, labels_for, strongest_on
+    from steer_core.sae.search import search
 
     if (args.query is None) == (args.active is None):
         parser.error("give either search words or --active PROMPT")
@@ -473,7 +484,7 @@ def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         url = sae.source.neuronpedia_url(label.feature)
         print(f"  {value:8.3f}  {label.summary()}" + (f"  {url}" if url else ""))
     if args.query is not None:
-        from steer_core.concept import expected_rates, match
+        from steer_core.sae.concept import expected_rates, match
 
         found = match(sae, lm.model, lm.tokenizer, args.query, hits)
         if not found.carries:
@@ -484,7 +495,7 @@ def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 def _cmd_features(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.activations import median_norm
-    from steer_core.feature import load_sae_from_disk, top_features_by_cosine
+    from steer_core.sae.feature import load_sae_from_disk, top_features_by_cosine
 
     _check_steering_args(parser, args, required=True)
     recipe = recipe_from_args(args)
@@ -503,9 +514,15 @@ def _cmd_features(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, process_wide: bool = False) -> int:
+    """`process_wide`: this process is the command (python -m steer_core), so it may tune the allocator for itself
+    (model.keep_freed_memory); after parsing, so --help loads no model code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if process_wide:
+        from steer_core.model import keep_freed_memory
+
+        keep_freed_memory()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "export":

@@ -12,13 +12,13 @@ STEERING_JSON_FILENAME = "steering.json"
 # The hook-steering vector travels with the adapter so `verify` can rebuild the reference later.
 STEERING_VECTOR_FILENAME = "steering_vector.safetensors"
 MODEL_CARD_FILENAME = "README.md"
-# Feature labels shipped next to an SAE's cfg.json (steer_core.labels).
+# Feature labels shipped next to an SAE's cfg.json (steer_core.sae.labels).
 LABELS_FILENAME = "labels.json.gz"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CALIBRATION_TOKENS = 16_384
-TARGET_NAMES = ("peft", "fireworks", "llama.cpp", "ollama")  # where an export is served (steer_core.targets)
-# The servability map (steer_core.servability): a miniature export per cell, and the top-1 that counts as servable.
+TARGET_NAMES = ("peft", "fireworks", "llama.cpp", "ollama")  # where an export is served (steer_core.adapter.targets)
+# The servability map (check.servability): a miniature export per cell, and the top-1 that counts as servable.
 MAP_CALIBRATION_TOKENS = 8_192
 MAP_EVAL_TOKENS = 1_024
 SERVABLE_TOP1 = 0.95
@@ -29,7 +29,7 @@ DEFAULT_GREEDY_TOKENS = 20
 MODES = ("portable", "exact", "ablate")
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 # Which module serves a one-site vector on a pre-norm model: chosen by held-in KL, the site's own MLP writer, block
-# L+1's attention writer, or the two splitting the vector (steer_core.composite)
+# L+1's attention writer, or the two splitting the vector (steer_core.fit.composite)
 WRITERS = ("auto", "own", "next", "split")
 STRENGTH_UNITS = ("abs", "resid", "writer")
 
@@ -42,6 +42,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steer_core"
 
 
-# The strength of a concept's own reading (steer_core.concept), × the layer's median residual norm. Measured on SmolLM2:
+# The strength of a concept's own reading (sae.concept), × the layer's median residual norm. Measured on SmolLM2:
 # "volcano", "robot", "ghost" read at layer 15 were named in 9-12 of 12 answers at 0.5× and fell into repetition at 1×
 CONCEPT_STRENGTH = 0.5

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from steer_core import __version__
-from steer_core.adapter import (
+from steer_core.adapter.build import (
     BuiltAdapter,
     Mode,
     build_ablate,
@@ -20,21 +20,9 @@ from steer_core.adapter import (
     write_adapter,
     write_json,
 )
-from steer_core.calibrate import Calibration, Progress, Writers, calibrate
-from steer_core.card import model_card
-from steer_core.constants import (
-    DEFAULT_CALIBRATION_TOKENS,
-    DEFAULT_VERIFY_TOKENS,
-    MODEL_CARD_FILENAME,
-    MODES,
-    STEERING_JSON_FILENAME,
-)
-from steer_core.controlvector import save_control_vector
-from steer_core.model import LoadedModel
-from steer_core.record import CalibrationRecord, FitRecord, SteeringRecord, VectorRecord
-from steer_core.refine import refine
-from steer_core.sites import architecture_for, num_layers
-from steer_core.targets import (
+from steer_core.adapter.card import model_card
+from steer_core.adapter.record import CalibrationRecord, FitRecord, SteeringRecord, VectorRecord
+from steer_core.adapter.targets import (
     CONTROL_VECTOR_FILENAME,
     GGUF_LORA_FILENAME,
     Target,
@@ -43,8 +31,20 @@ from steer_core.targets import (
     write_gguf_lora,
     write_modelfile,
 )
-from steer_core.vector import SteeringVector, check_fits_model
-from steer_core.verify import FidelityReport, verify
+from steer_core.check.verify import FidelityReport, verify
+from steer_core.constants import (
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_VERIFY_TOKENS,
+    MODEL_CARD_FILENAME,
+    MODES,
+    STEERING_JSON_FILENAME,
+)
+from steer_core.fit.calibrate import Calibration, Progress, Writers, calibrate
+from steer_core.fit.refine import refine
+from steer_core.model import LoadedModel
+from steer_core.sites import architecture_for, num_layers
+from steer_core.vectors.controlvector import save_control_vector
+from steer_core.vectors.vector import SteeringVector, check_fits_model
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,11 @@ def export(
 ) -> ExportResult:
     """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails.
 
-    `target` adds what that engine loads (steer_core.targets): fireworks pads the rank to 4, llama.cpp writes a GGUF
-    LoRA and the control vector, ollama a GGUF LoRA and a Modelfile. The PEFT folder is always there and verified.
+    `target` adds what that engine loads (adapter.targets): fireworks pads the rank to 4, llama.cpp writes a GGUF LoRA
+    and the control vector, ollama a GGUF LoRA and a Modelfile. The PEFT folder is always there and verified.
 
     `writer`: which writer serves a one-site vector on a pre-norm model (calibrate: "auto" measures the site's own,
-    block L+1's attention writer and the two splitting it; steer_core.composite).
+    block L+1's attention writer and the two splitting it; steer_core.fit.composite).
 
     `calibration` (portable mode) exports a calibration made earlier for this vector instead of making one (refined
     further if `refine_steps` asks).
@@ -150,7 +150,7 @@ def export(
             notes=record.notes + tuple(target_notes),
             seconds={k: round(v, 2) for k, v in seconds.items()},
             # What this export wrote: a later push into the same repo removes these, and only these, when it no
-            # longer writes them (steer_core.publish).
+            # longer writes them (steer_core.adapter.publish).
             files=tuple(sorted({p.name for p in tmp.iterdir()} | {STEERING_JSON_FILENAME, MODEL_CARD_FILENAME})),
         )
         write_json(tmp / STEERING_JSON_FILENAME, record.to_dict())

@@ -14,10 +14,10 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from steer_core.adapter.served import ServedAdapter
 from steer_core.model import LoadedModel
-from steer_core.served import ServedAdapter
 from steer_core.steer import steering
-from steer_core.vector import SteeringVector
+from steer_core.vectors.vector import SteeringVector
 
 # HF sampling draws from torch's one global RNG, so two sampled generations at once would interleave their draws and
 # neither would follow its seed. Sampled runs take turns; greedy runs use no RNG and never wait.

@@ -155,7 +155,7 @@ def sae_size(release: str, sae_id: str, *, token: str | bool | None = None) -> R
     count; numpy files (Gemma Scope) are float32; other files are counted at 2 bytes a weight."""
     from huggingface_hub import RepoFolder
 
-    from steer_core.feature import registry_entry
+    from steer_core.sae.feature import registry_entry
 
     entry = registry_entry(release)
     if sae_id not in entry.saes_map:
@@ -221,10 +221,10 @@ def trim_cache(limit: int, keep: set[str]) -> list[str]:
 
 def download_sae(release: str, sae_id: str, *, token: str | bool | None = None) -> None:
     """Fetch a registry SAE's files into the Hub cache, so that sae_lens' own load then finds them there. Done apart
-    from the load because the load must hold torch's global RNG (steer_core.workspace), and a download must not."""
+    from the load because the load must hold torch's global RNG (steer_core.ui.workspace), and a download must not."""
     from huggingface_hub import snapshot_download
 
-    from steer_core.feature import registry_entry
+    from steer_core.sae.feature import registry_entry
 
     entry = registry_entry(release)
     path = entry.saes_map[sae_id]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from steer_core.hooks import HookSet, gated_hooks, retuple, untuple
 from steer_core.sites import HookPoint, architecture_for, blocks, pretrained
-from steer_core.vector import SteeringVector
+from steer_core.vectors.vector import SteeringVector
 
 
 class _SteeredPositions:

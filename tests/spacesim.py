@@ -2,7 +2,7 @@
 that holds the repos the curated entries name (tests/fakehub.py), a memory limit like a CPU Space's, and visitors who
 are anonymous or signed in through the Space's OAuth.
 
-Used by tests/test_space.py (behaviour) and scripts/space_check.py (what it listens on, every Hub request and the
+Used by tests/ui/test_space.py (behaviour) and scripts/space_check.py (what it listens on, every Hub request and the
 token it carried, each refusal, the memory reached).
 """
 

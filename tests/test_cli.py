@@ -65,7 +65,7 @@ def test_export_then_verify_json(
 def test_export_refines_a_post_norm_model_by_default(
     tmp_path: Path, vector_file: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from steer_core.refine import DEFAULT_STEPS_POST_NORM, LR_POST_NORM
+    from steer_core.fit.refine import DEFAULT_STEPS_POST_NORM, LR_POST_NORM
 
     folder = tmp_path / "tiny-gemma3"
     lm = tiny_lm("gemma3")
@@ -270,7 +270,7 @@ def test_control_vector_refuses_unwritable_sites(
 
 def test_features_lists_nearest_sae_features(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sae_dir = build_sae(tmp_path / "sae", hook_name="blocks.1.hook_resid_post")
-    from steer_core.feature import load_sae_from_disk
+    from steer_core.sae.feature import load_sae_from_disk
 
     row = load_sae_from_disk(sae_dir).decoder[4].float()
     path = tmp_path / "v.safetensors"
@@ -284,8 +284,8 @@ def test_features_lists_nearest_sae_features(model_dir: Path, tmp_path: Path, ca
 
 
 def test_search_by_words_and_by_prompt(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from steer_core.feature import load_sae_from_disk
-    from steer_core.labels import compute_labels, save_labels
+    from steer_core.sae.feature import load_sae_from_disk
+    from steer_core.sae.labels import compute_labels, save_labels
 
     sae_dir = build_sae(tmp_path / "sae", d_sae=24)
     lm = tiny_lm("llama")
@@ -334,7 +334,7 @@ def test_a_concept_is_steered_with_the_models_reading_of_it(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from steer_core.cli import _check_steering_args, build_parser, recipe_from_args
-    from steer_core.concept import TEMPLATES
+    from steer_core.sae.concept import TEMPLATES
 
     parser = build_parser()
     args = parser.parse_args(["generate", "--prompt", "hi", "--model", "smollm2-135m-instruct", "--concept", "volcano"])

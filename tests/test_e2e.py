@@ -13,7 +13,7 @@ from steer_core.activations import median_norm
 from steer_core.export import export
 from steer_core.model import EMBEDDED_MODELS, LoadedModel, resolve
 from steer_core.sites import HookPoint
-from steer_core.vector import SteeringVector
+from steer_core.vectors.vector import SteeringVector
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,7 @@ def _check_formats(rep, floors: dict[str, float]) -> None:
 def _check_prediction(lm: LoadedModel, vector: SteeringVector, layer: int, measured: float) -> None:
     """The servability map's cell for this vector (a miniature export) predicts the full export's top-1 within 5
     points (scripts/map_check.py: 9 of 10 benchmark rows, errors -2.3 to +5.7 points, L6 4× -2.3, L15 4× -0.2)."""
-    from steer_core.servability import predict
+    from steer_core.check.servability import predict
 
     cell = predict(lm, vector, layer, 4.0)
     assert abs(cell.top1 - measured) <= 0.05, (layer, cell, measured)
@@ -107,7 +107,7 @@ def test_smollm2_exact_is_exact(smollm2: LoadedModel, tmp_path: Path) -> None:
 
 def test_smollm2_contrastive_vector_passes_verify(smollm2: LoadedModel, tmp_path: Path) -> None:
     """The shipped "joy" contrastive recipe, exported as a portable adapter, matches its hook on held-out text."""
-    from steer_core.recipe import VectorRecipe
+    from steer_core.vectors.recipe import VectorRecipe
 
     recipe = VectorRecipe(
         "contrastive", (0.3,), "resid", layer=10,
@@ -153,7 +153,7 @@ def test_gemma_refined_by_default_goes_far_past_the_closed_form(gemma: LoadedMod
 
     Gemma L9 at 1× the writer norm: the closed form alone measured 7.0% / KL ratio 0.453 (the benchmark table).
     """
-    from steer_core.refine import default_steps
+    from steer_core.fit.refine import default_steps
 
     vec = _random_vector(gemma, HookPoint(9, "resid_post"), 1.0, "writer")
     result = export(gemma, vec, tmp_path / "a", refine_steps=default_steps(gemma.model))

@@ -42,3 +42,23 @@ def test_readme_example_is_generated_by_the_script():
 def test_a_wrong_option_would_be_caught():
     with pytest.raises(SystemExit):
         build_parser().parse_args(shlex.split("export --feature 639 --strenght 0.5 --out x"))
+
+
+def test_the_layout_names_every_module_where_it_is():
+    """The README's layout table and steer_core/__init__.py name each module of the package, in its folder."""
+    import re
+
+    import steer_core
+
+    package = ROOT / "steer_core"
+    modules = {p.relative_to(package).with_suffix("") for p in package.rglob("*.py") if not p.name.startswith("__")}
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("Layout, in the order the data flows") :]
+    rows = [(m.group(1), m.group(2)) for m in re.finditer(r"^\| (top|`\w+/`) \| ([^|]+) \|", table, re.M)]
+    named = {(where.strip("`/") if where != "top" else "", name) for where, cell in rows
+             for name in re.findall(r"`(\w+)`", cell)}  # fmt: skip
+    doc = steer_core.__doc__ or ""
+    for module in modules:
+        folder, name = (module.parts[0], module.parts[1]) if len(module.parts) == 2 else ("", module.parts[0])
+        assert (folder, name) in named, f"README's layout does not name {module}"
+        assert f"`{name}`" in doc, f"steer_core/__init__.py does not name {module}"

@@ -4,7 +4,7 @@ import torch
 from helpers import D_MODEL, tiny_model
 from steer_core.sites import HookPoint, architecture_for, parse_hook_name
 from steer_core.steer import steering
-from steer_core.vector import SteeringVector
+from steer_core.vectors.vector import SteeringVector
 
 
 @pytest.mark.parametrize(

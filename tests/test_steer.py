@@ -8,7 +8,7 @@ from helpers import D_MODEL, hook_count, tiny_lm, tiny_model
 from steer_core.generate import GenerationConfig, complete, stream
 from steer_core.sites import HookPoint
 from steer_core.steer import ablation, steering
-from steer_core.vector import SteeringVector
+from steer_core.vectors.vector import SteeringVector
 
 
 def _vec(scale: float = 3.0, layer: int = 1, seed: int = 0) -> SteeringVector:

@@ -1,0 +1,230 @@
+"""Human-readable text for the app: what a feature means, which features fire on a prompt, what an SAE is, how
+strong a vector is, and how faithful an exported adapter measured. Markdown in, nothing computed here."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from steer_core.adapter.card import by_format_table
+from steer_core.adapter.record import SteeringRecord
+from steer_core.sae.concept import ConceptMatch
+from steer_core.sae.feature import SAESource, same_model
+from steer_core.sae.labels import FeatureLabel, FeatureLabels, TokenFeatures, strongest_on
+from steer_core.vectors.vector import SteeringVector
+
+SEARCH_COLUMNS = ["feature", "score", "fires on", "promotes"]
+ACTIVE_COLUMNS = ["feature", "activation ÷ its max", "activation", "fired on", "promotes"]
+
+
+def _escape(text: str) -> str:
+    """Keep model text from turning into Markdown (a stray '*' or '#' in a context)."""
+    text = text.replace("\n", "⏎")
+    for ch in "\\`*_[]<>#|":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _tokens(tokens: tuple[str, ...], n: int) -> str:
+    return ", ".join(f"`{t.strip() or repr(t)}`" for t in tokens[:n])
+
+
+def feature_card(feature: int, label: FeatureLabel | None, *, d_sae: int, url: str | None = None) -> str:
+    """A feature's meaning: promoted tokens, top contexts with the firing token in bold, density, Neuronpedia link."""
+    if not 0 <= feature < d_sae:
+        return f"⚠️ Feature {feature} does not exist: this SAE has features 0..{d_sae - 1}."
+    link = f" · [Neuronpedia]({url})" if url else ""
+    if label is None:
+        return f"### Feature {feature}{link}\nNo label: it never fired on the labelling text."
+    named = f' · the word "{_escape(label.word)}"' if label.word else ""
+    lines = [f"### Feature {feature}{named}{link}"]
+    if label.contexts:
+        lines.append(f"fires on {label.density:.2%} of tokens · max activation {label.max_activation:.3g}")
+    elif label.word:
+        # a rare word's feature may never fire, yet its row stays on the word ("bird", #802: silent, steered 3 of 6)
+        lines.append(f'never fired on the labelling text; its decoder row is kept on "{_escape(label.word)}", so it '
+                     "can still steer toward it")  # fmt: skip
+    else:
+        lines.append("never fired on the labelling text (its promoted tokens still say what it writes)")
+    if label.promoted:
+        lines.append(f"\n**Promotes:** {_tokens(label.promoted, 10)}")
+    if label.contexts:
+        lines.append("\n**Top contexts** (firing token in bold):")
+        for c in label.contexts:
+            # Bold must hug the word: a token's leading space goes outside the asterisks.
+            word = c.token.lstrip()
+            lead = " " if len(word) < len(c.token) else ""
+            shown = f"{lead}**{_escape(word.rstrip())}**" if word.strip() else "**␣**"
+            lines.append(f"- …{_escape(c.left)}{shown}{_escape(c.right)}… `{c.activation:.3g}`")
+    return "\n".join(lines)
+
+
+def search_rows(results: list[tuple[FeatureLabel, float]]) -> list[list[Any]]:
+    return [
+        [label.feature, score, label.contexts[0].render("").strip() if label.contexts else "", _plain(label.promoted)]
+        for label, score in results
+    ]
+
+
+def concept_note(found: ConceptMatch, expected: str) -> str:
+    """Above the search results: whether the top hit is the concept itself, and what to expect of search."""
+    if found.carries:
+        head = f"The top hit, #{found.feature}, is a feature for {found.query!r}."
+    else:
+        head = f"⚠️ {found.message()}"
+    return f"{head}\n\n{expected}" if expected else head
+
+
+def _plain(tokens: tuple[str, ...], n: int = 6) -> str:
+    return " ".join(repr(t.strip() or t)[1:-1] for t in tokens[:n])
+
+
+def active_rows(active: list[TokenFeatures], labels: FeatureLabels | None, k: int = 15) -> list[list[Any]]:
+    """The features most active on the prompt, relative to their own maximum, with the token each fired on."""
+    rows = []
+    for hit in strongest_on(active, k, labels):
+        label = labels.labels.get(hit.feature) if labels else None
+        promoted = _plain(label.promoted) if label else ""
+        rows.append([hit.feature, hit.relative, hit.activation, repr(hit.token)[1:-1], promoted])
+    return rows
+
+
+def sae_summary(source: SAESource, model_id: str, *, url: str | None = None) -> str:
+    """What the SAE reads, and a visible warning when it was trained on another model than the loaded one."""
+    lines = [f"**{source.describe()}** · {source.d_sae} features · reads `{source.point.tl_name}`"]
+    if url:
+        lines[0] += f" · [Neuronpedia]({url.rsplit('/', 1)[0]})"
+    if source.model_name and not same_model(source.model_name, model_id):
+        lines.append(
+            f"\n⚠️ This SAE was trained on `{source.model_name}`, not on `{model_id}`. Steering with it is allowed; "
+            "its features may mean something slightly different here, and the export's fidelity report and model "
+            "card record how well it fits this model."
+        )
+    return "\n".join(lines)
+
+
+def strength_line(vector: SteeringVector, resid_norms: dict[str, float]) -> str:
+    """The vector's norm at each site, absolute and as a multiple of the median residual norm there."""
+    parts = []
+    for point, norm in vector.norms().items():
+        ref = resid_norms.get(point)
+        rel = f" = {norm / ref:.3g} × median residual norm" if ref else ""
+        parts.append(f"`{point}`: vector norm {norm:.4g}{rel}")
+    return " · ".join(parts)
+
+
+def mismatch_note(vector: SteeringVector) -> str:
+    prov = vector.provenance
+    if prov.get("source") != "sae" or prov.get("sae_model_matches", True):
+        return ""
+    fvu = prov.get("sae_fvu_on_this_model", float("nan"))
+    return (
+        f"\n\n⚠️ SAE trained on `{prov['sae'].get('model_name')}`; on this model it leaves {fvu:.1%} of the "
+        "activations' variance unexplained."
+    )
+
+
+def served_note(adapter: Any, model_id: str, vector: SteeringVector | None = None) -> str:
+    """What the served column shows: which adapter, how faithful its own report says it is, for which model, and
+    whether it was exported from the vector now selected (a user may have changed the selection since)."""
+    record = adapter.record
+    line = f"\n\n**Served adapter** `{adapter.source}`"
+    fid = (record and record.fidelity) or {}
+    if fid:
+        worst = fid.get("worst_format")
+        figures = fid.get("by_format", {}).get(worst, fid) if worst else fid
+        where = f" on {worst} text (its worst format)" if worst else ""
+        mode = record.mode if record else "?"
+        line += (
+            f" ({mode} mode): top-1 agreement with the hook {figures['top1_agreement']:.1%}{where}. "
+            "One early disagreement changes the rest of a greedy answer, so the served text can part from the "
+            "hook's after a few words even at high agreement."
+        )
+    if adapter.base_model and model_id and adapter.base_model != model_id:
+        line += f" ⚠️ Made for `{adapter.base_model}`, previewed on `{model_id}`."
+    saved = adapter.vector
+    if vector is not None and saved is not None and not vector.same_as(saved):
+        line += " ⚠️ It was exported from another vector than the one selected now: export again to compare."
+    return line
+
+
+def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) -> str:
+    """The export's verdict, in the words of the model card (report: a check.verify.FidelityReport), judged on
+    the worst input format: a user whose traffic is all in that format gets that fidelity."""
+    worst = report.by_format.get(report.worst_format) if report.worst_format else None
+    top1, ratio = (worst["top1_agreement"], worst["kl_ratio"]) if worst else (report.top1_agreement, report.kl_ratio)
+    verdict = "✅" if top1 >= 0.9 and ratio <= 0.1 else "⚠️"
+    per_format = by_format_table(report.to_dict()) + "\n\nAll formats together:\n\n" if worst else ""
+    return (
+        f"### {verdict} Verified on {report.tokens} held-out tokens (adapter vs hook steering)\n"
+        + per_format
+        + "| measure | value |\n|---|---|\n"
+        f"| top-1 next-token agreement | **{report.top1_agreement:.1%}** |\n"
+        f"| KL(hook ‖ adapter) | {report.kl_hook_adapter:.4g} nats/token |\n"
+        f"| KL(hook ‖ unsteered) | {report.kl_hook_base:.4g} nats/token |\n"
+        f"| KL ratio (0 = identical to hook, 1 = no steering) | {report.kl_ratio:.3g} |\n"
+        f"| greedy tokens before first divergence | {report.greedy_prefix_mean:.1f} / {report.greedy_tokens} |\n"
+        f"| steering effect kept (log-probability gain on the tokens the hook promotes) | {report.effect_kept:.0%} |\n"
+        f"| time | {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())} |\n"
+        + _dtype_row(report)
+        + "".join(f"\n> {n}\n" for n in notes)
+    )
+
+
+def _dtype_row(report: Any) -> str:
+    """Measured in bfloat16 (the app on a GPU): both the hook and the adapter run with bfloat16's rounding, so the
+    figures carry that noise too; a float32 run (the command line, a CPU) gives the adapter's own fidelity."""
+    dtype = getattr(report, "dtype", "float32")
+    if dtype == "float32":
+        return ""
+    return (
+        f"| measured in | **{dtype}** (the GPU's dtype): the hook and the adapter both round in it, so agreement "
+        "is a little below a float32 measurement (docs/space.md); `python -m steer_core verify` re-measures in "
+        "float32 |\n"
+    )
+
+
+def serve_line(record: SteeringRecord) -> str:
+    """Where the export will be served and how to load it (steer_core.adapter.targets)."""
+    files = "".join(f" + `{f}`" for f in record.target_files)
+    return f"\n\n**Serve it ({record.target})**: the adapter folder{files}. {record.serve}"
+
+
+def map_rows(result: Any) -> list[dict[str, Any]]:
+    """A servability map (steer_core.check.servability.ServabilityMap) as plot rows, in map order."""
+    unit = "" if result.unit == "abs" else "×"
+    several = len({c.site for c in result.cells}) > 1
+    return [
+        {
+            "cell": (f"L{c.layer}" + (f" {c.site}" if several else ""))
+            if result.varies == "layer"
+            else f"{c.strength:g}{unit}",
+            "predicted top-1 (%)": round(100 * c.top1, 1),
+            "servable": "yes" if c.servable else "no",
+        }
+        for c in result.cells
+    ]
+
+
+def map_markdown(result: Any) -> str:
+    rows = "\n".join(
+        f"| {c.layer} | {c.site} | {c.strength:g} | {c.top1:.1%} | {c.kl_ratio:.3g} | {'✅' if c.servable else '—'} |"
+        for c in result.cells
+    )
+    return (
+        f"{result.recommendation()}\n\n| layer | site | strength | predicted top-1 | KL ratio | servable |\n"
+        f"|---|---|---|---|---|---|\n{rows}\n\n*Each cell: a portable adapter calibrated on "
+        f"{result.calibration_tokens} tokens, measured against the hook on {result.eval_tokens} held-out tokens "
+        f"of every format ({result.seconds:.0f} s in all).*"
+    )
+
+
+def repo_name(record: SteeringRecord) -> str:
+    """A Hub repo name that says what the adapter steers, e.g. steer-smollm2-135m-instruct-f123-portable."""
+    model = (record.base_model or "model").rsplit("/", 1)[-1].lower()
+    prov = record.vector.provenance
+    if prov.get("source") == "sae":
+        what = "f" + "-".join(str(f["index"]) for f in prov.get("features", [])[:3])
+    else:
+        what = str(prov.get("source", "vector")).replace("_", "-")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"steer-{model}-{what}-{record.mode}")[:96].strip("-.")
