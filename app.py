@@ -298,7 +298,7 @@ def search_features(
     model_name: str, sae_pick: str, sae_folder: str, query: str, *, access: Access | None = None
 ) -> tuple[list[list[Any]], str, Any]:
     """The features found for the query; whether the top one is the concept itself (with what search achieves per
-    word frequency); and, when it is not, the offer of the model's own reading of the query instead."""
+    word frequency); and the offer of the model's own reading of the query instead."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     with user_errors("Search"):
         LIMITS.check_search(query or "")
@@ -312,7 +312,8 @@ def search_features(
     if not hits:
         gr.Warning(f"No feature matches {query!r}; try another word.")
     note = explain.concept_note(found, concept.expected_rates(lm.name))
-    offer = gr.Button(f"Steer with the model's reading of {query.strip()!r}", visible=not found.carries)
+    # offered whatever the top hit: the word's reading steered more of the benchmark's concepts in every band
+    offer = gr.Button(f"Steer with the model's reading of {query.strip()!r}", visible=True)
     return explain.search_rows(hits), note, offer
 
 

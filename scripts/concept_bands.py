@@ -210,7 +210,8 @@ def rates(rows: list[dict], key: str) -> dict[str, str]:
 
 
 def save_rates(rows: list[dict], model: str) -> None:
-    """What the app and the CLI show a user beside search: the rates per band, search's and what is offered."""
+    """What the app and the CLI show a user beside search: the rates per band of search's top hit, of the word's
+    reading, and of what the app offers first."""
     known = json.loads(RATES_FILE.read_text()) if RATES_FILE.is_file() else {}
     bands = [name for name, _lo, _hi in BANDS]
     known[model] = {
@@ -218,7 +219,7 @@ def save_rates(rows: list[dict], model: str) -> None:
         "bands": bands,
         **{
             key: {b: rates(rows, f"{key}_steered")[b].split()[1].strip("()") for b in bands}
-            for key in ("search", "offered")
+            for key in ("search", "fallback", "offered")
         },
     }
     RATES_FILE.write_text(json.dumps(known, indent=1) + "\n")

@@ -158,15 +158,20 @@ class SteeringRecord:
         )
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of an adapter folder, or an error that names it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+
+
 def read_record(folder: str | Path) -> SteeringRecord:
     """The steering.json of an adapter folder, or an error that says what is wrong with it."""
     path = Path(folder) / STEERING_JSON_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {STEERING_JSON_FILENAME}: not an adapter exported by steer_core")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    data = read_json(path)
     try:
         return SteeringRecord.from_dict(data)
     except (TypeError, ValueError) as err:

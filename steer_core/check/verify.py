@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from steer_core import corpus
 from steer_core.activations import forward_from, recording, recording_block_calls
 from steer_core.adapter.build import check_tensors
-from steer_core.adapter.record import SteeringRecord, read_record
+from steer_core.adapter.record import SteeringRecord, read_json, read_record
 from steer_core.constants import (
     ADAPTER_CONFIG_FILENAME,
     ADAPTER_WEIGHTS_FILENAME,
@@ -174,10 +173,7 @@ def read_adapter_files(folder: Path, base_model: str | None = None) -> tuple[dic
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: not a complete adapter folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from err
+    config = read_json(config_path)
     try:
         tensors = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error type for truncated or corrupt files

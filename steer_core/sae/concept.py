@@ -114,9 +114,11 @@ def expected_rates(model_name: str) -> str:
     rates = json.loads(RATES_FILE.read_text()).get(model_name) if RATES_FILE.is_file() else None
     if not rates:
         return ""
-    bands = ", ".join(f"{band} {rates['search'][band]} → {rates['offered'][band]}" for band in rates["bands"])
+    bands = "; ".join(
+        f"{band} words: the top hit {rates['search'][band]}, the word's reading {rates['fallback'][band]}"
+        for band in rates["bands"]
+    )
     return (
-        f"Measured on {rates['concepts']} everyday nouns drawn from WordNet (docs/concept-bands.md): concepts steered "
-        f"by search's top hit → by what is offered here (the top hit if it carries the concept, else the model's "
-        f"reading of the word), per word frequency: {bands}."
+        f"What to expect, measured on {rates['concepts']} everyday nouns drawn from WordNet (docs/concept-bands.md), "
+        f"the share of concepts steered at the default strength: {bands}."
     )

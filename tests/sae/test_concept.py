@@ -83,11 +83,12 @@ def test_the_concepts_reading_is_a_contrastive_vector_at_the_point(world) -> Non
 
 def test_the_measured_rates_per_band_are_shown_where_measured(tmp_path: Path, monkeypatch) -> None:
     rates = {"m": {"concepts": 120, "bands": ["frequent", "rare"], "search": {"frequent": "50%", "rare": "10%"},
-                   "offered": {"frequent": "90%", "rare": "70%"}}}  # fmt: skip
+                   "fallback": {"frequent": "90%", "rare": "70%"}, "offered": {}}}  # fmt: skip
     (tmp_path / "r.json").write_text(json.dumps(rates))
     monkeypatch.setattr(concept, "RATES_FILE", tmp_path / "r.json")
     line = concept.expected_rates("m")
-    assert "120 everyday nouns" in line and "frequent 50% → 90%" in line and "rare 10% → 70%" in line
+    assert "120 everyday nouns" in line and "frequent words: the top hit 50%, the word's reading 90%" in line
+    assert "rare words: the top hit 10%, the word's reading 70%" in line
     assert concept.expected_rates("other") == ""
     monkeypatch.setattr(concept, "RATES_FILE", tmp_path / "missing.json")
     assert concept.expected_rates("m") == ""
