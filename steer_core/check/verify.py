@@ -269,6 +269,43 @@ def heldout_batches(model: nn.Module, tokenizer: Any, tokens: int) -> Iterator[c
     )
 
 
+class _Totals:
+    """What verify adds up over the held-out batches: agreement and KL over every measured token, per format and
+    source, per position, the behaviour figure and the largest logit difference."""
+
+    def __init__(self) -> None:
+        self.n = self.agree = self.agree_base = 0
+        self.kl_ha = self.kl_hb = self.max_diff = 0.0
+        self.pos_sum = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
+        self.pos_n = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
+        self.by_format, self.by_source = _Tally(), _Tally()
+        self.effect = _Effect()
+
+    def add(self, batch: corpus.Batch, keep: Tensor, base: Tensor, hook: Tensor, adapt: Tensor) -> None:
+        """One batch's log-probabilities at its measured positions `keep`: unsteered, hook-steered, adapter."""
+        self.effect.add(base, hook, adapt)
+        hook_p = hook.exp()
+        kl_a = kl_per_token(hook, adapt, hook_p)
+        kl_b = kl_per_token(hook, base, hook_p)
+        top_h = hook.argmax(-1)
+        same_a, same_b = top_h == adapt.argmax(-1), top_h == base.argmax(-1)
+        self.agree += int(same_a.sum())
+        self.agree_base += int(same_b.sum())
+        rows = keep.nonzero()[:, 0].cpu()
+        for tally, tags in ((self.by_format, batch.formats), (self.by_source, batch.sources)):
+            for tag in dict.fromkeys(tags):  # in order of appearance: a set's order changes with the hash seed
+                sel = torch.isin(rows, torch.tensor([r for r, t in enumerate(tags) if t == tag])).to(kl_a.device)
+                tally.add(tag, same_a[sel], same_b[sel], kl_a[sel], kl_b[sel])
+        self.kl_ha += float(kl_a.sum())
+        self.kl_hb += float(kl_b.sum())
+        self.n += len(kl_a)
+        positions = keep.nonzero()[:, 1].cpu()
+        inside = positions < DEFAULT_MAX_DOC_TOKENS
+        self.pos_sum.index_add_(0, positions[inside], kl_a.double().cpu()[inside])
+        self.pos_n.index_add_(0, positions[inside], torch.ones(int(inside.sum()), dtype=torch.float64))
+        self.max_diff = max(self.max_diff, float((hook - adapt).abs().max()))
+
+
 def verify(
     model: nn.Module,
     tokenizer: Any,
@@ -287,105 +324,105 @@ def verify(
     vector = SteeringVector.load(folder / STEERING_VECTOR_FILENAME)
     _config, saved = read_adapter_files(folder, base_model)
     adapted = peft_model if peft_model is not None else _peft_of(model, folder, saved)
-    device = next(model.parameters()).device
-
-    n = agree = agree_base = 0
-    kl_ha = kl_hb = 0.0
-    max_diff = 0.0
-    pos_sum = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
-    pos_n = torch.zeros(DEFAULT_MAX_DOC_TOKENS, dtype=torch.float64)
+    totals = _Totals()
     fit_acc: dict[str, list[float]] = {}
-    by_format, by_source = _Tally(), _Tally()
-    effect = _Effect()
-    skip_bos = record.skip_bos
-    bos_id = getattr(model.config, "bos_token_id", None)
-    first = _first_changed_block(vector, record, saved) if isinstance(adapted, PeftModel) else None
     with torch.no_grad(), _fit_error(model, record, saved, fit_acc) as fit_state:
-        for batch in heldout_batches(model, tokenizer, tokens):
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            keep = batch.measured.to(device)  # generated positions: a chat's answers, all of a plain text
-            if not keep.any():
-                continue  # documents cut off before their answers
-            fit_state["mask"] = torch.zeros_like(keep)
-            fit_state["base_mask"] = mask.bool()  # the unsteered pass, for writers that read it
-            fit_state["steered"] = steered_positions(ids, skip_bos, bos_id)
-            if first is None:
-                base_logits = model(input_ids=ids, attention_mask=mask).logits
-            else:
-                with recording_block_calls(model, first) as calls:
-                    base_logits = model(input_ids=ids, attention_mask=mask).logits
-            # Only measured tokens from here on: vocabulary-wide work on padding was a tenth of verify's time.
-            base = F.log_softmax(base_logits[keep].float(), -1)
-            fit_state["mask"] = mask.bool()  # the fit: every real token, on the hook-steered pass only
-            fit_state["base_mask"] = torch.zeros_like(keep)
-            with reference(model, vector, record):
-                hook_logits = (
-                    model(input_ids=ids, attention_mask=mask).logits
-                    if first is None
-                    else forward_from(model, first, calls)
-                )
-            hook = F.log_softmax(hook_logits[keep].float(), -1)
-            fit_state["mask"] = torch.zeros_like(keep)
-            adapt_logits = (
-                adapted(input_ids=ids, attention_mask=mask).logits
-                if first is None
-                else forward_from(cast(PeftModel, adapted).get_base_model(), first, calls)
-            )
-            adapt = F.log_softmax(adapt_logits[keep].float(), -1)
-            effect.add(base, hook, adapt)
-            hook_p = hook.exp()
-            kl_a = kl_per_token(hook, adapt, hook_p)
-            kl_b = kl_per_token(hook, base, hook_p)
-            top_h = hook.argmax(-1)
-            same_a, same_b = top_h == adapt.argmax(-1), top_h == base.argmax(-1)
-            agree += int(same_a.sum())
-            agree_base += int(same_b.sum())
-            rows = keep.nonzero()[:, 0].cpu()
-            for tally, tags in ((by_format, batch.formats), (by_source, batch.sources)):
-                for tag in dict.fromkeys(tags):  # in order of appearance: a set's order changes with the hash seed
-                    sel = torch.isin(rows, torch.tensor([r for r, t in enumerate(tags) if t == tag])).to(kl_a.device)
-                    tally.add(tag, same_a[sel], same_b[sel], kl_a[sel], kl_b[sel])
-            kl_ha += float(kl_a.sum())
-            kl_hb += float(kl_b.sum())
-            n += len(kl_a)
-            positions = keep.nonzero()[:, 1].cpu()
-            inside = positions < DEFAULT_MAX_DOC_TOKENS
-            pos_sum.index_add_(0, positions[inside], kl_a.double().cpu()[inside])
-            pos_n.index_add_(0, positions[inside], torch.ones(int(inside.sum()), dtype=torch.float64))
-            max_diff = max(max_diff, float((hook - adapt).abs().max()))
-    if n == 0:
+        for batch, keep, passes in _three_passes(model, adapted, tokenizer, vector, record, saved, tokens, fit_state):
+            totals.add(batch, keep, *passes)
+    if totals.n == 0:
         raise ValueError(
             f"{tokens} held-out tokens held no answer tokens to measure; raise the verification tokens "
             "(--verify-tokens on export, --tokens on verify)"
         )
     greedy = _greedy_agreement(model, adapted, tokenizer, vector, record, greedy_prompts, greedy_tokens)
+    return _report(model, tokenizer, record, totals, fit_acc, greedy, greedy_prompts, greedy_tokens)
+
+
+def _three_passes(
+    model: nn.Module,
+    adapted: nn.Module,
+    tokenizer: Any,
+    vector: SteeringVector,
+    record: SteeringRecord,
+    saved: dict[str, Tensor],
+    tokens: int,
+    fit_state: dict[str, Tensor],
+) -> Iterator[tuple[corpus.Batch, Tensor, tuple[Tensor, Tensor, Tensor]]]:
+    """Each held-out batch, its measured positions, and the log-probabilities there unsteered, hook-steered and
+    through the adapter. Where the adapter changes nothing before block `first`, the steered passes replay the
+    unsteered one's inputs to that block instead of recomputing them. `fit_state` tells _fit_error which pass the
+    writers' inputs come from."""
+    device = next(model.parameters()).device
+    bos_id = getattr(model.config, "bos_token_id", None)
+    first = _first_changed_block(vector, record, saved) if isinstance(adapted, PeftModel) else None
+    for batch in heldout_batches(model, tokenizer, tokens):
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        keep = batch.measured.to(device)  # generated positions: a chat's answers, all of a plain text
+        if not keep.any():
+            continue  # documents cut off before their answers
+        fit_state["mask"] = torch.zeros_like(keep)
+        fit_state["base_mask"] = mask.bool()  # the unsteered pass, for writers that read it
+        fit_state["steered"] = steered_positions(ids, record.skip_bos, bos_id)
+        if first is None:
+            base_logits = model(input_ids=ids, attention_mask=mask).logits
+        else:
+            with recording_block_calls(model, first) as calls:
+                base_logits = model(input_ids=ids, attention_mask=mask).logits
+        # Only measured tokens from here on: vocabulary-wide work on padding was a tenth of verify's time.
+        base = F.log_softmax(base_logits[keep].float(), -1)
+        fit_state["mask"] = mask.bool()  # the fit: every real token, on the hook-steered pass only
+        fit_state["base_mask"] = torch.zeros_like(keep)
+        with reference(model, vector, record):
+            hook_logits = (
+                model(input_ids=ids, attention_mask=mask).logits if first is None else forward_from(model, first, calls)
+            )
+        hook = F.log_softmax(hook_logits[keep].float(), -1)
+        fit_state["mask"] = torch.zeros_like(keep)
+        adapt_logits = (
+            adapted(input_ids=ids, attention_mask=mask).logits
+            if first is None
+            else forward_from(cast(PeftModel, adapted).get_base_model(), first, calls)
+        )
+        yield batch, keep, (base, hook, F.log_softmax(adapt_logits[keep].float(), -1))
+
+
+def _report(
+    model: nn.Module,
+    tokenizer: Any,
+    record: SteeringRecord,
+    totals: _Totals,
+    fit_acc: dict[str, list[float]],
+    greedy: list[tuple[str, int]],
+    greedy_prompts: int,
+    greedy_tokens: int,
+) -> FidelityReport:
+    n = totals.n
     prefixes = [p for _fmt, p in greedy]
     prefix = sum(prefixes) / len(prefixes) if prefixes else float("nan")
     full = sum(p == greedy_tokens for p in prefixes) / len(prefixes) if prefixes else float("nan")
-    formats = by_format.figures()
+    formats = totals.by_format.figures()
     for fmt, figures in formats.items():
         mine = [p for f, p in greedy if f == fmt]
         figures["greedy_prefix_mean"] = sum(mine) / len(mine) if mine else float("nan")
         figures["greedy_prompts"] = len(mine)
-    kl_by_pos = (pos_sum / pos_n.clamp(min=1))[pos_n > 0].tolist()
-    kept, promoted = effect.kept()
+    kept, promoted = totals.effect.kept()
     return FidelityReport(
         mode=record.mode,
         tokens=n,
-        top1_agreement=agree / n,
-        kl_hook_adapter=kl_ha / n,
-        kl_hook_base=kl_hb / n,
-        kl_ratio=(kl_ha / kl_hb) if kl_hb > 0 else float("nan"),
-        top1_hook_vs_base=agree_base / n,
+        top1_agreement=totals.agree / n,
+        kl_hook_adapter=totals.kl_ha / n,
+        kl_hook_base=totals.kl_hb / n,
+        kl_ratio=(totals.kl_ha / totals.kl_hb) if totals.kl_hb > 0 else float("nan"),
+        top1_hook_vs_base=totals.agree_base / n,
         greedy_prefix_mean=prefix,
         greedy_full_match=full,
         greedy_tokens=greedy_tokens,
         greedy_prompts=greedy_prompts,
         fit_abs_error={k: v[0] / max(v[1], 1e-30) for k, v in fit_acc.items()},
-        kl_by_position=kl_by_pos,
-        max_abs_logit_diff=max_diff,
+        kl_by_position=(totals.pos_sum / totals.pos_n.clamp(min=1))[totals.pos_n > 0].tolist(),
+        max_abs_logit_diff=totals.max_diff,
         by_format=formats,
-        by_source=by_source.figures(),
+        by_source=totals.by_source.figures(),
         effect_kept=kept,
         promoted_tokens=[tokenizer.decode([int(t)]) for t in promoted[:10]],
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),

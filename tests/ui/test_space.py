@@ -27,12 +27,16 @@ SAE = f"{SAE_RELEASE} / {SAE_ID}"
 UNIT = "× residual norm"
 
 
+# Long enough that a preview (4-9 s on 2 shared cores, late in a full test run) ends well inside the first download
+SLOW_DOWNLOAD = 20.0
+
+
 @pytest.fixture(scope="module")
 def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Space, FakeHub]]:
     tmp = tmp_path_factory.mktemp("space")
     hub = spacesim.fake_hub(tmp)
     for i in range(4):
-        hub.add(f"someone/slow-{i}", spacesim.tiny_repo(tmp / f"slow-{i}", "someone", delay=10.0))
+        hub.add(f"someone/slow-{i}", spacesim.tiny_repo(tmp / f"slow-{i}", "someone", delay=SLOW_DOWNLOAD))
     with hub.serve(), spacesim.launch(hub, tmp) as running:
         yield running, hub
 
@@ -95,7 +99,7 @@ def test_an_anonymous_visitor_reads_with_no_token_and_is_bounded(space: tuple[Sp
 
 
 def test_slow_downloads_hold_up_no_other_visitors_preview(space: tuple[Space, FakeHub]) -> None:
-    """Four visitors' loads at once, each a 10 s download: in the previews' own lane (4 workers) they would hold
+    """Four visitors' loads at once, each a 20 s download: in the previews' own lane (4 workers) they would hold
     every worker, and the preview would wait for the first to end; in the load lane they queue behind one another."""
     running, _ = space
 
@@ -114,7 +118,7 @@ def test_slow_downloads_hold_up_no_other_visitors_preview(space: tuple[Space, Fa
     )  # fmt: skip
     took = time.perf_counter() - start
     assert base and steered and base != steered
-    # blocked, it would have ended only after the first download (10 s of it) and its load did
+    # blocked, it would have ended only after the first download (SLOW_DOWNLOAD of it) and its load did
     assert all(t.is_alive() for t in loads), f"the preview took {took:.0f} s: it waited on other visitors' downloads"
     for thread in loads:
         thread.join(120)
