@@ -29,7 +29,7 @@ from steer_core.constants import (
 )
 
 if TYPE_CHECKING:  # the model code loads only when a command runs, so --help stays fast
-    from steer_core.sites import Site
+    from steer_core.sites import HookPoint, Site
     from steer_core.vectors.recipe import VectorRecipe
 
 log = logging.getLogger("steer_core")
@@ -233,8 +233,9 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--vector needs --layer L")
     if args.contrastive is not None and args.layer is None:
         parser.error("--contrastive needs --layer L")
-    if args.concept is not None and args.layer is None:
-        args.layer = _embedded_sae_layer(parser, args.model)
+    if args.concept is not None and args.layer is None:  # where the embedded SAE reads, as the app does
+        point = _embedded_sae_point(parser, args.model)
+        args.layer, args.site = point.layer, args.site or point.site
     if (args.sae_release is None) != (args.sae_id is None):
         parser.error("--sae-release and --sae-id go together")
     if (args.sae_release or args.sae_path) and not args.feature:
@@ -253,13 +254,13 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return True
 
 
-def _embedded_sae_layer(parser: argparse.ArgumentParser, model: str) -> int:
+def _embedded_sae_point(parser: argparse.ArgumentParser, model: str) -> HookPoint:
     from steer_core.sae.feature import embedded_sae_for, load_sae_from_disk
 
     spec = embedded_sae_for(model)
     if spec is None:
         parser.error(f"--concept needs --layer L: {model} has no embedded SAE whose layer it would default to")
-    return load_sae_from_disk(spec.path).source.point.layer
+    return load_sae_from_disk(spec.path).source.point
 
 
 def strength_note(lm: Any, vector: Any) -> str:
@@ -489,7 +490,8 @@ def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         found = match(sae, lm.model, lm.tokenizer, args.query, hits)
         if not found.carries:
             print(f"{found.message()} That is: --concept {args.query!r}.")
-        print(expected_rates(lm.name))
+        if expected := expected_rates(lm.name):  # measured for the embedded SAEs only
+            print(expected)
     return 0
 
 

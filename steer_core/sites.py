@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 Site = Literal["resid_pre", "resid_post", "mlp_out", "attn_out"]
+Kind = Literal["attn", "mlp"]  # which of a block's two writers: its attention (o_proj) or its MLP (down_proj)
 
 
 @dataclass(frozen=True, order=True)
@@ -43,7 +44,7 @@ class HookPoint:
     def tl_name(self) -> str:
         return f"blocks.{self.layer}.hook_{self.site}"
 
-    def writer(self) -> tuple[int, Literal["attn", "mlp"]]:
+    def writer(self) -> tuple[int, Kind]:
         """The (block, writer kind) whose output is the last thing added before this site.
 
         A rank-1 adapter on that writer is the only single-module adapter whose addition reaches the site without
@@ -120,17 +121,17 @@ class Architecture:
     def post_norm(self) -> bool:
         return self.mlp_post_norm is not None
 
-    def writer_name(self, layer: int, kind: Literal["attn", "mlp"]) -> str:
+    def writer_name(self, layer: int, kind: Kind) -> str:
         return f"{self.layers_path}.{layer}.{self.attn_writer if kind == 'attn' else self.mlp_writer}"
 
-    def adds_to_residual_name(self, layer: int, kind: Literal["attn", "mlp"]) -> str:
+    def adds_to_residual_name(self, layer: int, kind: Kind) -> str:
         """The module whose output is added to the residual stream as it is (writer, or its post-norm)."""
         norm = self.attn_post_norm if kind == "attn" else self.mlp_post_norm
         if norm is None:
             return self.writer_name(layer, kind)
         return f"{self.layers_path}.{layer}.{norm}"
 
-    def post_norm_name(self, layer: int, kind: Literal["attn", "mlp"]) -> str | None:
+    def post_norm_name(self, layer: int, kind: Kind) -> str | None:
         norm = self.attn_post_norm if kind == "attn" else self.mlp_post_norm
         return None if norm is None else f"{self.layers_path}.{layer}.{norm}"
 

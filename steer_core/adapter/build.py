@@ -20,11 +20,10 @@ from torch import Tensor, nn
 from steer_core.constants import ADAPTER_WEIGHTS_FILENAME, STEERING_VECTOR_FILENAME
 from steer_core.fit.calibrate import Calibration
 from steer_core.fit.postnorm import norm_gain
-from steer_core.sites import Architecture, architecture_for, num_layers, weight_of
+from steer_core.sites import Architecture, Kind, architecture_for, num_layers, weight_of
 from steer_core.vectors.vector import SteeringVector
 
 Mode = Literal["portable", "exact", "ablate"]
-Kind = Literal["attn", "mlp"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def build_portable(model: nn.Module, calibration: Calibration, base_model: str) 
     layers: set[int] = set()
     for fit in calibration.fits:
         layer, kind = fit.writer
-        kinds.add(kind)  # type: ignore[arg-type]  # WriterFit.writer's kind is a Kind
+        kinds.add(kind)
         layers.add(layer)
         tensors[_key(fit.module, "lora_A.weight")] = fit.A.float().reshape(1, -1).contiguous()
         tensors[_key(fit.module, "lora_B.weight")] = fit.B.float().reshape(-1, 1).contiguous()

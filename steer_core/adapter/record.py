@@ -11,9 +11,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer_core.constants import STEERING_JSON_FILENAME
+
+if TYPE_CHECKING:  # steering.json is read without loading torch
+    from steer_core.sites import Kind
 
 
 def _known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -29,7 +32,7 @@ class FitRecord:
     module: str
     point: str
     writer_layer: int
-    writer_kind: str
+    writer_kind: Kind
     target: str = "one"
     ridge: float = 0.0
     tokens: int = 0

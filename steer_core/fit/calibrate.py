@@ -29,7 +29,7 @@ from steer_core.fit.position0 import FIRST_WEIGHTS, InputFit, fit_at_weights
 from steer_core.fit.ridge import gather
 from steer_core.fit.selection import SELECT_TOKENS, select, unseen_kl
 from steer_core.fit.shares import SHARE_SAMPLE_TOKENS, SHARE_STEPS, Writer, writer_bs, writers
-from steer_core.sites import HookPoint, architecture_for
+from steer_core.sites import HookPoint, Kind, architecture_for
 from steer_core.vectors.vector import SteeringVector
 
 Progress = Callable[[float, str], None]
@@ -44,7 +44,7 @@ class WriterFit:
 
     point: HookPoint
     module: str
-    writer: tuple[int, str]  # (layer, "attn" | "mlp") of `module`
+    writer: tuple[int, Kind]  # (layer, which of its writers) of `module`
     A: Tensor  # Float[Tensor, "d_in"]
     B: Tensor  # Float[Tensor, "d_out"]
     target: str  # "one" (pre-norm) or "rms(Wx)" (post-norm)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from steer_core.sites import Architecture, weight_of
+from steer_core.sites import Architecture, Kind, weight_of
 
 
 def gain(norm: nn.Module) -> Tensor:
@@ -17,15 +17,15 @@ def gain(norm: nn.Module) -> Tensor:
     return 1.0 + weight_of(norm).detach().float()
 
 
-def norm_gain(model: nn.Module, arch: Architecture, layer: int, kind: str) -> Tensor:
+def norm_gain(model: nn.Module, arch: Architecture, layer: int, kind: Kind) -> Tensor:
     """The gain of the post-norm after a writer."""
-    name = arch.post_norm_name(layer, kind)  # type: ignore[arg-type]
+    name = arch.post_norm_name(layer, kind)
     assert name is not None
     return gain(model.get_submodule(name))
 
 
-def norm_eps(model: nn.Module, arch: Architecture, layer: int, kind: str) -> float:
-    name = arch.post_norm_name(layer, kind)  # type: ignore[arg-type]
+def norm_eps(model: nn.Module, arch: Architecture, layer: int, kind: Kind) -> float:
+    name = arch.post_norm_name(layer, kind)
     assert name is not None
     module = model.get_submodule(name)
     return float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from steer_core import corpus
 from steer_core.activations import forward_until, recording
 from steer_core.fit.postnorm import norm_eps, rms_target
-from steer_core.sites import architecture_for, weight_of
+from steer_core.sites import Kind, architecture_for, weight_of
 from steer_core.steer import steering
 from steer_core.vectors.vector import SteeringVector
 
@@ -61,7 +61,7 @@ class Stats:
         return out
 
 
-def writer_target(model: nn.Module, module: str, layer: int, kind: str, xs: Tensor, steered: Tensor) -> Tensor:
+def writer_target(model: nn.Module, module: str, layer: int, kind: Kind, xs: Tensor, steered: Tensor) -> Tensor:
     """What A·x should be for each token of the writer input `xs`: 1 on pre-norm models, rms(Wx) on post-norm
     ones, times `steered` (0 where the hook leaves the leading BOS alone, so the adapter should add nothing)."""
     arch = architecture_for(model)
@@ -144,7 +144,7 @@ def gather(
     model: nn.Module,
     tokenizer: Any,
     vector: SteeringVector,
-    writers: dict[str, tuple[int, str]],
+    writers: dict[str, tuple[int, Kind]],
     *,
     sample: list[str],
     sample_tokens: int,

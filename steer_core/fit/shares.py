@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from steer_core.fit.postnorm import gain, norm_eps, norm_gain, rms_target
-from steer_core.sites import Architecture, HookPoint, architecture_for, num_layers, weight_of
+from steer_core.sites import Architecture, HookPoint, Kind, architecture_for, num_layers, weight_of
 from steer_core.vectors.vector import SteeringVector
 
 # Post-norm writers' shares of v are fitted on this many sampled tokens per writer, with at most this many L-BFGS
@@ -31,7 +31,7 @@ class Writer:
 
     point: HookPoint
     layer: int
-    kind: str  # "attn" | "mlp"
+    kind: Kind
     share: Tensor  # Float[Tensor, "d_model"] on the CPU: what it should add to the residual stream (after its norm)
     shared: bool  # the site's vector is split between the layer's two writers
 
