@@ -30,6 +30,7 @@ from steer_core.sae import concept, search
 from steer_core.sae.feature import embedded_sae_for, is_embedded_sae
 from steer_core.sae.labels import active_features
 from steer_core.ui import catalog, explain
+from steer_core.ui.form import CONTRASTIVE, DEFAULT_UNIT, FIELDS, SAE_FEATURES, SOURCES, SteeringForm
 from steer_core.ui.limits import SERVER_LIMITS as LIMITS
 from steer_core.ui.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
 from steer_core.ui.workspace import Workspace, is_work_folder, prune_work_folders
@@ -45,7 +46,6 @@ except ImportError:
         return fn if fn is not None else (lambda f: f)
 
 
-SOURCES = ["SAE features", "Contrastive prompts", "Vector file"]
 EXAMPLE_POSITIVE = "I love this, it is wonderful and makes me so happy!\nWhat a beautiful, joyful day."
 EXAMPLE_NEGATIVE = "I hate this, it is awful and makes me so sad.\nWhat a miserable, gloomy day."
 EXAMPLE_PROMPT = "Describe something you like."  # the default dog feature shows in its answer (README example)
@@ -163,49 +163,16 @@ def _choice(model_name: str, sae_pick: str, sae_folder: str) -> catalog.SAEChoic
         return choice
 
 
-def _recipe(
-    model_name: str,
-    source: str,
-    sae_pick: str,
-    sae_folder: str,
-    mix: str,
-    strength: float,
-    unit: str,
-    pos: str,
-    neg: str,
-    layer: float,
-    site: str,
-    vec_file: str | None,
-    tokenizer: Any = None,
-) -> VectorRecipe:
+def _form(values: tuple[Any, ...]) -> SteeringForm:
+    """The steering form's values, as Gradio passes them (in FIELDS order)."""
+    with user_errors("Bad steering settings"):
+        return SteeringForm(*values)
+
+
+def _recipe(model_name: str, form: SteeringForm, tokenizer: Any = None) -> VectorRecipe:
     """The form's steering settings as a recipe, within this server's limits (steer_core.ui.limits)."""
     with user_errors("Bad steering settings"):
-        if source == "SAE features":
-            choice = _choice(model_name, sae_pick, sae_folder)
-            features = FeatureMix.parse(mix or "", strength)
-            LIMITS.check_features(len(features.items))
-            return features.recipe(choice, unit)
-        value = check_strength(strength, unit_of(unit))
-        if source == "Contrastive prompts":
-            positive = tuple(p for p in (pos or "").splitlines() if p.strip())
-            negative = tuple(n for n in (neg or "").splitlines() if n.strip())
-            if tokenizer is not None:
-                LIMITS.check_prompts(tokenizer, positive, negative)
-            return VectorRecipe(
-                "contrastive",
-                (value,),
-                unit_of(unit),
-                layer=int(layer),
-                site=site,  # type: ignore[arg-type]
-                positive=positive,
-                negative=negative,
-            )
-        if not vec_file:
-            raise ValueError("upload a vector file (.safetensors, .pt, .npy or a llama.cpp control vector .gguf)")
-        LIMITS.check_upload(Path(vec_file).stat().st_size, "the vector file")
-        if vec_file.lower().endswith(".gguf"):  # a llama.cpp / repeng control vector: layers inside
-            return VectorRecipe("control_vector", (value,), "abs", path=vec_file)
-        return VectorRecipe("file", (value,), unit_of(unit), path=vec_file, layer=int(layer), site=site)  # type: ignore[arg-type]
+        return form.recipe(lambda: _choice(model_name, form.sae_pick or "", form.sae_folder or ""), LIMITS, tokenizer)
 
 
 def _vector(lm: LoadedModel, recipe: VectorRecipe, access: Access | None = None, *, load: bool = False):
@@ -218,7 +185,7 @@ def _steering(
 ) -> tuple[LoadedModel, Any]:
     """The model and the steering vector the form asks for (the model must be loaded; see get_model)."""
     lm = get_model(model_name, access)
-    return lm, _vector(lm, _recipe(model_name, *vector_args, tokenizer=lm.tokenizer), access, load=load)
+    return lm, _vector(lm, _recipe(model_name, _form(vector_args), lm.tokenizer), access, load=load)
 
 
 # ---- 1 · model ---------------------------------------------------------------------------------------------------
@@ -237,7 +204,7 @@ def on_model(model_name: str, progress=gr.Progress(), *, access: Access | None =
     choices = catalog.sae_choices(lm.name)
     spec = embedded_sae_for(lm.name)
     first = choices[0] if choices else None
-    mix, strength, unit = "", 1.0, "× residual norm"
+    mix, strength, unit = "", 1.0, DEFAULT_UNIT
     if spec is not None:
         mix, strength = FeatureMix(((spec.default_feature, spec.default_strength),)).format(), spec.default_strength
     if first is not None and first.path and not first.available_offline:
@@ -252,7 +219,7 @@ def on_model(model_name: str, progress=gr.Progress(), *, access: Access | None =
         mix,
         gr.Slider(value=strength),
         unit,
-        "SAE features" if first is not None else "Contrastive prompts",
+        SAE_FEATURES if first is not None else CONTRASTIVE,
         gr.Slider(value=default_steps(lm.model)),  # refinement pays on post-norm models (steer_core.fit.refine)
     )
 
@@ -330,13 +297,13 @@ def use_concept(
         point = workspace.sae(choice, lm, access, load=INLINE_LOADS).source.point
         recipe = concept.concept_recipe(query, point, CONCEPT_STRENGTH)
     return (
-        gr.Radio(value="Contrastive prompts"),
+        gr.Radio(value=CONTRASTIVE),
         "\n".join(recipe.positive),
         "\n".join(recipe.negative),
         point.layer,
         point.site,
         CONCEPT_STRENGTH,
-        "× residual norm",
+        DEFAULT_UNIT,
     )
 
 
@@ -368,7 +335,7 @@ def add_feature(mix: str, feature: float | None, strength: float, unit: str) -> 
 
 
 def show_source(source: str) -> tuple[Any, Any, Any]:
-    sae = source == "SAE features"
+    sae = source == SAE_FEATURES
     return gr.Group(visible=sae), gr.Row(visible=sae), gr.Group(visible=not sae)
 
 
@@ -511,7 +478,7 @@ def run_map(
     from steer_core.check.servability import servability_map
 
     lm = get_model(model_name, access)
-    recipe = _recipe(model_name, *vector_args, tokenizer=lm.tokenizer)
+    recipe = _recipe(model_name, _form(vector_args), lm.tokenizer)
     with user_errors("Servability map"):
         result = servability_map(
             lm,
@@ -540,10 +507,10 @@ def run_compare(model_name: str, *vector_args: Any, access: Access | None = None
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     from steer_core.sae.feature import top_features_by_cosine
 
-    _source, sae_pick, sae_folder, *_ = vector_args
-    if not (sae_pick or sae_folder or "").strip():
+    form = _form(vector_args)
+    if not form.sae_chosen:
         raise gr.Error("Choose an SAE in step 2 to compare the vector with its features.")
-    choice = _choice(model_name, sae_pick, sae_folder)
+    choice = _choice(model_name, form.sae_pick or "", form.sae_folder or "")
     lm, vector = _steering(model_name, vector_args, access, load=True)
     with user_errors("Compare"):
         sae = workspace.sae(choice, lm, access)
@@ -601,249 +568,299 @@ def run_push(
 
 # ---- layout ------------------------------------------------------------------------------------------------------
 
-_default_choices = catalog.sae_choices(DEFAULT_MODEL)
-_default_spec = embedded_sae_for(DEFAULT_MODEL)
 
-# delete_cache: Gradio's own copies of the files it served (the downloaded zips, uploaded vectors) go after an hour too.
-with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as demo:
-    gr.Markdown(
-        "# 🧭 Steering → servable LoRA\n"
-        "Pick a model and an SAE feature, compare steered and unsteered answers, then export the steering as a "
-        "**verified rank-1 LoRA** that vLLM, PEFT and LoRA-upload services can serve.",
-        elem_id="title",
-    )
-    gr.Markdown("## 1 · Model", elem_classes="step-head")
-    with gr.Row(equal_height=True):
-        model_name = gr.Dropdown(
-            catalog.model_choices(BUDGET, gated_readable=not ON_SPACE or bool(OWNER_TOKEN)),
-            value=DEFAULT_MODEL,
-            allow_custom_value=True,
-            scale=4,
-            label="Model",
-            info="embedded models run offline; or type a Hub id"
-            + ("" if ON_SPACE else " or a local model folder")
-            + f" · this server: {BUDGET.describe()}",
+def build_demo() -> gr.Blocks:
+    """The page and its events. Built on first use of `demo` (or by main), not on import: a test or script that
+    imports this module for its handlers pays for no layout."""
+    _default_choices = catalog.sae_choices(DEFAULT_MODEL)
+    _default_spec = embedded_sae_for(DEFAULT_MODEL)
+    # delete_cache: Gradio's own copies of the files it served (the downloaded zips, uploaded vectors) go after an
+    # hour too.
+    with gr.Blocks(title="Steering → servable LoRA", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# 🧭 Steering → servable LoRA\n"
+            "Pick a model and an SAE feature, compare steered and unsteered answers, then export the steering as a "
+            "**verified rank-1 LoRA** that vLLM, PEFT and LoRA-upload services can serve.",
+            elem_id="title",
         )
-        load_btn = gr.Button("Load model", scale=1)
-    model_status = gr.Markdown()
-
-    gr.Markdown("## 2 · Steering vector", elem_classes="step-head")
-    source = gr.Radio(SOURCES, value="SAE features", label="Steer with", container=False)
-    with gr.Group(visible=True) as sae_box:
-        with gr.Row():
-            sae_pick = gr.Dropdown(
-                [c.label for c in _default_choices],
-                value=_default_choices[0].label if _default_choices else None,
+        gr.Markdown("## 1 · Model", elem_classes="step-head")
+        with gr.Row(equal_height=True):
+            model_name = gr.Dropdown(
+                catalog.model_choices(BUDGET, gated_readable=not ON_SPACE or bool(OWNER_TOKEN)),
+                value=DEFAULT_MODEL,
                 allow_custom_value=True,
-                scale=3,
-                label="SAE (release / layer)",
-                info="the embedded SAE works offline; registry SAEs download from the Hub",
+                scale=4,
+                label="Model",
+                info="embedded models run offline; or type a Hub id"
+                + ("" if ON_SPACE else " or a local model folder")
+                + f" · this server: {BUDGET.describe()}",
             )
-            sae_folder = gr.Textbox(
-                label="or an SAE folder (SAE Lens format)", scale=2, placeholder="/path/to/sae", visible=not ON_SPACE
-            )
-        sae_info = gr.Markdown(padding=True)
-    with gr.Row(visible=True) as feature_box:
-        with gr.Column(scale=2):
-            with gr.Tab("By index"):
-                feature = gr.Number(
-                    _default_spec.default_feature if _default_spec else 0, precision=0, minimum=0, label="Feature"
-                )
-                show_btn = gr.Button("Show feature")
-            with gr.Tab("Search by meaning"):
-                query = gr.Textbox(label="Words", placeholder="e.g. dog, rain, king")
-                search_btn = gr.Button("Search")
-                concept_md = gr.Markdown(elem_id="concept-note")
-                concept_btn = gr.Button(visible=False, elem_id="use-concept", size="sm")
-                search_df = gr.Dataframe(
-                    elem_id="search-results",
-                    headers=explain.SEARCH_COLUMNS,
-                    interactive=False,
-                    max_height=260,
-                    label="click a row to pick it",
-                )
-            with gr.Tab("Active on my prompt"):
-                active_btn = gr.Button("Which features fire on the preview prompt?")
-                active_df = gr.Dataframe(
-                    headers=explain.ACTIVE_COLUMNS, interactive=False, max_height=260, label="click a row to pick it"
-                )
-        with gr.Column(scale=3):
-            card_md = gr.Markdown("Pick a feature to see what it means.", elem_id="feature-card", padding=True)
-    with gr.Row(equal_height=True):
-        strength = gr.Slider(
-            *SLIDER_RANGE["resid"][:2],
-            value=_default_spec.default_strength if _default_spec else 1.0,
-            step=SLIDER_RANGE["resid"][2],
-            label="Strength",
-            scale=3,
-        )
-        unit = gr.Radio(list(UNITS), value="× residual norm", label="Strength unit", scale=2)
-        add_btn = gr.Button("Add feature ➕", scale=1)
-    mix = gr.Textbox(
-        FeatureMix(((_default_spec.default_feature, _default_spec.default_strength),)).format()
-        if _default_spec
-        else "",
-        label="Features to steer with (feature:strength, comma-separated; each has its own strength)",
-    )
-    with gr.Group(visible=False) as other_box:
-        with gr.Row():
-            pos = gr.Textbox(EXAMPLE_POSITIVE, lines=3, label="Positive prompts (one per line)")
-            neg = gr.Textbox(EXAMPLE_NEGATIVE, lines=3, label="Negative prompts (one per line)")
-        with gr.Row():
-            layer = gr.Slider(0, 40, value=10, step=1, label="Layer (contrastive / file)")
-            site = gr.Dropdown(["resid_post", "resid_pre", "mlp_out", "attn_out"], value="resid_post", label="Site")
-            vec_file = gr.File(
-                label="Vector file (.safetensors / .pt / .npy, or a llama.cpp control vector .gguf)", type="filepath"
-            )
-    vector_inputs = [source, sae_pick, sae_folder, mix, strength, unit, pos, neg, layer, site, vec_file]
-    sae_inputs = [model_name, sae_pick, sae_folder]
+            load_btn = gr.Button("Load model", scale=1)
+        model_status = gr.Markdown()
 
-    with gr.Tab("3 · Preview"):
-        prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt (the chat template is applied for instruct models)")
-        with gr.Row():
-            max_new = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
-            temperature = gr.Slider(0, 2, value=0, step=0.1, label="Temperature (0 = greedy)")
-            seed = gr.Number(0, label="Seed", precision=0)
-        served = gr.Textbox(
-            label="Served adapter: an adapter folder or Hub repo (an export fills it in)",
-            placeholder="empty: preview the hook only; after an export: also what an endpoint serves",
-            elem_id="served-src",
-        )
-        go = gr.Button("Generate", variant="primary")
-        with gr.Row():
-            out_base = gr.Textbox(label="Unsteered", lines=7, elem_id="out-base")
-            out_steer = gr.Textbox(label="Steered (hook: what the steering means)", lines=7, elem_id="out-steered")
-            out_served = gr.Textbox(
-                label="Served adapter (what a LoRA endpoint generates)", lines=7, elem_id="out-served"
-            )
-        steer_info = gr.Markdown(elem_id="steer-info")
-
-    with gr.Tab("4 · Export"):
-        with gr.Row():
-            mode = gr.Radio(
-                list(MODE_WHERE),
-                value="portable",
-                label="Mode",
-                info=" · ".join(f"**{k}**: {v}" for k, v in MODE_WHERE.items()),
-                scale=3,
-            )
-            tokens = gr.Slider(
-                1024, 65536, value=16384, step=1024, label="Calibration tokens", scale=2, elem_id="calibration"
-            )
-            refine_steps = gr.Slider(
-                0,
-                300,
-                value=0,
-                step=10,
-                scale=2,
-                label="Refinement steps (portable; 2-4 s each on a CPU, more faithful)",
-                info="On a GPU 300 (512 tokens a step); on a CPU 60 on post-norm models (Gemma 2/3), 0 elsewhere",
-            )
-        with gr.Accordion("Before exporting: which layers or strengths serve faithfully? (~20 s a cell)", open=False):
+        gr.Markdown("## 2 · Steering vector", elem_classes="step-head")
+        source = gr.Radio(SOURCES, value=SAE_FEATURES, label="Steer with", container=False)
+        with gr.Group(visible=True) as sae_box:
             with gr.Row():
-                map_btn = gr.Button("Map the predicted fidelity", scale=2)
-                map_sites = gr.CheckboxGroup(
-                    ["attn_out", "resid_post"],
-                    value=[],
-                    label="Also map at these sites (file and contrastive vectors; doubles the time)",
-                    info="attn_out: added between attention and MLP, served exactly by o_proj, whose input is nearly "
-                    "constant (docs/fidelity.md)",
+                sae_pick = gr.Dropdown(
+                    [c.label for c in _default_choices],
+                    value=_default_choices[0].label if _default_choices else None,
+                    allow_custom_value=True,
+                    scale=3,
+                    label="SAE (release / layer)",
+                    info="the embedded SAE works offline; registry SAEs download from the Hub",
+                )
+                sae_folder = gr.Textbox(
+                    label="or an SAE folder (SAE Lens format)",
+                    scale=2,
+                    placeholder="/path/to/sae",
+                    visible=not ON_SPACE,
+                )
+            sae_info = gr.Markdown(padding=True)
+        with gr.Row(visible=True) as feature_box:
+            with gr.Column(scale=2):
+                with gr.Tab("By index"):
+                    feature = gr.Number(
+                        _default_spec.default_feature if _default_spec else 0, precision=0, minimum=0, label="Feature"
+                    )
+                    show_btn = gr.Button("Show feature")
+                with gr.Tab("Search by meaning"):
+                    query = gr.Textbox(label="Words", placeholder="e.g. dog, rain, king")
+                    search_btn = gr.Button("Search")
+                    concept_md = gr.Markdown(elem_id="concept-note")
+                    concept_btn = gr.Button(visible=False, elem_id="use-concept", size="sm")
+                    search_df = gr.Dataframe(
+                        elem_id="search-results",
+                        headers=explain.SEARCH_COLUMNS,
+                        interactive=False,
+                        max_height=260,
+                        label="click a row to pick it",
+                    )
+                with gr.Tab("Active on my prompt"):
+                    active_btn = gr.Button("Which features fire on the preview prompt?")
+                    active_df = gr.Dataframe(
+                        headers=explain.ACTIVE_COLUMNS,
+                        interactive=False,
+                        max_height=260,
+                        label="click a row to pick it",
+                    )
+            with gr.Column(scale=3):
+                card_md = gr.Markdown("Pick a feature to see what it means.", elem_id="feature-card", padding=True)
+        with gr.Row(equal_height=True):
+            strength = gr.Slider(
+                *SLIDER_RANGE["resid"][:2],
+                value=_default_spec.default_strength if _default_spec else 1.0,
+                step=SLIDER_RANGE["resid"][2],
+                label="Strength",
+                scale=3,
+            )
+            unit = gr.Radio(list(UNITS), value=DEFAULT_UNIT, label="Strength unit", scale=2)
+            add_btn = gr.Button("Add feature ➕", scale=1)
+        mix = gr.Textbox(
+            FeatureMix(((_default_spec.default_feature, _default_spec.default_strength),)).format()
+            if _default_spec
+            else "",
+            label="Features to steer with (feature:strength, comma-separated; each has its own strength)",
+        )
+        with gr.Group(visible=False) as other_box:
+            with gr.Row():
+                pos = gr.Textbox(EXAMPLE_POSITIVE, lines=3, label="Positive prompts (one per line)")
+                neg = gr.Textbox(EXAMPLE_NEGATIVE, lines=3, label="Negative prompts (one per line)")
+            with gr.Row():
+                layer = gr.Slider(0, 40, value=10, step=1, label="Layer (contrastive / file)")
+                site = gr.Dropdown(["resid_post", "resid_pre", "mlp_out", "attn_out"], value="resid_post", label="Site")
+                vec_file = gr.File(
+                    label="Vector file (.safetensors / .pt / .npy, or a llama.cpp control vector .gguf)",
+                    type="filepath",
+                )
+        form = {
+            "source": source, "sae_pick": sae_pick, "sae_folder": sae_folder, "mix": mix, "strength": strength,
+            "unit": unit, "positive": pos, "negative": neg, "layer": layer, "site": site, "vector_file": vec_file,
+        }  # fmt: skip
+        vector_inputs = [form[name] for name in FIELDS]  # the order SteeringForm takes them
+        sae_inputs = [model_name, sae_pick, sae_folder]
+
+        with gr.Tab("3 · Preview"):
+            prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt (the chat template is applied for instruct models)")
+            with gr.Row():
+                max_new = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
+                temperature = gr.Slider(0, 2, value=0, step=0.1, label="Temperature (0 = greedy)")
+                seed = gr.Number(0, label="Seed", precision=0)
+            served = gr.Textbox(
+                label="Served adapter: an adapter folder or Hub repo (an export fills it in)",
+                placeholder="empty: preview the hook only; after an export: also what an endpoint serves",
+                elem_id="served-src",
+            )
+            go = gr.Button("Generate", variant="primary")
+            with gr.Row():
+                out_base = gr.Textbox(label="Unsteered", lines=7, elem_id="out-base")
+                out_steer = gr.Textbox(label="Steered (hook: what the steering means)", lines=7, elem_id="out-steered")
+                out_served = gr.Textbox(
+                    label="Served adapter (what a LoRA endpoint generates)", lines=7, elem_id="out-served"
+                )
+            steer_info = gr.Markdown(elem_id="steer-info")
+
+        with gr.Tab("4 · Export"):
+            with gr.Row():
+                mode = gr.Radio(
+                    list(MODE_WHERE),
+                    value="portable",
+                    label="Mode",
+                    info=" · ".join(f"**{k}**: {v}" for k, v in MODE_WHERE.items()),
                     scale=3,
                 )
-            with gr.Row():
-                map_md = gr.Markdown()
-                map_plot = gr.BarPlot(
-                    x="cell", y="predicted top-1 (%)", color="servable", y_lim=[0, 100], height=220, label="Servability"
+                tokens = gr.Slider(
+                    1024, 65536, value=16384, step=1024, label="Calibration tokens", scale=2, elem_id="calibration"
                 )
-        target = gr.Radio(
-            list(TARGET_NAMES),
-            value="peft",
-            label="Where will you serve it?",
-            info="peft: PEFT, vLLM, SGLang, LoRAX, Together · fireworks: rank padded to 4 · llama.cpp: + GGUF LoRA and "
-            "control vector · ollama: + GGUF LoRA and Modelfile",
+                refine_steps = gr.Slider(
+                    0,
+                    300,
+                    value=0,
+                    step=10,
+                    scale=2,
+                    label="Refinement steps (portable; 2-4 s each on a CPU, more faithful)",
+                    info="On a GPU 300 (512 tokens a step); on a CPU 60 on post-norm models (Gemma 2/3), 0 elsewhere",
+                )
+            with gr.Accordion(
+                "Before exporting: which layers or strengths serve faithfully? (~20 s a cell)", open=False
+            ):
+                with gr.Row():
+                    map_btn = gr.Button("Map the predicted fidelity", scale=2)
+                    map_sites = gr.CheckboxGroup(
+                        ["attn_out", "resid_post"],
+                        value=[],
+                        label="Also map at these sites (file and contrastive vectors; doubles the time)",
+                        info="attn_out: added between attention and MLP, served exactly by o_proj, whose input is "
+                        "nearly constant (docs/fidelity.md)",
+                        scale=3,
+                    )
+                with gr.Row():
+                    map_md = gr.Markdown()
+                    map_plot = gr.BarPlot(
+                        x="cell",
+                        y="predicted top-1 (%)",
+                        color="servable",
+                        y_lim=[0, 100],
+                        height=220,
+                        label="Servability",
+                    )
+            target = gr.Radio(
+                list(TARGET_NAMES),
+                value="peft",
+                label="Where will you serve it?",
+                info="peft: PEFT, vLLM, SGLang, LoRAX, Together · fireworks: rank padded to 4 · llama.cpp: + GGUF LoRA "
+                "and control vector · ollama: + GGUF LoRA and Modelfile",
+            )
+            export_btn = gr.Button("Calibrate → build → verify", variant="primary")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    report = gr.Markdown()
+                with gr.Column(scale=2):
+                    plot = gr.LinePlot(
+                        x="position",
+                        y="KL(hook‖adapter)",
+                        height=220,
+                        label="KL(hook ‖ adapter) along the held-out text",
+                    )
+            download = gr.DownloadButton("Download adapter (zip)", visible=False, variant="primary", elem_id="download")
+            with gr.Accordion("Model card (README.md of the adapter)", open=False):
+                card = gr.Markdown()
+            folder = gr.State("")
+            with gr.Accordion("More: llama.cpp control vector, nearest SAE features", open=False):
+                with gr.Row():
+                    cv_btn = gr.Button("Same vector as a llama.cpp control vector (GGUF, exact, no calibration)")
+                    cv_file = gr.File(label="control_vector.gguf")
+                compare_btn = gr.Button("Nearest features of the SAE folder (step 2) to this vector, by cosine")
+                compared = gr.Markdown()
+
+        with gr.Tab("5 · Push to the Hub"):
+            if os.environ.get("SPACE_ID"):  # OAuth exists on Spaces only; locally use a token or HF_TOKEN
+                gr.LoginButton()
+            with gr.Row():
+                repo_id = gr.Textbox(label="Repo (NAME goes under your namespace, or USER/NAME)", scale=3)
+                private = gr.Checkbox(True, label="Private (a new repo)")
+                update_existing = gr.Checkbox(False, label="Update the existing repo")
+                token = gr.Textbox(label="or a write token (used once, never stored)", type="password", scale=2)
+            push_btn = gr.Button("Push verified adapter", variant="primary")
+            pushed = gr.Markdown()
+
+        # ---- events, each in its lane (see LANES) ----
+        model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source, refine_steps]
+        # A page load shows the default model, loaded at startup (main), so it needs no lane of its own; a visitor's own
+        # pick may download for minutes, in the load lane.
+        for triggers, lane, name in (
+            ([demo.load], {}, False),
+            ([load_btn.click, model_name.change], LOAD, "load_model"),
+        ):
+            gr.on(triggers, for_visitor(on_model), model_name, model_outputs, api_name=name, **lane).success(
+                for_visitor(on_sae), sae_inputs, sae_info, api_name=name and "load_sae", **lane
+            ).success(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False)
+        source.change(show_source, source, [sae_box, feature_box, other_box])
+        gr.on([sae_pick.input, sae_folder.submit], for_visitor(on_sae), sae_inputs, sae_info, api_name=False, **LOAD)
+        gr.on(
+            [show_btn.click, feature.submit], for_visitor(show_feature), [*sae_inputs, feature], card_md,
+            api_name="show_feature",
+        )  # fmt: skip
+        gr.on(
+            [search_btn.click, query.submit],
+            for_visitor(search_features),
+            [*sae_inputs, query],
+            [search_df, concept_md, concept_btn],
+            api_name="search_features",
         )
-        export_btn = gr.Button("Calibrate → build → verify", variant="primary")
-        with gr.Row():
-            with gr.Column(scale=3):
-                report = gr.Markdown()
-            with gr.Column(scale=2):
-                plot = gr.LinePlot(
-                    x="position", y="KL(hook‖adapter)", height=220, label="KL(hook ‖ adapter) along the held-out text"
-                )
-        download = gr.DownloadButton("Download adapter (zip)", visible=False, variant="primary", elem_id="download")
-        with gr.Accordion("Model card (README.md of the adapter)", open=False):
-            card = gr.Markdown()
-        folder = gr.State("")
-        with gr.Accordion("More: llama.cpp control vector, nearest SAE features", open=False):
-            with gr.Row():
-                cv_btn = gr.Button("Same vector as a llama.cpp control vector (GGUF, exact, no calibration)")
-                cv_file = gr.File(label="control_vector.gguf")
-            compare_btn = gr.Button("Nearest features of the SAE folder (step 2) to this vector, by cosine")
-            compared = gr.Markdown()
+        concept_btn.click(
+            for_visitor(use_concept), [*sae_inputs, query], [source, pos, neg, layer, site, strength, unit],
+            api_name="use_concept",
+        )  # fmt: skip
+        active_btn.click(for_visitor(features_on_prompt), [*sae_inputs, prompt], active_df)
+        for table in (search_df, active_df):
+            table.select(pick_row, None, feature).then(for_visitor(show_feature), [*sae_inputs, feature], card_md)
+        add_btn.click(add_feature, [mix, feature, strength, unit], mix)
+        unit.change(on_unit, [unit, strength], strength)
+        # The endpoints scripts call (gradio_client, scripts/load_test.py) are named here, so a rename cannot break
+        # them.
+        go.click(
+            for_visitor(preview),
+            [model_name, prompt, max_new, temperature, seed, served, *vector_inputs],
+            [out_base, out_steer, out_served, steer_info],
+            api_name="preview",
+        )
+        export_btn.click(
+            for_visitor(run_export),
+            [model_name, mode, tokens, refine_steps, target, *vector_inputs],
+            [report, plot, download, card, folder, repo_id],
+            api_name="run_export",
+            **HEAVY,
+        ).success(lambda f: f, folder, served)
+        map_btn.click(
+            for_visitor(run_map),
+            [model_name, map_sites, *vector_inputs],
+            [map_md, map_plot],
+            api_name="run_map",
+            **HEAVY,
+        )
+        cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY)
+        compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD)
+        push_btn.click(
+            run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH
+        ).then(
+            lambda: False, None, update_existing, api_name=False
+        )  # each update of an existing repo is confirmed anew, after its own plan was shown
+    return demo
 
-    with gr.Tab("5 · Push to the Hub"):
-        if os.environ.get("SPACE_ID"):  # OAuth exists on Spaces only; locally use a token or HF_TOKEN
-            gr.LoginButton()
-        with gr.Row():
-            repo_id = gr.Textbox(label="Repo (NAME goes under your namespace, or USER/NAME)", scale=3)
-            private = gr.Checkbox(True, label="Private (a new repo)")
-            update_existing = gr.Checkbox(False, label="Update the existing repo")
-            token = gr.Textbox(label="or a write token (used once, never stored)", type="password", scale=2)
-        push_btn = gr.Button("Push verified adapter", variant="primary")
-        pushed = gr.Markdown()
 
-    # ---- events, each in its lane (see LANES) ----
-    model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source, refine_steps]
-    # A page load shows the default model, loaded at startup (main), so it needs no lane of its own; a visitor's own
-    # pick may download for minutes, in the load lane.
-    for triggers, lane, name in (([demo.load], {}, False), ([load_btn.click, model_name.change], LOAD, "load_model")):
-        gr.on(triggers, for_visitor(on_model), model_name, model_outputs, api_name=name, **lane).success(
-            for_visitor(on_sae), sae_inputs, sae_info, api_name=name and "load_sae", **lane
-        ).success(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False)
-    source.change(show_source, source, [sae_box, feature_box, other_box])
-    gr.on([sae_pick.input, sae_folder.submit], for_visitor(on_sae), sae_inputs, sae_info, api_name=False, **LOAD)
-    gr.on(
-        [show_btn.click, feature.submit], for_visitor(show_feature), [*sae_inputs, feature], card_md,
-        api_name="show_feature",
-    )  # fmt: skip
-    gr.on(
-        [search_btn.click, query.submit],
-        for_visitor(search_features),
-        [*sae_inputs, query],
-        [search_df, concept_md, concept_btn],
-        api_name="search_features",
-    )
-    concept_btn.click(
-        for_visitor(use_concept), [*sae_inputs, query], [source, pos, neg, layer, site, strength, unit],
-        api_name="use_concept",
-    )  # fmt: skip
-    active_btn.click(for_visitor(features_on_prompt), [*sae_inputs, prompt], active_df)
-    for table in (search_df, active_df):
-        table.select(pick_row, None, feature).then(for_visitor(show_feature), [*sae_inputs, feature], card_md)
-    add_btn.click(add_feature, [mix, feature, strength, unit], mix)
-    unit.change(on_unit, [unit, strength], strength)
-    # The endpoints scripts call (gradio_client, scripts/load_test.py) are named here, so a rename cannot break them.
-    go.click(
-        for_visitor(preview),
-        [model_name, prompt, max_new, temperature, seed, served, *vector_inputs],
-        [out_base, out_steer, out_served, steer_info],
-        api_name="preview",
-    )
-    export_btn.click(
-        for_visitor(run_export),
-        [model_name, mode, tokens, refine_steps, target, *vector_inputs],
-        [report, plot, download, card, folder, repo_id],
-        api_name="run_export",
-        **HEAVY,
-    ).success(lambda f: f, folder, served)
-    map_btn.click(
-        for_visitor(run_map), [model_name, map_sites, *vector_inputs], [map_md, map_plot], api_name="run_map", **HEAVY
-    )
-    cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY)
-    compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD)
-    push_btn.click(run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH).then(
-        lambda: False, None, update_existing, api_name=False
-    )  # each update of an existing repo is confirmed anew, after its own plan was shown
+def page() -> gr.Blocks:
+    """The page, built once."""
+    if "demo" not in globals():
+        globals()["demo"] = build_demo()
+    return globals()["demo"]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `app.demo` (Gradio's reload mode, tests) builds the page on first use
+    if name == "demo":
+        return page()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="green", font=["ui-sans-serif", "system-ui", "sans-serif"])
 
@@ -856,7 +873,7 @@ def main() -> None:
     # Where to listen is Gradio's own setting: GRADIO_SERVER_NAME (a Space sets 0.0.0.0) and GRADIO_SERVER_PORT;
     # 127.0.0.1:7860 by default, so `bash run.sh` serves this machine only. Uploads past the limit are refused by
     # Gradio before they are written (steer_core.ui.limits).
-    demo.queue(default_concurrency_limit=PREVIEW_WORKERS, max_size=QUEUE_MAX).launch(
+    page().queue(default_concurrency_limit=PREVIEW_WORKERS, max_size=QUEUE_MAX).launch(
         theme=THEME, css_paths=CSS_PATH, max_file_size=LIMITS.upload_bytes
     )
 

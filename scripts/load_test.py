@@ -188,6 +188,7 @@ def load_test(url: str, args: argparse.Namespace, run: Run, watch: MemoryWatch) 
     from steer_core.constants import DEFAULT_MODEL
     from steer_core.sae.feature import embedded_sae_for
     from steer_core.ui import catalog
+    from steer_core.ui.form import SteeringForm
 
     spec = embedded_sae_for(DEFAULT_MODEL)
     choices = catalog.sae_choices(DEFAULT_MODEL)
@@ -198,8 +199,8 @@ def load_test(url: str, args: argparse.Namespace, run: Run, watch: MemoryWatch) 
     sae_label, strength = choices[0].label, spec.default_strength
 
     def preview_args(user: int) -> list[Any]:
-        vector = ["SAE features", sae_label, "", f"{features[user]}:{strength}", strength, UNIT, "", "", 10,
-                  "resid_post", None]  # fmt: skip  # the inputs the UI sends on its default path
+        # the inputs the UI sends on its default path
+        vector = SteeringForm(sae_pick=sae_label, mix=f"{features[user]}:{strength}", strength=strength).values()
         return [DEFAULT_MODEL, PROMPTS[user % len(PROMPTS)], args.tokens, 0, 0, "", *vector]
 
     first = Client(url, verbose=False)

@@ -27,6 +27,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 import spacesim  # noqa: E402
 from fakehub import FakeHub, Repo  # noqa: E402
+from steer_core.ui.form import CONTRASTIVE, VECTOR_FILE, SteeringForm  # noqa: E402
 
 UNIT = "× residual norm"
 
@@ -96,15 +97,29 @@ def main() -> None:
             )
             many = "\n".join(f"I love thing {i}" for i in range(65))
             refusals["65 contrastive prompts"] = attempt(
-                anonymous, "smollm2-135m-instruct", "hi", 8, 0, 0, "", "Contrastive prompts", "", "", "", 1.0, UNIT,
-                many, "I hate it", 10, "resid_post", None, api_name="/preview",
-            )  # fmt: skip
+                anonymous,
+                "smollm2-135m-instruct",
+                "hi",
+                8,
+                0,
+                0,
+                "",
+                *SteeringForm(CONTRASTIVE, positive=many, negative="I hate it").values(),
+                api_name="/preview",
+            )
             big = tmp / "big.npy"
             big.write_bytes(b"\0" * (17 * 2**20))
             refusals["17 MB upload"] = attempt(
-                anonymous, "smollm2-135m-instruct", "hi", 8, 0, 0, "", "Vector file", "", "", "", 1.0, UNIT, "", "",
-                10, "resid_post", handle_file(str(big)), api_name="/preview",
-            )  # fmt: skip
+                anonymous,
+                "smollm2-135m-instruct",
+                "hi",
+                8,
+                0,
+                0,
+                "",
+                *SteeringForm(VECTOR_FILE, vector_file=handle_file(str(big))).values(),
+                api_name="/preview",
+            )
             alice = Client(space.url, verbose=False, headers={"Cookie": f"session={spacesim.sign_in(space, hub)}"})
             refusals["Gemma Scope 2, 1M features"] = attempt(
                 alice, spacesim.GEMMA, f"{spacesim.SAE_RELEASE} / {spacesim.WIDE_SAE_ID}", "", api_name="/load_sae"
@@ -122,8 +137,8 @@ def main() -> None:
             refusals["Gemma Scope 2, 1M features"] = attempt(
                 alice, spacesim.GEMMA, f"{spacesim.SAE_RELEASE} / {spacesim.WIDE_SAE_ID}", "", api_name="/load_sae"
             )
-            vector = ["SAE features", f"{spacesim.SAE_RELEASE} / {spacesim.SAE_ID}", "", "5:0.25", 0.25, UNIT, "", "",
-                      10, "resid_post", None]  # fmt: skip
+            vector = SteeringForm(sae_pick=f"{spacesim.SAE_RELEASE} / {spacesim.SAE_ID}", mix="5:0.25", strength=0.25)
+            vector = vector.values()
             start = time.perf_counter()
             _summary, _plot, _zip, _card, repo = alice.predict(
                 spacesim.GEMMA, "portable", 16384, 0, "peft", *vector, api_name="/run_export"

@@ -37,7 +37,10 @@ log = logging.getLogger("steer_core")
 
 def _steering_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("steering vector (one source)")
-    g.add_argument("--vector", help="a .safetensors (one 1-D tensor), .pt or .npy file of length d_model")
+    g.add_argument(
+        "--vector",
+        help="a .safetensors (one 1-D tensor), .pt or .npy file of length d_model; a .gguf is read as --control-vector",
+    )
     g.add_argument("--layer", type=int, help="with --vector/--contrastive: the block (0-based, as in model.layers.L)")
     g.add_argument("--site", choices=SITES, help="with --vector/--contrastive (default resid_post)")
     g.add_argument(
@@ -229,7 +232,9 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
                 "or --control-vector GGUF"
             )
         return False
-    if args.vector is not None and args.layer is None:
+    if args.vector is not None and args.vector.lower().endswith(".gguf") and args.layer is not None:
+        parser.error(f"--layer {args.layer} does not apply to {args.vector}: a .gguf control vector carries its layers")
+    if args.vector is not None and args.layer is None and not args.vector.lower().endswith(".gguf"):
         parser.error("--vector needs --layer L")
     if args.contrastive is not None and args.layer is None:
         parser.error("--contrastive needs --layer L")
@@ -292,8 +297,10 @@ def recipe_from_args(args: argparse.Namespace) -> VectorRecipe:
             positive=tuple(positive), negative=tuple(negative),
             method=args.contrastive_method, position=args.contrastive_position,
         )  # fmt: skip
-    if args.vector is not None:
-        return VectorRecipe("file", strengths, unit, path=args.vector, layer=args.layer, site=site)
+    if args.vector is not None:  # as the app's upload: a .gguf is a control vector
+        from steer_core.vectors.recipe import file_recipe
+
+        return file_recipe(args.vector, strengths, unit, layer=args.layer, site=site)
     return VectorRecipe(
         "sae",
         tuple(args.strength),

@@ -166,6 +166,10 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
             query = urllib.parse.parse_qs(url.query)
             body = self._body() if self.command in ("POST", "PUT", "DELETE") else b""
             self._entry = Logged(self.command, path, self._token(), None)
+            # huggingface_hub (2.4+) fetches its agent-harness registry once a day, anonymously, from whichever
+            # endpoint is set: not a request of the app's. Logged only if it ever carries a token.
+            if path == "/api/agent-harnesses" and self._entry.token is None:
+                return self._json(200, {"standardEnvVars": [], "harnesses": {}})
             hub.log.append(self._entry)
             with suppress(BrokenPipeError, ConnectionResetError):
                 self._route(path, query, body)

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import D_MODEL, build_sae, tiny_lm
-from steer_core.cli import main
+from steer_core.cli import build_parser, main, recipe_from_args
+from steer_core.vectors.recipe import VectorRecipe
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,7 @@ def test_generate_with_adapter_and_with_hooks(
         (["export", "--out", "x", "--feature", "639", "--layer", "99"], "--layer 99 only applies to --vector"),
         (["export", "--out", "x", "--sae-path", "s", "--feature", "1", "--site", "attn_out"], "--site attn_out only"),
         (["generate", "--prompt", "p", "--control-vector", "c.gguf", "--layer", "3"], "--layer 3 only applies"),
+        (["generate", "--prompt", "p", "--vector", "c.GGUF", "--layer", "3"], "a .gguf control vector carries"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_a_message(argv: list, message: str, capsys: pytest.CaptureFixture) -> None:
@@ -256,6 +258,9 @@ def test_contrastive_to_control_vector_and_back(model_dir: Path, tmp_path: Path,
     meta = json.loads((out / "steering.json").read_text())
     assert meta["vector"]["points"] == ["blocks.1.hook_resid_post"]
     assert meta["vector"]["provenance"]["source"] == "control_vector"
+    # --vector reads a .gguf as the app's upload does: a control vector, its layers from the file
+    args = build_parser().parse_args(["export", "--out", "o", "--vector", str(gguf_path), "--strength", "2"])
+    assert recipe_from_args(args) == VectorRecipe("control_vector", (2.0,), "abs", path=str(gguf_path))
 
 
 def test_control_vector_refuses_unwritable_sites(

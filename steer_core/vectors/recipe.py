@@ -139,6 +139,14 @@ class VectorRecipe:
         return vector
 
 
+def file_recipe(path: str, strengths: tuple[float, ...], unit: str, *, layer: int, site: Site) -> VectorRecipe:
+    """A vector file, as the app's upload and the CLI's --vector take it: a llama.cpp / repeng control vector
+    (.gguf) names its own layers and is scaled as given, so `layer` and `unit` apply to the other formats only."""
+    if path.lower().endswith(".gguf"):
+        return VectorRecipe("control_vector", strengths, "abs", path=path)
+    return VectorRecipe("file", strengths, unit, path=path, layer=layer, site=site)
+
+
 def strength_note(lm: LoadedModel, vector: SteeringVector) -> str:
     """Where the vector steers and how strong it is against the residual stream there, whatever unit set it.
 

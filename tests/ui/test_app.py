@@ -18,6 +18,7 @@ from helpers import build_sae, tiny_lm
 from steer_core.corpus import split_texts
 from steer_core.sae.feature import load_sae_from_disk
 from steer_core.sae.labels import compute_labels, save_labels
+from steer_core.ui.form import CONTRASTIVE, SAE_FEATURES, VECTOR_FILE, SteeringForm
 
 POS, NEG = "I love it\nso good", "I hate it\nso bad"
 UNIT = "× residual norm"
@@ -43,12 +44,15 @@ def tiny_model() -> None:
     app._models["tiny"] = tiny_lm("llama")
 
 
-def contrastive_args(strength: float = 1.0) -> list:
-    return ["Contrastive prompts", "", "", "", strength, UNIT, POS, NEG, 1, "resid_post", None]
+def contrastive_args(**changes: Any) -> list:
+    """The form's values for the contrastive prompts POS and NEG at layer 1, with `changes` by field name."""
+    return SteeringForm(
+        **{"source": CONTRASTIVE, "unit": UNIT, "positive": POS, "negative": NEG, "layer": 1, **changes}
+    ).values()
 
 
 def sae_args(folder: str, mix: str = "3:8", strength: float = 1.0, unit: str = UNIT) -> list:
-    return ["SAE features", "", folder, mix, strength, unit, POS, NEG, 1, "resid_post", None]
+    return SteeringForm(SAE_FEATURES, "", folder, mix, strength, unit, POS, NEG, layer=1).values()
 
 
 # ---- 1 · model ----
@@ -140,7 +144,7 @@ def test_preview_streams_both_sides_with_the_strength_in_both_units(sae_folder: 
 
 
 def test_preview_contrastive_still_works() -> None:
-    base, steered, _, _ = list(app.preview("tiny", "hello", 8, 0, 0, "", *contrastive_args(3.0)))[-1]
+    base, steered, _, _ = list(app.preview("tiny", "hello", 8, 0, 0, "", *contrastive_args(strength=3.0)))[-1]
     assert base and steered
 
 
@@ -148,11 +152,11 @@ def test_preview_contrastive_still_works() -> None:
     ("args", "match"),
     [
         (["tiny", " ", 8, 0, 0, "", *contrastive_args()], "prompt is empty"),
-        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(float("nan"))], "finite"),
-        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(1e9)], "too large"),
+        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(strength=float("nan"))], "finite"),
+        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(strength=1e9)], "too large"),
         (["tiny", "hi", 8, 9, 0, "", *contrastive_args()], "temperature"),
         (["", "hi", 8, 0, 0, "", *contrastive_args()], "Pick or type a model"),
-        (["tiny", "hi", 8, 0, 0, "", "SAE features", "", "", "1:2", 1, UNIT, "", "", 1, "resid_post", None], "no SAE"),
+        (["tiny", "hi", 8, 0, 0, "", *SteeringForm(mix="1:2", strength=1, unit=UNIT, layer=1).values()], "no SAE"),
     ],
 )
 def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
@@ -229,8 +233,7 @@ def test_control_vector_download() -> None:
 
 
 def test_compare_with_sae_features(sae_folder: str) -> None:
-    args = contrastive_args()
-    args[2] = sae_folder  # the SAE chosen in step 2, whatever the vector's source
+    args = contrastive_args(sae_folder=sae_folder)  # the SAE chosen in step 2, whatever the vector's source
     text = app.run_compare("tiny", *args)
     assert "× median residual norm" in text and text.count("- feature") == 10
     with pytest.raises(gr.Error, match="Choose an SAE"):
@@ -343,11 +346,9 @@ def test_what_one_request_may_ask_for_is_bounded(call: Any, match: str) -> None:
 
 def test_contrastive_prompts_and_features_are_bounded(sae_folder: str) -> None:
     many = "\n".join(f"I love thing {i}" for i in range(65))
-    args = contrastive_args()
-    args[6] = many
     with pytest.raises(gr.Error, match="65 positive prompts: this server takes up to 64 per side"):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
-    args[6] = "I love it " * 100
+        list(app.preview("tiny", "hi", 8, 0, 0, "", *contrastive_args(positive=many)))
+    args = contrastive_args(positive="I love it " * 100)
     with pytest.raises(gr.Error, match=r"positive prompt 1 has \d+ tokens: this server takes up to 256"):
         list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
     with pytest.raises(gr.Error, match="17 features mixed: this server mixes up to 16"):
@@ -357,8 +358,7 @@ def test_contrastive_prompts_and_features_are_bounded(sae_folder: str) -> None:
 def test_an_upload_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     big = tmp_path / "big.npy"
     big.write_bytes(b"\0" * (app.LIMITS.upload_bytes + 1))
-    args = contrastive_args()
-    args[0], args[-1] = "Vector file", str(big)
+    args = contrastive_args(source=VECTOR_FILE, vector_file=str(big))
     with pytest.raises(gr.Error, match=r"the vector file is 16.8 MB: this server takes files up to 16.8 MB"):
         list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
 
@@ -395,8 +395,7 @@ def test_on_a_gpu_models_load_onto_it_in_bfloat16(monkeypatch: pytest.MonkeyPatc
 def test_on_a_space_a_map_reads_no_folder_and_loads_nothing(on_a_space: None, sae_folder: str) -> None:
     with pytest.raises(gr.Error, match="does not read folders on its own disk"):
         app.run_map("tiny", [], *sae_args(f"folder: {sae_folder}"), **NO_PROGRESS)  # typed as a list label
-    registry = ["SAE features", "gpt2-small-res-jb / blocks.1.hook_resid_pre", "", "3:1", 1.0, UNIT, "", "", 1,
-                "resid_post", None]  # fmt: skip
+    registry = SteeringForm(sae_pick="gpt2-small-res-jb / blocks.1.hook_resid_pre", mix="3:1", layer=1).values()
     with pytest.raises(gr.Error, match="not loaded yet: pick it in step 2"):
         app.run_map("tiny", [], *registry, **NO_PROGRESS)
 
@@ -430,8 +429,8 @@ def test_a_word_without_a_feature_offers_its_reading_and_it_steers(sae_folder: s
     assert source.value == "Contrastive prompts" and (layer, site) == (1, "resid_post")  # the SAE's own hook point
     assert pos.splitlines() == [t.format(w="volcano") for t in TEMPLATES]
     assert len(neg.splitlines()) == len(TEMPLATES) * len(NEUTRAL) and strength == 0.5 and unit == UNIT
-    args = [source.value, "", "", "", strength, unit, pos, neg, layer, site, None]
-    recipe = app._recipe("tiny", *args)
+    form = SteeringForm(source.value, strength=strength, unit=unit, positive=pos, negative=neg, layer=layer, site=site)
+    recipe, args = app._recipe("tiny", form), form.values()
     assert recipe.source == "contrastive" and recipe.positive[0].endswith("volcano")
     base, steered, _served, info = list(app.preview("tiny", "hi", 6, 0, 0, "", *args))[-1]
     assert "blocks.1.hook_resid_post" in info and base and steered

@@ -10,6 +10,7 @@ from gradio_client import Client
 
 import app
 from helpers import build_sae, tiny_lm
+from steer_core.ui.form import SteeringForm
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, s
 
 
 def _vector(sae: str, mix: str) -> list:
-    return ["SAE features", None, sae, mix, 1.0, "× residual norm", "", "", 1, "resid_post", None]
+    return SteeringForm(sae_pick=None, sae_folder=sae, mix=mix, layer=1).values()
 
 
 def test_preview_and_export_through_the_public_api(client: tuple[Client, str]) -> None:

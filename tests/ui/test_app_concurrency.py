@@ -9,6 +9,7 @@ import pytest
 
 import app
 from helpers import build_sae, hook_count, tiny_lm
+from steer_core.ui.form import SteeringForm
 
 UNIT = "× residual norm"
 
@@ -25,8 +26,8 @@ def shared_model() -> None:
 
 
 def _args(folder: str, mix: str, temperature: float = 0.0, seed: int = 0) -> list:
-    return ["shared", "hello there", 12, temperature, seed, "", "SAE features", "", folder, mix, 1.0, UNIT,
-            "", "", 1, "resid_post", None]  # fmt: skip
+    form = SteeringForm(sae_folder=folder, mix=mix, unit=UNIT, layer=1)
+    return ["shared", "hello there", 12, temperature, seed, "", *form.values()]
 
 
 def _final(args: list) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from gradio_client import Client
 import spacesim
 from fakehub import FakeHub
 from spacesim import GEMMA, GEMMA_SCOPE, LLAMA, OWNER, SAE_ID, SAE_RELEASE, TYPED, VISITOR, WIDE_SAE_ID, Space
+from steer_core.ui.form import SteeringForm
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ def refused(client: Client, *args: Any, api_name: str) -> str:
 
 
 def vector(sae: str = SAE, mix: str = "5:0.25") -> list[Any]:
-    return ["SAE features", sae, "", mix, 0.25, UNIT, "", "", 10, "resid_post", None]
+    return SteeringForm(sae_pick=sae, mix=mix, strength=0.25, unit=UNIT).values()
 
 
 def test_it_listens_where_a_space_says_and_serves_the_page(space: tuple[Space, FakeHub]) -> None:
@@ -112,10 +113,17 @@ def test_slow_downloads_hold_up_no_other_visitors_preview(space: tuple[Space, Fa
     time.sleep(3)  # the first download is under way
     start = time.perf_counter()
     base, steered, _, _ = anonymous(running).predict(
-        "smollm2-135m-instruct", "Describe something you like.", 8, 0, 0, "",
-        "SAE features", "embedded: smollm2-135m-instruct-res-L15 (offline)", "", "676:0.5", 0.5, UNIT, "", "", 10,
-        "resid_post", None, api_name="/preview",
-    )  # fmt: skip
+        "smollm2-135m-instruct",
+        "Describe something you like.",
+        8,
+        0,
+        0,
+        "",
+        *SteeringForm(
+            sae_pick="embedded: smollm2-135m-instruct-res-L15 (offline)", mix="676:0.5", strength=0.5
+        ).values(),
+        api_name="/preview",
+    )
     took = time.perf_counter() - start
     assert base and steered and base != steered
     # blocked, it would have ended only after the first download (SLOW_DOWNLOAD of it) and its load did
