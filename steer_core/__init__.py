@@ -12,10 +12,11 @@ The modules, in the order the data flows (each family a folder):
 - `fit/`: `calibrate` (one rank-1 fit per site, from `ridge`, `position0`, `selection`, `shares`, `postnorm` and
   `composite`), `refine` (end to end).
 - `adapter/`: `build` (the PEFT LoRA), `targets` (llama.cpp, Ollama, Fireworks files), `record` (steering.json),
-  `card`, `served` (an adapter applied per request), `publish`.
+  `folder` (an adapter folder read back, every file once), `card`, `served` (an adapter applied per request),
+  `publish`.
 - `check/`: `verify` (against the hook, held out), `servability` (the map before an export).
-- `export` runs the chain; `cli` is the command line; `ui/` (`catalog`, `mix`, `workspace`, `explain`, `limits`)
-  is what only `app.py` uses.
+- `export` runs the chain; `cli` is the command line; `ui/` (`catalog`, `form`, `mix`, `workspace`, `explain`,
+  `limits`) is what only `app.py` uses.
 
 The names below load on first use (PEP 562), so `python -m steer_core --help` imports no model code.
 """

@@ -8,10 +8,21 @@ from pathlib import Path
 # Files of an exported adapter folder. The first two are PEFT's own names.
 ADAPTER_CONFIG_FILENAME = "adapter_config.json"
 ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
+# PEFT's older weights file: we never write it, but PEFT and the Hub's adapters still have it, so readers accept it.
+ADAPTER_WEIGHTS_BIN_FILENAME = "adapter_model.bin"
 STEERING_JSON_FILENAME = "steering.json"
 # The hook-steering vector travels with the adapter so `verify` can rebuild the reference later.
 STEERING_VECTOR_FILENAME = "steering_vector.safetensors"
 MODEL_CARD_FILENAME = "README.md"
+# Our card's name in a Hub repo whose README is its owner's (steer_core.adapter.publish).
+CARD_BESIDE_README = "STEERING.md"
+# What the llama.cpp and Ollama targets add to the folder (steer_core.adapter.targets), named as their docs name them.
+GGUF_LORA_FILENAME = "adapter.gguf"
+CONTROL_VECTOR_FILENAME = "control_vector.gguf"
+MODELFILE_FILENAME = "Modelfile"
+# An SAE folder in SAE Lens' format (steer_core.sae.feature): SAE Lens' own names.
+SAE_CONFIG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 # Feature labels shipped next to an SAE's cfg.json (steer_core.sae.labels).
 LABELS_FILENAME = "labels.json.gz"
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steer_core.constants import ADAPTER_WEIGHTS_BIN_FILENAME, ADAPTER_WEIGHTS_FILENAME
+
 log = logging.getLogger(__name__)
 
 OWNER_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # both are read by huggingface_hub (the second is legacy)
@@ -184,10 +186,11 @@ def adapter_size(repo_id: str, *, token: str | bool | None = None) -> int:
     """Bytes of an adapter repo's weights (PEFT's file names), read from the Hub's metadata before downloading."""
     from huggingface_hub import RepoFile
 
-    found = hub_api(token).get_paths_info(repo_id, ["adapter_model.safetensors", "adapter_model.bin"])
+    names = [ADAPTER_WEIGHTS_FILENAME, ADAPTER_WEIGHTS_BIN_FILENAME]
+    found = hub_api(token).get_paths_info(repo_id, names)
     sizes = [f.size or 0 for f in found if isinstance(f, RepoFile)]
     if not sizes:
-        raise LookupError(f"{repo_id} has no adapter_model.safetensors or adapter_model.bin: not a PEFT adapter repo")
+        raise LookupError(f"{repo_id} has no {' or '.join(names)}: not a PEFT adapter repo")
     return max(sizes)
 
 

@@ -7,7 +7,7 @@ import torch
 from helpers import D_MODEL, hook_count, tiny_lm, tiny_model
 from steer_core.generate import GenerationConfig, complete, stream
 from steer_core.sites import HookPoint
-from steer_core.steer import ablation, steering
+from steer_core.steer import ablation, lowrank_updates, steering
 from steer_core.vectors.vector import SteeringVector
 
 
@@ -162,3 +162,18 @@ def test_concurrent_sampled_previews_follow_their_seeds() -> None:
     for i in range(0, len(configs), 2):  # the unsteered ones must equal their solo runs exactly
         assert results[i] == solo[i]
     assert len(set(solo)) > 1, "different seeds sample differently"
+
+
+def test_lowrank_updates_add_b_of_a_x() -> None:
+    """Rank r: (d_in,) / (d_out,) vectors are rank 1, (r, d_in) / (d_out, r) matrices are PEFT's lora_A / lora_B."""
+    lm = tiny_lm("llama")
+    name = "model.layers.1.mlp.down_proj"
+    module = lm.model.get_submodule(name)
+    x = torch.randn(2, 5, module.in_features)
+    a, b = torch.randn(3, module.in_features), torch.randn(module.out_features, 3)
+    with lowrank_updates(lm.model, {name: (a, b)}):
+        out = module(x)
+    torch.testing.assert_close(out, module(x) + x @ a.T @ b.T)
+    with lowrank_updates(lm.model, {name: (a[0], b[:, 0])}):
+        out = module(x)
+    torch.testing.assert_close(out, module(x) + (x @ a[0]).unsqueeze(-1) * b[:, 0])

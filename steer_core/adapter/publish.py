@@ -18,12 +18,16 @@ from typing import Any
 
 from steer_core.adapter.build import check_tensors
 from steer_core.adapter.card import model_card
-from steer_core.adapter.record import SteeringRecord, read_record
-from steer_core.adapter.targets import CONTROL_VECTOR_FILENAME, GGUF_LORA_FILENAME, MODELFILE_FILENAME
+from steer_core.adapter.folder import read_folder
+from steer_core.adapter.record import SteeringRecord
 from steer_core.constants import (
     ADAPTER_CONFIG_FILENAME,
     ADAPTER_WEIGHTS_FILENAME,
+    CARD_BESIDE_README,
+    CONTROL_VECTOR_FILENAME,
+    GGUF_LORA_FILENAME,
     MODEL_CARD_FILENAME,
+    MODELFILE_FILENAME,
     STEERING_JSON_FILENAME,
     STEERING_VECTOR_FILENAME,
 )
@@ -35,7 +39,6 @@ EXPORT_FILES = (
     ADAPTER_CONFIG_FILENAME, ADAPTER_WEIGHTS_FILENAME, STEERING_JSON_FILENAME, STEERING_VECTOR_FILENAME,
     MODEL_CARD_FILENAME, GGUF_LORA_FILENAME, CONTROL_VECTOR_FILENAME, MODELFILE_FILENAME,
 )  # fmt: skip
-CARD_BESIDE_README = "STEERING.md"  # our card's name in a repo whose README is its owner's
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -46,15 +49,14 @@ def check_repo_id(repo_id: str) -> str:
 
 def check_publishable(folder: Path) -> SteeringRecord:
     """Only verified, non-empty, finite adapters leave this machine."""
-    from safetensors.torch import load_file
-
     if not (folder / STEERING_JSON_FILENAME).is_file():
         raise ValueError(f"{folder} has no {STEERING_JSON_FILENAME}; export it with steer_core first")
-    record = read_record(folder)
+    files = read_folder(folder)
+    record = files.steering_record()
     fidelity = record.fidelity
     if not fidelity or not all(math.isfinite(fidelity[k]) for k in ("top1_agreement", "kl_hook_adapter")):
         raise ValueError(f"{folder} was not verified (no finite fidelity report); refusing to push it")
-    check_tensors(load_file(str(folder / ADAPTER_WEIGHTS_FILENAME)))
+    check_tensors(files.tensors)
     return record
 
 

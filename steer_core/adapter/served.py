@@ -21,8 +21,9 @@ from peft import LoraConfig
 from peft.utils import load_peft_weights
 from torch import Tensor, nn
 
-from steer_core.adapter.record import SteeringRecord, read_record
-from steer_core.constants import STEERING_JSON_FILENAME, STEERING_VECTOR_FILENAME
+from steer_core.adapter.folder import read_folder
+from steer_core.adapter.record import SteeringRecord
+from steer_core.constants import ADAPTER_CONFIG_FILENAME
 from steer_core.steer import lowrank_updates
 from steer_core.vectors.vector import SteeringVector
 
@@ -72,23 +73,50 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def read_adapter(source: str | Path, *, token: str | bool | None = None, cache_dir: str | None = None) -> ServedAdapter:
-    """Read an adapter folder or Hub repo (PEFT format, LoRA) through PEFT's own loaders (`token` and `cache_dir`
-    for the Hub's requests: steer_core.hub.Access)."""
+    """Read an adapter (PEFT format, LoRA): a local folder with `read_folder`, a Hub repo through PEFT's own loaders
+    (`token` and `cache_dir` for the Hub's requests: steer_core.hub.Access)."""
     where = str(source)
+    if Path(where).is_dir():
+        files = read_folder(where)
+        return _served(where, _lora_config(where, files.config), files.tensors, files.record, files.vector)
     hub: dict[str, Any] = {"token": token, **({"cache_dir": cache_dir} if cache_dir else {})}
     try:
         config = LoraConfig.from_pretrained(where, **hub)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(
-            f"{where}: not a PEFT LoRA adapter (a folder or Hub repo with adapter_config.json): {err}"
+            f"{where}: not a PEFT LoRA adapter (a folder or Hub repo with {ADAPTER_CONFIG_FILENAME}): {err}"
         ) from err
-    for key, what in _UNSUPPORTED.items():
-        if getattr(config, key, None):
-            raise ValueError(f"{where}: the adapter uses {what}; a served preview supports plain LoRA only")
     try:
         weights = load_peft_weights(where, device="cpu", **hub)
     except Exception as err:  # safetensors and the Hub raise many kinds; the message names the file
         raise ValueError(f"{where}: could not read the adapter weights: {err}") from err
+    return _served(where, config, weights)
+
+
+def _lora_config(where: str, config: dict[str, Any]) -> LoraConfig:
+    """adapter_config.json's settings as PEFT's LoraConfig.from_pretrained reads them (it drops runtime_config)."""
+    settings = {k: v for k, v in config.items() if k != "runtime_config"}
+    try:
+        lora = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**settings))
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{where}: not a PEFT LoRA adapter ({ADAPTER_CONFIG_FILENAME} does not read as one): {err}"
+        ) from err
+    if not isinstance(lora, LoraConfig):
+        raise ValueError(f"{where}: a {config.get('peft_type')} adapter; a served preview reads LoRA adapters only")
+    return lora
+
+
+def _served(
+    where: str,
+    config: LoraConfig,
+    weights: dict[str, Tensor],
+    record: SteeringRecord | None = None,
+    vector: SteeringVector | None = None,
+) -> ServedAdapter:
+    for key, what in _UNSUPPORTED.items():
+        if getattr(config, key, None):
+            raise ValueError(f"{where}: the adapter uses {what}; a served preview supports plain LoRA only")
     params: dict[str, tuple[Tensor, Tensor]] = {}
     scaling: dict[str, float] = {}
     biases: dict[str, Tensor] = {}
@@ -106,10 +134,6 @@ def read_adapter(source: str | Path, *, token: str | bool | None = None, cache_d
         if (bias := weights.get(key.replace(".lora_A", ".lora_B").replace(".weight", ".bias"))) is not None:
             biases[name] = bias.float()
         scaling[name] = _scaling(config, name, a.shape[0])
-    folder = Path(where)
-    record = read_record(folder) if (folder / STEERING_JSON_FILENAME).is_file() else None
-    vector_file = folder / STEERING_VECTOR_FILENAME
-    vector = SteeringVector.load(vector_file) if vector_file.is_file() else None
     return ServedAdapter(where, params, scaling, biases, str(config.base_model_name_or_path or ""), record, vector)
 
 

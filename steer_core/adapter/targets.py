@@ -22,11 +22,9 @@ import torch
 from torch import nn
 
 from steer_core.adapter.build import BuiltAdapter
+from steer_core.constants import CONTROL_VECTOR_FILENAME, GGUF_LORA_FILENAME, MODELFILE_FILENAME
 from steer_core.sites import pretrained
 
-GGUF_LORA_FILENAME = "adapter.gguf"
-CONTROL_VECTOR_FILENAME = "control_vector.gguf"
-MODELFILE_FILENAME = "Modelfile"
 # model_type -> llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES), for the model families the GGUF target covers
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
               "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}  # fmt: skip
@@ -48,10 +46,10 @@ TARGETS = {
                "mode); SGLang, LoRAX and Together take DIR as it is", lora_bias=True),
         Target("fireworks", "upload DIR as a Fireworks LoRA (rank 4: the rank-1 update plus three zero ranks)",
                min_rank=4),
-        Target("llama.cpp", "llama-server -m BASE.gguf --lora DIR/adapter.gguf (or, exactly: --control-vector "
-               "DIR/control_vector.gguf)", gguf=True),
-        Target("ollama", "ollama create NAME -f DIR/Modelfile (edit FROM to your base model's Ollama name or GGUF "
-               "path), then ollama run NAME", gguf=True),
+        Target("llama.cpp", f"llama-server -m BASE.gguf --lora DIR/{GGUF_LORA_FILENAME} (or, exactly: "
+               f"--control-vector DIR/{CONTROL_VECTOR_FILENAME})", gguf=True),
+        Target("ollama", f"ollama create NAME -f DIR/{MODELFILE_FILENAME} (edit FROM to your base model's Ollama "
+               "name or GGUF path), then ollama run NAME", gguf=True),
     )
 }  # fmt: skip
 

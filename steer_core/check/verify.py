@@ -14,21 +14,18 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from steer_core import corpus
 from steer_core.activations import forward_from, recording, recording_block_calls
 from steer_core.adapter.build import check_tensors
-from steer_core.adapter.record import SteeringRecord, read_json, read_record
+from steer_core.adapter.folder import AdapterFolder, read_folder
+from steer_core.adapter.record import SteeringRecord
 from steer_core.constants import (
-    ADAPTER_CONFIG_FILENAME,
-    ADAPTER_WEIGHTS_FILENAME,
     DEFAULT_GREEDY_PROMPTS,
     DEFAULT_GREEDY_TOKENS,
     DEFAULT_MAX_DOC_TOKENS,
     DEFAULT_VERIFY_TOKENS,
-    STEERING_VECTOR_FILENAME,
 )
 from steer_core.divergence import kl_per_token
 from steer_core.fit.ridge import steered_positions, writer_target
@@ -165,54 +162,30 @@ def reference(model: nn.Module, vector: SteeringVector, record: SteeringRecord) 
 
 
 def read_adapter_files(folder: Path, base_model: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(adapter_config.json, the weights) of an adapter folder, or an error that names the damaged file and why:
-    missing, unreadable, truncated, non-finite, a rank its config does not declare, or (given `base_model`) made
-    for another base model."""
-    folder = Path(folder)
-    config_path, weights_path = folder / ADAPTER_CONFIG_FILENAME, folder / ADAPTER_WEIGHTS_FILENAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: not a complete adapter folder")
-    config = read_json(config_path)
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
-        raise ValueError(f"{weights_path} is damaged or truncated ({err}); export the adapter again") from err
-    try:
-        check_tensors(tensors)
-    except ValueError as err:
-        raise ValueError(f"{weights_path}: {err}") from err
-    rank, patterns = config.get("r"), config.get("rank_pattern") or {}
-    for key, t in tensors.items():
-        if key.endswith("lora_A.weight") and not patterns and t.shape[0] != rank:
-            raise ValueError(f"{weights_path}: {key} has rank {t.shape[0]}, but {config_path.name} says r={rank}")
-    named = config.get("base_model_name_or_path")
-    if base_model and named and named != base_model:
-        raise ValueError(
-            f"{config_path} names base model {named!r}, but the model loaded is {base_model!r}: load the adapter "
-            "on the model it was made for (--model)"
-        )
-    return config, tensors
+    """(adapter_config.json, the weights) of an adapter folder, read and checked by `read_folder(...).checked()`: an
+    error names the damaged file and why (missing, unreadable, truncated, non-finite, a rank its config does not
+    declare, or, given `base_model`, made for another base model)."""
+    files = read_folder(folder).checked(base_model)
+    return files.config, files.tensors
 
 
 def load_peft(model: nn.Module, folder: Path, base_model: str | None = None) -> nn.Module:
     """A PeftModel on a private copy of `model`, so requests using the base model never see the adapter."""
-    _config, saved = read_adapter_files(folder, base_model)
-    return _peft_of(model, folder, saved)
+    return _peft_of(model, read_folder(folder).checked(base_model))
 
 
-def _peft_of(model: nn.Module, folder: Path, saved: dict[str, Tensor]) -> nn.Module:
-    """load_peft for a folder whose files read_adapter_files has read and checked (`saved`: its weights)."""
+def _peft_of(model: nn.Module, files: AdapterFolder) -> nn.Module:
+    """load_peft for a folder already read and checked."""
     base = copy.deepcopy(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            peft_model = PeftModel.from_pretrained(base, str(folder))
+            peft_model = PeftModel.from_pretrained(base, str(files.path))
     except RuntimeError as err:  # PEFT's size mismatch: the weights do not fit this model's modules
         first = str(err).strip().splitlines()[-1].strip()
-        raise ValueError(f"{Path(folder) / ADAPTER_WEIGHTS_FILENAME} does not fit this model: {first}") from err
+        raise ValueError(f"{files.weights_path} does not fit this model: {first}") from err
     peft_model.eval()
-    _check_loaded(peft_model, saved)
+    _check_loaded(peft_model, files.tensors)
     return peft_model
 
 
@@ -319,11 +292,10 @@ def verify(
 ) -> FidelityReport:
     """Compare the adapter (reloaded with PeftModel.from_pretrained) with hook steering on held-out text.
     `base_model`: the loaded model's id, checked against the one the adapter's config names."""
-    folder = Path(folder)
-    record = read_record(folder)
-    vector = SteeringVector.load(folder / STEERING_VECTOR_FILENAME)
-    _config, saved = read_adapter_files(folder, base_model)
-    adapted = peft_model if peft_model is not None else _peft_of(model, folder, saved)
+    files = read_folder(folder, ours=True).checked(base_model)
+    record, vector = files.steering()
+    saved = files.tensors
+    adapted = peft_model if peft_model is not None else _peft_of(model, files)
     totals = _Totals()
     fit_acc: dict[str, list[float]] = {}
     with torch.no_grad(), _fit_error(model, record, saved, fit_acc) as fit_state:

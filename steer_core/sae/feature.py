@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from steer_core.constants import LABELS_FILENAME
+from steer_core.constants import LABELS_FILENAME, SAE_CONFIG_FILENAME, SAE_WEIGHTS_FILENAME
 from steer_core.provenance import file_provenance
 from steer_core.sites import HookPoint, parse_hook_name
 
@@ -54,7 +54,7 @@ class SAESource:
         if is_embedded_sae(self.path):
             out["folder"] = f"embedded:{Path(str(self.path)).name}"
         elif self.path:
-            named = file_provenance(Path(self.path) / "sae_weights.safetensors", "sae")
+            named = file_provenance(Path(self.path) / SAE_WEIGHTS_FILENAME, "sae")
             out |= {"folder": named["file"].removesuffix(".safetensors"), "sha256": named["sha256"]}
         return out
 
@@ -109,7 +109,7 @@ def _source_from_sae(sae: SAE, **provenance: str | None) -> SAESource:
 def load_sae_from_disk(path: str | Path) -> LoadedSAE:
     """An SAE in SAE Lens format: a folder with cfg.json and sae_weights.safetensors."""
     folder = Path(path)
-    missing = [f for f in ("cfg.json", "sae_weights.safetensors") if not (folder / f).is_file()]
+    missing = [f for f in (SAE_CONFIG_FILENAME, SAE_WEIGHTS_FILENAME) if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not an SAE Lens folder: missing {', '.join(missing)}")
     sae = _sae_lens().SAE.load_from_disk(str(folder))
