@@ -20,7 +20,7 @@ import gradio as gr
 
 from steer_core.adapter.card import MODE_WHERE
 from steer_core.adapter.served import read_adapter
-from steer_core.constants import CONCEPT_STRENGTH, DEFAULT_MODEL, TARGET_NAMES
+from steer_core.constants import CONCEPT_STRENGTH, CONTROL_VECTOR_FILENAME, DEFAULT_MODEL, TARGET_NAMES
 from steer_core.fit.refine import default_steps
 from steer_core.generate import GenerationConfig, stream_sides
 from steer_core.hardware import current_budget, format_bytes, parse_size
@@ -497,7 +497,7 @@ def run_control_vector(model_name: str, *vector_args: Any, access: Access | None
 
     lm, vector = _steering(model_name, vector_args, access, load=True)
     prune_work_folders()
-    path = Path(tempfile.mkdtemp(prefix="steer-cv-")) / "control_vector.gguf"
+    path = Path(tempfile.mkdtemp(prefix="steer-cv-")) / CONTROL_VECTOR_FILENAME
     with user_errors("Control vector"):
         return str(save_control_vector(vector, path, model_hint=str(lm.model.config.model_type)))
 
@@ -769,7 +769,7 @@ def build_demo() -> gr.Blocks:
             with gr.Accordion("More: llama.cpp control vector, nearest SAE features", open=False):
                 with gr.Row():
                     cv_btn = gr.Button("Same vector as a llama.cpp control vector (GGUF, exact, no calibration)")
-                    cv_file = gr.File(label="control_vector.gguf")
+                    cv_file = gr.File(label=CONTROL_VECTOR_FILENAME)
                 compare_btn = gr.Button("Nearest features of the SAE folder (step 2) to this vector, by cosine")
                 compared = gr.Markdown()
 

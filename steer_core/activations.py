@@ -75,11 +75,10 @@ def recording_block_calls(model: nn.Module, first: int) -> Iterator[list[BlockCa
         yield calls
 
 
-def forward_from(model: nn.Module, first: int, calls: list[BlockCall]) -> Tensor:
-    """Logits of `model` run from block `first` on, replaying recorded block calls (hooks and adapters on those
-    blocks act as in a full pass). `model` may be another instance of the same architecture, e.g. a PEFT copy."""
-    layers = blocks(model)[first:]
-    if len(calls) != len(layers):
+def run_blocks(model: nn.Module, first: int, calls: list[BlockCall]) -> Tensor:
+    """The hidden state after blocks `first` .. `first + len(calls) - 1`, replaying their recorded calls."""
+    layers = blocks(model)[first : first + len(calls)]
+    if not calls or len(calls) != len(layers):
         raise ValueError(f"recorded {len(calls)} block calls, but the model has {len(layers)} blocks from {first}")
     args, kwargs = calls[0]
     hidden = args[0] if args else kwargs["hidden_states"]
@@ -91,7 +90,21 @@ def forward_from(model: nn.Module, first: int, calls: list[BlockCall]) -> Tensor
             hidden = untuple(block(hidden, *args[1:], **kwargs))
         else:
             hidden = untuple(block(**{**kwargs, "hidden_states": hidden}))
+    return hidden
+
+
+def forward_from(model: nn.Module, first: int, calls: list[BlockCall], positions: Tensor | None = None) -> Tensor:
+    """Logits of `model` run from block `first` on, replaying recorded block calls (hooks and adapters on those
+    blocks act as in a full pass). `model` may be another instance of the same architecture, e.g. a PEFT copy.
+    `positions` (a mask over batch × sequence): the logits of those positions only, in order; the LM head is a fifth
+    of a small model's compute, and a measurement reads only the answers."""
+    if len(calls) != len(blocks(model)[first:]):
+        raise ValueError(f"recorded {len(calls)} block calls, but the model has {len(blocks(model)[first:])} blocks "
+                         f"from {first}")  # fmt: skip
+    hidden = run_blocks(model, first, calls)
     hf = pretrained(model)
+    if positions is not None:
+        hidden = hidden[positions]
     logits = hf.get_output_embeddings()(model.get_submodule(architecture_for(model).final_norm)(hidden))
     cap = getattr(hf.config.get_text_config(), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits

@@ -299,6 +299,36 @@ def batches_after(
 Item = tuple[int, Tensor, str, str, Tensor]  # (index in split, token ids, format, source, scored positions)
 
 
+def growth(
+    tokenizer: PreTrainedTokenizerBase,
+    split: Split,
+    have: int,
+    want: int,
+    *,
+    max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS,
+    batch_size: int = 8,
+) -> tuple[list[Batch], list[Batch]] | None:
+    """What turns the text of `batches(split, have)` into that of `batches(split, want)`: (batches to add, batches to
+    take away), each by length; None where the smaller is not a prefix of the larger (a budget small enough to cut
+    documents shorter). The documents are picked in the same order at any budget, but the last one of `have` is cut
+    to fit it: it is taken away and added whole."""
+    small = _texts_until(tokenizer, split, have, max_doc_tokens)
+    large = _texts_until(tokenizer, split, want, max_doc_tokens)
+    if not small or len(large) < len(small):
+        return None
+    same = [a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(small[:-1], large, strict=False)]
+    last, whole = small[-1], large[len(small) - 1]
+    if not all(same) or last[0] != whole[0] or not torch.equal(last[1], whole[1][: len(last[1])]):
+        return None
+    cut = [] if len(last[1]) == len(whole[1]) else [last]
+    added = sorted(large[len(small) - 1 if cut else len(small) :], key=lambda item: len(item[1]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return (
+        [collate(added[i : i + batch_size], pad) for i in range(0, len(added), batch_size)],
+        [collate(cut, pad)] if cut else [],
+    )
+
+
 def _texts_until(tokenizer: PreTrainedTokenizerBase, split: Split, max_tokens: int, max_doc_tokens: int) -> list[Item]:
     """Documents until the budget is spent, the next one always from the format, then the source, that has had the
     fewest generated tokens so far (by SOURCE_WEIGHTS): formats and sources differ in length (a two-turn chat is three

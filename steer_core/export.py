@@ -23,8 +23,6 @@ from steer_core.adapter.build import (
 from steer_core.adapter.card import model_card
 from steer_core.adapter.record import CalibrationRecord, FitRecord, SteeringRecord, VectorRecord
 from steer_core.adapter.targets import (
-    CONTROL_VECTOR_FILENAME,
-    GGUF_LORA_FILENAME,
     Target,
     check_target,
     pad_rank,
@@ -33,8 +31,10 @@ from steer_core.adapter.targets import (
 )
 from steer_core.check.verify import FidelityReport, verify
 from steer_core.constants import (
+    CONTROL_VECTOR_FILENAME,
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_VERIFY_TOKENS,
+    GGUF_LORA_FILENAME,
     MODEL_CARD_FILENAME,
     MODES,
     STEERING_JSON_FILENAME,
@@ -231,6 +231,7 @@ def _record(
             first_weight_held_in_kl={f"{w:g}": kl for w, kl in calibration.selection_kl.items()},
             post_norm_shares=calibration.shares,
             reused_statistics=calibration.reused_statistics,
+            reused_tokens=calibration.reused_tokens,
             writer_choice=calibration.writer_choice,
         ),
         fits=tuple(

@@ -124,6 +124,13 @@ class Architecture:
     def writer_name(self, layer: int, kind: Kind) -> str:
         return f"{self.layers_path}.{layer}.{self.attn_writer if kind == 'attn' else self.mlp_writer}"
 
+    def block_of(self, module: str) -> int:
+        """The block a module of a layer is in: model.layers.15.mlp.down_proj -> 15."""
+        head, _, rest = module.partition(f"{self.layers_path}.")
+        if head or not rest.split(".")[0].isdigit():
+            raise ValueError(f"{module!r} is not inside a block ({self.layers_path}.N)")
+        return int(rest.split(".")[0])
+
     def adds_to_residual_name(self, layer: int, kind: Kind) -> str:
         """The module whose output is added to the residual stream as it is (writer, or its post-norm)."""
         norm = self.attn_post_norm if kind == "attn" else self.mlp_post_norm

@@ -118,9 +118,12 @@ def model_card(record: SteeringRecord, repo_id: str | None = None) -> str:
         ]
     )
     # The writers' input statistics may come from an earlier export at the same site: say so beside the time.
+    cal = record.calibration
     reused = (
         " (input statistics kept from an earlier export)"
-        if record.calibration and record.calibration.reused_statistics
+        if cal and cal.reused_statistics
+        else f" (input statistics of {cal.reused_tokens} of its {cal.tokens} tokens kept from a map)"
+        if cal and cal.reused_tokens
         else ""
     )
     fidelity = (

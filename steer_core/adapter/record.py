@@ -56,6 +56,7 @@ class CalibrationRecord:
     first_weight_held_in_kl: dict[str, float] = field(default_factory=dict)
     post_norm_shares: dict[str, Any] | None = None
     reused_statistics: bool = False  # the writers' input statistics were kept from an earlier export at the site
+    reused_tokens: int = 0  # of `tokens`, those whose statistics were kept (a map's at the site, grown to these)
     # which writer serves a one-site vector and the KL it was chosen by (fit.composite); None where not offered
     writer_choice: dict[str, Any] | None = None
 

@@ -13,19 +13,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from steer_core.activations import BlockCall, forward_from, recording_block_calls
 from steer_core.check.verify import heldout_batches
-from steer_core.constants import MAP_CALIBRATION_TOKENS, MAP_EVAL_TOKENS, SERVABLE_TOP1, SITES
+from steer_core.constants import DEFAULT_MAX_DOC_TOKENS, MAP_CALIBRATION_TOKENS, MAP_EVAL_TOKENS, SERVABLE_TOP1, SITES
 from steer_core.divergence import kl_per_token
-from steer_core.fit.calibrate import calibrate
+from steer_core.fit.calibrate import calibrate, statistics_plan
+from steer_core.fit.ridge import STATISTICS_KEPT, gather_at_sites
+from steer_core.fit.shares import SHARE_SAMPLE_TOKENS
 from steer_core.model import LoadedModel
-from steer_core.sites import num_layers
+from steer_core.sites import architecture_for, num_layers
 from steer_core.steer import lowrank_updates, steering
 from steer_core.vectors.recipe import VectorRecipe
 from steer_core.vectors.vector import SteeringVector
@@ -42,43 +46,98 @@ SITE_MEANING = {
 }
 
 
-class HeldOut:
-    """Hook-steered and base next-token distributions on verify's held-out text, computed once per vector."""
+class Reference:
+    """The held-out text as every cell of a map measures on it, computed once: the batches, where verify measures,
+    the unsteered next-token distributions there and (without skip_bos, which needs the model's own input ids) each
+    batch's block calls from block `first` on, so that a cell's passes rerun only the blocks its steering and adapter
+    can change (activations.forward_from). Nothing here depends on the vector."""
 
-    def __init__(self, lm: LoadedModel, vector: SteeringVector, tokens: int, skip_bos: bool = False) -> None:
-        self.model = lm.model
+    def __init__(self, lm: LoadedModel, tokens: int, *, first: int = 0, skip_bos: bool = False) -> None:
+        self.model, self.tokens, self.skip_bos = lm.model, tokens, skip_bos
+        self.first = None if skip_bos else first
         held = list(heldout_batches(lm.model, lm.tokenizer, tokens))
         self.batches = [(b.input_ids.to(lm.device), b.attention_mask.to(lm.device)) for b in held]
         self.measured = [b.measured.to(lm.device) for b in held]  # where verify measures
-        self.hook: list[torch.Tensor] = []
-        kl_base = 0.0
-        self.n = 0
+        self.calls: list[list[BlockCall]] = []
+        self.base: list[torch.Tensor] = []
         with torch.no_grad():
             for (ids, mask), keep in zip(self.batches, self.measured, strict=True):
-                base = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
-                with steering(self.model, vector, skip_bos=skip_bos):
-                    hook = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
-                kl_base += float(kl_per_token(hook, base).sum())
-                self.hook.append(hook)
-                self.n += len(hook)
+                with recording_block_calls(self.model, first) if self.first is not None else nullcontext() as calls:
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits[keep]
+                self.calls.append(calls or [])
+                self.base.append(F.log_softmax(logits.float(), -1))
+        self.n = sum(len(b) for b in self.base)
         if self.n == 0:
             raise ValueError(f"{tokens} held-out tokens held no answer tokens to measure on; give more")
+
+    def log_probs(self, intervention: Callable[[], AbstractContextManager[Any]], first: int = 0) -> list[torch.Tensor]:
+        """Each batch's next-token log-probabilities at the measured positions, run inside a fresh `intervention()`
+        that changes nothing before block `first`."""
+        out = []
+        with torch.no_grad():
+            for (ids, mask), keep, calls in zip(self.batches, self.measured, self.calls, strict=True):
+                with intervention():
+                    if self.first is None or first < self.first:
+                        logits = self.model(input_ids=ids, attention_mask=mask).logits[keep]
+                    else:
+                        logits = forward_from(self.model, first, calls[first - self.first :], positions=keep)
+                out.append(F.log_softmax(logits.float(), -1))
+        return out
+
+
+def first_block(model: nn.Module, vector: SteeringVector, modules: Sequence[str] = ()) -> int:
+    """The first block that steering `vector` at its sites, or low-rank updates of `modules`, can change."""
+    arch = architecture_for(model)
+    return min([p.writer()[0] for p in vector.points] + [arch.block_of(m) for m in modules])
+
+
+class HeldOut:
+    """Hook-steered and base next-token distributions on verify's held-out text, computed once per vector; the base
+    (and the blocks before the steering) from a Reference that a map's cells share."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        vector: SteeringVector,
+        tokens: int,
+        skip_bos: bool = False,
+        reference: Reference | None = None,
+    ) -> None:
+        if reference is not None and (reference.tokens, reference.skip_bos) != (tokens, skip_bos):
+            raise ValueError(
+                f"a reference of {reference.tokens} tokens (skip_bos={reference.skip_bos}) for a measurement of "
+                f"{tokens} (skip_bos={skip_bos})"
+            )
+        self.model, self.vector = lm.model, vector
+        self.ref = reference or Reference(lm, tokens, first=first_block(lm.model, vector), skip_bos=skip_bos)
+        self.n = self.ref.n
+        self.hook = self.ref.log_probs(
+            lambda: steering(self.model, vector, skip_bos=skip_bos), first_block(self.model, vector)
+        )
+        kl_base = sum(float(kl_per_token(h, b).sum()) for h, b in zip(self.hook, self.ref.base, strict=True))
         self.kl_base = kl_base / self.n
+
+    @property
+    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input ids, attention mask) of each held-out batch."""
+        return self.ref.batches
+
+    @property
+    def measured(self) -> list[torch.Tensor]:
+        return self.ref.measured
 
     def measure(self, params: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Top-1 agreement and KL ratio of the low-rank updates `params` against the hook."""
-        return self.under(lambda: lowrank_updates(self.model, params))
+        first = first_block(self.model, self.vector, list(params))
+        return self.under(lambda: lowrank_updates(self.model, params), first)
 
-    def under(self, intervention: Callable[[], AbstractContextManager[None]]) -> dict[str, float]:
-        """Top-1 agreement and KL ratio against the hook, each batch run inside a fresh `intervention()`."""
+    def under(self, intervention: Callable[[], AbstractContextManager[Any]], first: int = 0) -> dict[str, float]:
+        """Top-1 agreement and KL ratio against the hook, each batch run inside a fresh `intervention()` that changes
+        nothing before block `first` (by default it may change anything)."""
         agree, kl = 0, 0.0
-        with torch.no_grad():
-            for (ids, mask), keep, hook in zip(self.batches, self.measured, self.hook, strict=True):
-                with intervention():
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits[keep].float()
-                pred = F.log_softmax(logits, -1)
-                kl += float(kl_per_token(hook, pred).sum())
-                agree += int((hook.argmax(-1) == pred.argmax(-1)).sum())
+        for hook, pred in zip(self.hook, self.ref.log_probs(intervention, first), strict=True):
+            kl += float(kl_per_token(hook, pred).sum())
+            agree += int((hook.argmax(-1) == pred.argmax(-1)).sum())
         return {"top1": agree / self.n, "kl_ratio": kl / self.n / self.kl_base, "kl_hook_base": self.kl_base}
 
 
@@ -196,13 +255,30 @@ def predict(
     *,
     skip_bos: bool = False,
     site: str = "resid_post",
+    reference: Reference | None = None,
 ) -> MapCell:
-    """One cell: calibrate the portable update on a little text, measure it against the hook on held-out text."""
+    """One cell: calibrate the portable update on a little text, measure it against the hook on held-out text
+    (`reference`: the held-out text's base pass, shared by a map's cells)."""
     cal = calibrate(lm.model, lm.tokenizer, vector, tokens=calibration_tokens, skip_bos=skip_bos)
     params = {f.module: (f.A.float().to(lm.device), f.B.float().to(lm.device)) for f in cal.fits}
-    held = HeldOut(lm, vector, eval_tokens, skip_bos=skip_bos)
+    held = HeldOut(lm, vector, eval_tokens, skip_bos=skip_bos, reference=reference)
     m = held.measure(params)
     return MapCell(layer, strength, m["top1"], m["kl_ratio"], held.n, site)
+
+
+def _share_statistics(lm: LoadedModel, vectors: list[SteeringVector], tokens: int, skip_bos: bool) -> None:
+    """What each cell's calibration will gather, gathered in one pass (ridge.gather_at_sites)."""
+    plans = [statistics_plan(lm.model, v) for v in vectors]
+    gather_at_sites(
+        lm.model,
+        lm.tokenizer,
+        [v if p.next_site is None else v.scaled(0.0) for v, p in zip(vectors, plans, strict=True)],
+        [(p.gathered, p.sample) for p in plans],
+        sample_tokens=SHARE_SAMPLE_TOKENS,
+        tokens=tokens,
+        max_doc_tokens=DEFAULT_MAX_DOC_TOKENS,
+        skip_bos=skip_bos,
+    )
 
 
 def servability_map(
@@ -221,18 +297,29 @@ def servability_map(
     cell's vector (a server's shared, bounded workspace: steer_core.ui.workspace); by default `recipe.build(lm)`."""
     start = time.perf_counter()
     recipes = map_cells(recipe, lm, layers, sites)
+    if recipe.layer is None:  # one direction at several strengths: built once (an SAE's load and its FVU), scaled
+        chosen = build(recipe) if build else recipe.build(lm)
+        vectors = [chosen.scaled(f) for f in STRENGTH_FACTORS]
+    else:
+        vectors = [build(r) if build else r.build(lm) for r in recipes]
+    # The held-out text's base pass, and its blocks before the first one any cell steers, are the same for every cell.
+    reference = Reference(lm, eval_tokens, first=min(first_block(lm.model, v) for v in vectors), skip_bos=skip_bos)
+    # Cells at other sites: their writers' statistics from one pass over the calibration text per STATISTICS_KEPT
+    # cells (a strength map's cells share one site, so its statistics are kept after the first cell anyway).
+    group = STATISTICS_KEPT if recipe.layer is not None and all(len(v.points) == 1 for v in vectors) else 0
     cells = []
-    for i, r in enumerate(recipes):
-        vector = build(r) if build else r.build(lm)
+    for i, (r, vector) in enumerate(zip(recipes, vectors, strict=True)):
         point = min(vector.points)
+        if group and i % group == 0:
+            if progress:
+                progress(i / len(recipes), f"calibration statistics of {len(vectors[i : i + group])} sites at once")
+            _share_statistics(lm, vectors[i : i + group], calibration_tokens, skip_bos)
         if progress:
             progress(i / len(recipes), f"layer {point.layer} {point.site}, strength {r.strengths[0]:g}")
-        strength = r.strengths[0]
         cells.append(
-            predict(
-                lm, vector, point.layer, strength, calibration_tokens, eval_tokens, skip_bos=skip_bos, site=point.site
-            )
-        )
+            predict(lm, vector, point.layer, r.strengths[0], calibration_tokens, eval_tokens, skip_bos=skip_bos,
+                    site=point.site, reference=reference)
+        )  # fmt: skip
     by_layer = recipe.layer is not None
     return ServabilityMap(
         cells,

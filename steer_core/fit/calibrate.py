@@ -70,6 +70,7 @@ class Calibration:
     # post-norm: fit_shares' losses per site, held-in KL(hook ‖ adapter) of the split and the fitted B, which was used
     shares: dict[str, Any] = field(default_factory=dict)
     reused_statistics: bool = False  # the writers' input statistics came from an earlier calibration at this site
+    reused_tokens: int = 0  # of `tokens`, those whose statistics were kept (all if reused_statistics)
     # The writer candidates' KL(hook ‖ adapter) on unseen calibration text, which was used, the attention response
     writer_choice: dict[str, Any] = field(default_factory=dict)
 
@@ -112,19 +113,14 @@ def calibrate(
         raise ValueError(f"writer {writer!r} is not one of {', '.join(WRITERS)}")
     start = time.perf_counter()
     target = "rms(Wx)" if architecture_for(model).post_norm else "one"
-    by_name = writers(model, vector, split_writers)
-    gathered = {name: (w.layer, w.kind) for name, w in by_name.items()}
-    nxt_site = next_writer_site(model, vector) if writer != "own" else None
-    if nxt_site is not None:
-        # One pass for both: a single site's own writer reads nothing its steering changes, and the next block's
-        # attention writer must be read without it, as the adapter that replaces the hook leaves it.
-        gathered[nxt_site[1]] = (nxt_site[2], "attn")
+    plan = statistics_plan(model, vector, split_writers=split_writers, writer=writer, share_steps=share_steps)
+    by_name, nxt_site = plan.writers, plan.next_site
     seen = gather(
         model,
         tokenizer,
         vector if nxt_site is None else vector.scaled(0.0),
-        gathered,
-        sample=[name for name, w in by_name.items() if w.shared] if share_steps > 0 else [],
+        plan.gathered,
+        sample=plan.sample,
         sample_tokens=SHARE_SAMPLE_TOKENS,
         tokens=tokens,
         max_doc_tokens=max_doc_tokens,
@@ -163,8 +159,39 @@ def calibrate(
         selection_kl=chosen.first_weight_kl,
         shares=shares,
         reused_statistics=seen.reused,
+        reused_tokens=seen.reused_tokens,
         writer_choice=choice,
     )
+
+
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """Which writers' input statistics a calibration of a vector gathers, and why."""
+
+    writers: dict[str, Writer]  # the writers that carry the vector (shares.writers)
+    gathered: dict[str, tuple[int, Kind]]  # module -> (layer, kind): those, and the next block's attention writer
+    sample: list[str]  # writers whose input rows the post-norm shares' fit samples
+    next_site: tuple[HookPoint, str, int] | None  # composite's candidate, where there is one
+
+
+def statistics_plan(
+    model: nn.Module,
+    vector: SteeringVector,
+    *,
+    split_writers: bool = True,
+    writer: Writers = "auto",
+    share_steps: int = SHARE_STEPS,
+) -> StatisticsPlan:
+    """What calibrate(vector, same settings) gathers in its pass over the calibration text."""
+    by_name = writers(model, vector, split_writers)
+    gathered = {name: (w.layer, w.kind) for name, w in by_name.items()}
+    nxt_site = next_writer_site(model, vector) if writer != "own" else None
+    if nxt_site is not None:
+        # One pass for both: a single site's own writer reads nothing its steering changes, and the next block's
+        # attention writer must be read without it, as the adapter that replaces the hook leaves it.
+        gathered[nxt_site[1]] = (nxt_site[2], "attn")
+    sample = [name for name, w in by_name.items() if w.shared] if share_steps > 0 else []
+    return StatisticsPlan(by_name, gathered, sample, nxt_site)
 
 
 def _choose_writer(

@@ -13,6 +13,7 @@ held-in KL (docs/fidelity.md, "The attention writer").
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from steer_core import corpus
-from steer_core.activations import forward_until, recording
+from steer_core.activations import BlockCall, forward_until, recording, recording_block_calls, run_blocks
 from steer_core.constants import DEFAULT_MAX_DOC_TOKENS
 from steer_core.fit.position0 import InputFit
 from steer_core.sites import HookPoint, architecture_for, num_layers
@@ -96,19 +97,29 @@ def mean_responses(
     device = next(model.parameters()).device
     total = {s: torch.zeros(vector.d_model, dtype=torch.float64) for s in already}
     n = 0
+    first = min(p.writer()[0] for p in vector.points)
+    # The blocks before the steering's first are the same at every share: run them once, in the unsteered pass, and
+    # replay only blocks first .. layer for the others (skip_bos needs the model's own input ids: full passes).
+    replay = not skip_bos and 0 < first <= layer
     # Documents as long as calibration's: attention's response to v changes along the sequence
     for batch in corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens, by_length=True):
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         keep = mask.bool()
         keep[:, 0] = False  # position 0 is a sink with massive norms; B is one vector for the rest
         outs: dict[float, Tensor] = {}
+        calls: list[BlockCall] = []
         for share in (*already, 1.0):
             got: list[Tensor] = []
             with (
                 recording(model, [module], lambda _n, y: got.append(y), what="output"),  # noqa: B023 (used at once)
                 steering(model, vector.scaled(share), skip_bos=skip_bos),
             ):
-                forward_until(model, layer, input_ids=ids, attention_mask=mask)
+                if replay and calls:
+                    run_blocks(model, first, calls)
+                else:
+                    with recording_block_calls(model, first) if replay else nullcontext() as recorded:
+                        forward_until(model, layer, input_ids=ids, attention_mask=mask)
+                    calls = (recorded or [])[: layer - first + 1]
             outs[share] = got[0][keep].double().cpu()
         for s in already:
             total[s] += (outs[1.0] - outs[s]).sum(0)

@@ -8,6 +8,8 @@ smaller held-in gain did not survive on held-out text.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import NamedTuple
 
 from torch import Tensor
@@ -31,17 +33,35 @@ def fit_at_weights(
     stats: dict[str, tuple[Stats, Stats]], weights: tuple[float, ...] = FIRST_WEIGHTS
 ) -> dict[float, dict[str, InputFit]]:
     """Weight -> writer -> A, from each writer's statistics of (every later position, position 0)."""
-    ridges: dict[str, float] = {}
-    out: dict[float, dict[str, InputFit]] = {}
+    per_writer = {name: _writer_fits(body, head, weights) for name, (body, head) in stats.items()}
+    return {weight: {name: fits[weight] for name, fits in per_writer.items()} for weight in weights}
+
+
+# A depends on the statistics alone, and statistics kept for a site (ridge.gather) are the same objects each time:
+# the next vector there (a map's next strength, another feature) reuses its fits too, ~2 s a writer at d_in = 1536.
+_FITS: weakref.WeakKeyDictionary[Stats, dict[tuple[int, tuple[float, ...]], dict[float, InputFit]]] = (
+    weakref.WeakKeyDictionary()
+)
+_FITS_LOCK = threading.Lock()
+
+
+def _writer_fits(body: Stats, head: Stats, weights: tuple[float, ...]) -> dict[float, InputFit]:
+    key = (id(head), weights)  # head lives as long as body: both are one writer's kept statistics
+    with _FITS_LOCK:
+        known = _FITS.get(body, {}).get(key)
+    if known is not None:
+        return known
+    out: dict[float, InputFit] = {}
+    ridge: float | None = None
     for weight in weights:
-        out[weight] = {}
-        for name, (body, head) in stats.items():
-            s = body.plus(head, weight)
-            # The penalty is validated once, at the first weight; the others reuse it (an eigendecomposition each
-            # would cost seconds at d_in = 1536).
-            u, ridge, rel = fit_ridge(s, (ridges[name],) if name in ridges else RIDGE_GRID)
-            ridges.setdefault(name, ridge)
-            out[weight][name] = InputFit(u, ridge, rel, sum(s.n))
+        s = body.plus(head, weight)
+        # The penalty is validated once, at the first weight; the others reuse it (an eigendecomposition each would
+        # cost seconds at d_in = 1536).
+        u, chosen, rel = fit_ridge(s, (ridge,) if ridge is not None else RIDGE_GRID)
+        ridge = chosen if ridge is None else ridge
+        out[weight] = InputFit(u, chosen, rel, sum(s.n))
+    with _FITS_LOCK:
+        _FITS.setdefault(body, {})[key] = out
     return out
 
 

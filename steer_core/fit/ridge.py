@@ -16,7 +16,7 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,15 @@ class Stats:
         self.xty[fold] += x.T @ y
         self.yty[fold] += y @ y
         self.n[fold] += len(y)
+
+    def changed(self, added: Stats, removed: Stats | None) -> Stats:
+        """These statistics with `added`'s rows and without `removed`'s (rows these hold)."""
+        out = self.plus(added, 1.0)
+        if removed is not None:
+            out.xtx, out.xty, out.yty = out.xtx - removed.xtx, out.xty - removed.xty, out.yty - removed.yty
+            out.n = [a - b for a, b in zip(out.n, removed.n, strict=True)]
+            out.sq -= removed.sq
+        return out
 
     def plus(self, other: Stats, weight: float) -> Stats:
         """These statistics with `other`'s rows counted `weight` times each (the penalty's scale ignores weights)."""
@@ -138,6 +147,7 @@ class WriterStatistics:
     sampled: dict[str, list[Tensor]]  # input rows of the writers asked for (post-norm shares), on the CPU
     tokens: int
     reused: bool  # kept from an earlier calibration at this site
+    reused_tokens: int = 0  # of `tokens`, those whose statistics were kept (all if reused; a map's, grown)
 
 
 def gather(
@@ -156,6 +166,120 @@ def gather(
     """The statistics of each writer (module name -> (layer, kind)) on `tokens` held-in tokens, with the steering
     applied by hooks, so each writer sees the inputs it will see once the earlier sites are steered; and up to
     `sample_tokens` input rows of each writer in `sample`."""
+    reusable = len(vector.points) == 1  # several sites: a later site's writers read the earlier sites' steering
+    key = _key(model, writers, sample, tokens, max_doc_tokens, skip_bos)
+    known = _remembered(model, key) if reusable else None
+    reused = 0
+    if known is not None:
+        stats, sampled, seen = known
+        reused = seen
+        if progress:
+            progress(1.0, f"calibrating: {seen} tokens' statistics kept from an earlier calibration at this site")
+    elif reusable and not sample and (smaller := _smaller(model, key)) is not None:
+        stats, seen, reused = _grown(model, tokenizer, vector, writers, smaller, key, skip_bos, progress)
+        sampled = {}
+    else:
+        batches = corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens, by_length=True)
+        stats, sampled, seen = _pass(model, vector, writers, batches, sample, sample_tokens, tokens, skip_bos, progress)
+    if set(stats) != set(writers):
+        raise ValueError("no calibration tokens reached the writers; check the tokenizer and corpus")
+    if reusable and known is None:
+        _remember(model, key, (stats, sampled, seen))
+    return WriterStatistics(stats, sampled, seen, known is not None, reused)
+
+
+def _key(
+    model: nn.Module, writers: dict[str, tuple[int, Kind]], sample: list[str], tokens: int, max_doc_tokens: int,
+    skip_bos: bool,
+) -> _StatsKey:  # fmt: skip
+    # The dtype too: a model converted in place (model.to(torch.bfloat16)) is the same object with other statistics.
+    return frozenset(writers), frozenset(sample), tokens, max_doc_tokens, skip_bos, next(model.parameters()).dtype
+
+
+def gather_at_sites(
+    model: nn.Module,
+    tokenizer: Any,
+    vectors: list[SteeringVector],
+    plans: list[tuple[dict[str, tuple[int, Kind]], list[str]]],
+    *,
+    sample_tokens: int,
+    tokens: int,
+    max_doc_tokens: int,
+    skip_bos: bool,
+    progress: Callable[[float, str], None] | None = None,
+) -> None:
+    """Keep, for one-site vectors at several sites (a map over layers), the statistics gather() would make for each
+    (`plans`: its writers and sampled writers), from one pass over the calibration text instead of one each. Exact:
+    a one-site vector's writers read nothing its steering changes, so the pass runs unsteered; each writer's rows
+    are the same rows in the same batches. At most STATISTICS_KEPT plans: more would push out the first."""
+    if any(len(v.points) != 1 for v in vectors) or len(plans) > STATISTICS_KEPT:
+        raise ValueError(f"statistics at several sites are shared for at most {STATISTICS_KEPT} one-site vectors")
+    todo = [(w, s) for w, s in plans if _remembered(model, _key(model, w, s, tokens, max_doc_tokens, skip_bos)) is None]
+    if not todo:
+        return
+    union = {name: where for w, _ in todo for name, where in w.items()}
+    sample = sorted({name for _, s in todo for name in s})
+    batches = corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens, by_length=True)
+    stats, sampled, seen = _pass(
+        model, vectors[0].scaled(0.0), union, batches, sample, sample_tokens, tokens, skip_bos, progress
+    )
+    for w, s in todo:
+        if set(w) <= set(stats):
+            value = ({n: stats[n] for n in w}, {n: sampled[n] for n in s}, seen)
+            _remember(model, _key(model, w, s, tokens, max_doc_tokens, skip_bos), value)
+
+
+def _smaller(model: nn.Module, key: _StatsKey) -> tuple[_StatsKey, _StatsValue] | None:
+    """The largest statistics kept at this site with the same settings on fewer tokens (a map's, before an export)."""
+    with _STATISTICS_LOCK:
+        kept = list(_STATISTICS.get(model, {}).items())
+    fewer = [(k, v) for k, v in kept if k[2] < key[2] and (k[0], k[1], *k[3:]) == (key[0], key[1], *key[3:])]
+    return max(fewer, key=lambda kv: kv[0][2]) if fewer else None
+
+
+def _grown(
+    model: nn.Module,
+    tokenizer: Any,
+    vector: SteeringVector,
+    writers: dict[str, tuple[int, Kind]],
+    smaller: tuple[_StatsKey, _StatsValue],
+    key: _StatsKey,
+    skip_bos: bool,
+    progress: Callable[[float, str], None] | None,
+) -> tuple[dict[str, tuple[Stats, Stats]], int, int]:
+    """The statistics on key's tokens from those kept on fewer: a pass over the documents the larger budget adds
+    only (statistics are sums over tokens, so they add), or a full pass where the smaller text is not a prefix."""
+    (_w, _s, have, max_doc_tokens, *_), (kept, _sampled, seen) = smaller
+    plan = corpus.growth(tokenizer, "calibration", have, key[2], max_doc_tokens=max_doc_tokens)
+    if plan is None:
+        batches = corpus.batches(tokenizer, "calibration", key[2], max_doc_tokens=max_doc_tokens, by_length=True)
+        stats, _, total = _pass(model, vector, writers, batches, [], 0, key[2], skip_bos, progress)
+        return stats, total, 0
+    added, removed = plan
+    if progress:
+        progress(0.0, f"calibrating: {seen} tokens' statistics kept from the map at this site")
+    plus, _, more = _pass(model, vector, writers, added, [], 0, key[2] - seen, skip_bos, progress)
+    minus, _, less = _pass(model, vector, writers, removed, [], 0, 1, skip_bos, None) if removed else ({}, {}, 0)
+    stats = {
+        name: (body.changed(plus[name][0], minus[name][0] if name in minus else None),
+               head.changed(plus[name][1], minus[name][1] if name in minus else None))
+        for name, (body, head) in kept.items()
+    }  # fmt: skip
+    return stats, seen + more - less, seen - less
+
+
+def _pass(
+    model: nn.Module,
+    vector: SteeringVector,
+    writers: dict[str, tuple[int, Kind]],
+    batches: Iterable[corpus.Batch],
+    sample: list[str],
+    sample_tokens: int,
+    tokens: int,
+    skip_bos: bool,
+    progress: Callable[[float, str], None] | None,
+) -> tuple[dict[str, tuple[Stats, Stats]], dict[str, list[Tensor]], int]:
+    """One pass over `batches` with the steering on: each writer's statistics, the sampled input rows, tokens seen."""
     device = next(model.parameters()).device
     stats: dict[str, tuple[Stats, Stats]] = {}
     sampled: dict[str, list[Tensor]] = {name: [] for name in sample}
@@ -179,37 +303,22 @@ def gather(
 
     last = max(layer for layer, _ in writers.values())
     seen = 0
-    # Several sites: a later site's writers read what the earlier sites' steering changed, so nothing is reused.
-    reusable = len(vector.points) == 1
-    # The dtype too: a model converted in place (model.to(torch.bfloat16)) is the same object with other statistics.
-    key = (frozenset(writers), frozenset(sampled), tokens, max_doc_tokens, skip_bos, next(model.parameters()).dtype)
-    known = _remembered(model, key) if reusable else None
-    if known is not None:
-        stats, sampled, seen = known
-        if progress:
-            progress(1.0, f"calibrating: {seen} tokens' statistics kept from an earlier calibration at this site")
-    else:
-        with steering(model, vector, skip_bos=skip_bos), recording(model, list(writers), on, what="input"):
-            batches = corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens, by_length=True)
-            for batch in batches:
-                mask = batch.attention_mask.bool()
-                state["mask"] = mask.to(device)
-                state["steered"] = steered_positions(batch.input_ids, skip_bos, bos_id).to(device)
-                state["fold"] = (batch.doc_index % 2).unsqueeze(1).expand_as(mask).to(device)
-                first = torch.zeros_like(mask)
-                first[:, 0] = True
-                state["first"] = first.to(device)
-                forward_until(
-                    model, last, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-                )
-                seen += int(mask.sum())
-                if progress:
-                    progress(min(seen / tokens, 1.0), f"calibrating: {seen}/{tokens} tokens")
-    if set(stats) != set(writers):
-        raise ValueError("no calibration tokens reached the writers; check the tokenizer and corpus")
-    if reusable and known is None:
-        _remember(model, key, (stats, sampled, seen))
-    return WriterStatistics(stats, sampled, seen, known is not None)
+    with steering(model, vector, skip_bos=skip_bos), recording(model, list(writers), on, what="input"):
+        for batch in batches:
+            mask = batch.attention_mask.bool()
+            state["mask"] = mask.to(device)
+            state["steered"] = steered_positions(batch.input_ids, skip_bos, bos_id).to(device)
+            state["fold"] = (batch.doc_index % 2).unsqueeze(1).expand_as(mask).to(device)
+            first = torch.zeros_like(mask)
+            first[:, 0] = True
+            state["first"] = first.to(device)
+            forward_until(
+                model, last, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+            )
+            seen += int(mask.sum())
+            if progress:
+                progress(min(seen / tokens, 1.0), f"calibrating: {seen}/{tokens} tokens")
+    return stats, sampled, seen
 
 
 def _ridge_path(xtx: Tensor, xty: Tensor, lambdas: list[float]) -> list[Tensor]:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer_core.constants import SAE_CONFIG_FILENAME, SAE_WEIGHTS_FILENAME
 from steer_core.hardware import Budget, format_bytes
 from steer_core.model import EMBEDDED_MODELS, embedded_installed
 from steer_core.sae.feature import EMBEDDED_SAES, embedded_sae_for, registry, registry_entry, same_model
@@ -73,7 +74,7 @@ class SAEChoice:
 
     @property
     def available_offline(self) -> bool:
-        return self.path is not None and (Path(self.path) / "cfg.json").is_file()
+        return self.path is not None and (Path(self.path) / SAE_CONFIG_FILENAME).is_file()
 
     def neuronpedia_url(self, feature: int) -> str | None:
         return f"https://www.neuronpedia.org/{self.neuronpedia_id}/{feature}" if self.neuronpedia_id else None
@@ -173,7 +174,9 @@ def folder_choice(path: str) -> SAEChoice:
     """An SAE folder the user typed (SAE Lens format)."""
     path = path.strip()
     if not path:
-        raise ValueError("the SAE folder is empty; type the path of a folder with cfg.json and sae_weights.safetensors")
+        raise ValueError(
+            f"the SAE folder is empty; type the path of a folder with {SAE_CONFIG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
+        )
     return SAEChoice(f"folder: {path}", path=path)
 
 

@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import Tensor
 
-from steer_core.constants import LABELS_FILENAME
+from steer_core.constants import LABELS_FILENAME, SAE_CONFIG_FILENAME
 from steer_core.generate import GLOBAL_RNG_TURN as RNG_TURN
 from steer_core.hardware import Budget, current_budget, format_bytes
 from steer_core.hub import Access, forget_download
@@ -240,8 +240,8 @@ class Workspace:
         access = access or Access()
         if choice.path and not choice.available_offline and choice.label.startswith("embedded:"):
             raise FileNotFoundError(
-                f"the embedded SAE is not in this install ({choice.path} has no cfg.json); reinstall steer_core, or "
-                "give an SAE folder or a registry SAE"
+                f"the embedded SAE is not in this install ({choice.path} has no {SAE_CONFIG_FILENAME}); reinstall "
+                "steer_core, or give an SAE folder or a registry SAE"
             )
         key = _sae_key(choice)
         sae = self._lookup(self._saes, key)
