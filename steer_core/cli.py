@@ -232,9 +232,10 @@ def _check_steering_args(parser: argparse.ArgumentParser, args: argparse.Namespa
                 "or --control-vector GGUF"
             )
         return False
-    if args.vector is not None and args.vector.lower().endswith(".gguf") and args.layer is not None:
+    gguf = args.vector is not None and args.vector.lower().endswith(".gguf")  # read as a control vector
+    if gguf and args.layer is not None:
         parser.error(f"--layer {args.layer} does not apply to {args.vector}: a .gguf control vector carries its layers")
-    if args.vector is not None and args.layer is None and not args.vector.lower().endswith(".gguf"):
+    if args.vector is not None and args.layer is None and not gguf:
         parser.error("--vector needs --layer L")
     if args.contrastive is not None and args.layer is None:
         parser.error("--contrastive needs --layer L")

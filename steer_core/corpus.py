@@ -260,12 +260,10 @@ def batches(
     """
     if max_tokens <= 0:
         raise ValueError(f"token budget must be positive, got {max_tokens}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items = _texts_until(tokenizer, split, max_tokens, max_doc_tokens)
     if by_length:
         items = sorted(items, key=lambda item: len(item[1]))
-    for start in range(0, len(items), batch_size):
-        yield collate(items[start : start + batch_size], pad)
+    yield from _in_batches(tokenizer, items, batch_size)
 
 
 def batches_after(
@@ -291,9 +289,8 @@ def batches_after(
             break
     if not items:
         raise ValueError(f"the {split} text holds nothing past its first {after} tokens; calibrate on fewer tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items.sort(key=lambda item: len(item[1]))
-    return [collate(items[start : start + batch_size], pad) for start in range(0, len(items), batch_size)]
+    return list(_in_batches(tokenizer, items, batch_size))
 
 
 Item = tuple[int, Tensor, str, str, Tensor]  # (index in split, token ids, format, source, scored positions)
@@ -322,11 +319,14 @@ def growth(
         return None
     cut = [] if len(last[1]) == len(whole[1]) else [last]
     added = sorted(large[len(small) - 1 if cut else len(small) :], key=lambda item: len(item[1]))
+    return list(_in_batches(tokenizer, added, batch_size)), list(_in_batches(tokenizer, cut, batch_size))
+
+
+def _in_batches(tokenizer: PreTrainedTokenizerBase, items: Sequence[Item], batch_size: int) -> Iterator[Batch]:
+    """The items collated `batch_size` at a time, in the order given, padded with the tokenizer's pad id (else 0)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return (
-        [collate(added[i : i + batch_size], pad) for i in range(0, len(added), batch_size)],
-        [collate(cut, pad)] if cut else [],
-    )
+    for start in range(0, len(items), batch_size):
+        yield collate(items[start : start + batch_size], pad)
 
 
 def _texts_until(tokenizer: PreTrainedTokenizerBase, split: Split, max_tokens: int, max_doc_tokens: int) -> list[Item]:

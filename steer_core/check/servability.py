@@ -88,7 +88,7 @@ class Reference:
 def first_block(model: nn.Module, vector: SteeringVector, modules: Sequence[str] = ()) -> int:
     """The first block that steering `vector` at its sites, or low-rank updates of `modules`, can change."""
     arch = architecture_for(model)
-    return min([p.writer()[0] for p in vector.points] + [arch.block_of(m) for m in modules])
+    return min([vector.first_block] + [arch.block_of(m) for m in modules])
 
 
 class HeldOut:
@@ -109,11 +109,9 @@ class HeldOut:
                 f"{tokens} (skip_bos={skip_bos})"
             )
         self.model, self.vector = lm.model, vector
-        self.ref = reference or Reference(lm, tokens, first=first_block(lm.model, vector), skip_bos=skip_bos)
+        self.ref = reference or Reference(lm, tokens, first=vector.first_block, skip_bos=skip_bos)
         self.n = self.ref.n
-        self.hook = self.ref.log_probs(
-            lambda: steering(self.model, vector, skip_bos=skip_bos), first_block(self.model, vector)
-        )
+        self.hook = self.ref.log_probs(lambda: steering(self.model, vector, skip_bos=skip_bos), vector.first_block)
         kl_base = sum(float(kl_per_token(h, b).sum()) for h, b in zip(self.hook, self.ref.base, strict=True))
         self.kl_base = kl_base / self.n
 
@@ -272,7 +270,7 @@ def _share_statistics(lm: LoadedModel, vectors: list[SteeringVector], tokens: in
     gather_at_sites(
         lm.model,
         lm.tokenizer,
-        [v if p.next_site is None else v.scaled(0.0) for v, p in zip(vectors, plans, strict=True)],
+        vectors,
         [(p.gathered, p.sample) for p in plans],
         sample_tokens=SHARE_SAMPLE_TOKENS,
         tokens=tokens,
@@ -303,7 +301,7 @@ def servability_map(
     else:
         vectors = [build(r) if build else r.build(lm) for r in recipes]
     # The held-out text's base pass, and its blocks before the first one any cell steers, are the same for every cell.
-    reference = Reference(lm, eval_tokens, first=min(first_block(lm.model, v) for v in vectors), skip_bos=skip_bos)
+    reference = Reference(lm, eval_tokens, first=min(v.first_block for v in vectors), skip_bos=skip_bos)
     # Cells at other sites: their writers' statistics from one pass over the calibration text per STATISTICS_KEPT
     # cells (a strength map's cells share one site, so its statistics are kept after the first cell anyway).
     group = STATISTICS_KEPT if recipe.layer is not None and all(len(v.points) == 1 for v in vectors) else 0

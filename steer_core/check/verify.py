@@ -406,7 +406,7 @@ def _first_changed_block(vector: SteeringVector, record: SteeringRecord, saved: 
     before it; None when they may not (ablation hooks every writer, skip_bos needs the model-level input ids)."""
     if record.mode == "ablate" or record.skip_bos:
         return None
-    first = min(point.writer()[0] for point in vector.points)
+    first = vector.first_block
     adapted_layers = {int(m.group(1)) for key in saved if (m := re.search(r"\.(\d+)\.", key))}
     if not adapted_layers or min(adapted_layers) < first:
         return None

@@ -97,7 +97,7 @@ def mean_responses(
     device = next(model.parameters()).device
     total = {s: torch.zeros(vector.d_model, dtype=torch.float64) for s in already}
     n = 0
-    first = min(p.writer()[0] for p in vector.points)
+    first = vector.first_block
     # The blocks before the steering's first are the same at every share: run them once, in the unsteered pass, and
     # replay only blocks first .. layer for the others (skip_bos needs the model's own input ids: full passes).
     replay = not skip_bos and 0 < first <= layer

@@ -206,7 +206,6 @@ def gather_at_sites(
     tokens: int,
     max_doc_tokens: int,
     skip_bos: bool,
-    progress: Callable[[float, str], None] | None = None,
 ) -> None:
     """Keep, for one-site vectors at several sites (a map over layers), the statistics gather() would make for each
     (`plans`: its writers and sampled writers), from one pass over the calibration text instead of one each. Exact:
@@ -221,7 +220,7 @@ def gather_at_sites(
     sample = sorted({name for _, s in todo for name in s})
     batches = corpus.batches(tokenizer, "calibration", tokens, max_doc_tokens=max_doc_tokens, by_length=True)
     stats, sampled, seen = _pass(
-        model, vectors[0].scaled(0.0), union, batches, sample, sample_tokens, tokens, skip_bos, progress
+        model, vectors[0].scaled(0.0), union, batches, sample, sample_tokens, tokens, skip_bos, None
     )
     for w, s in todo:
         if set(w) <= set(stats):

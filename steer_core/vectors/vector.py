@@ -58,6 +58,12 @@ class SteeringVector:
     def points(self) -> list[HookPoint]:
         return sorted(self.directions)
 
+    @property
+    def first_block(self) -> int:
+        """The first block whose computation the steering changes: its earliest site's writer. The blocks before it
+        are the same steered or not, so passes that differ only in steering can share them."""
+        return min(p.writer()[0] for p in self.directions)
+
     def norms(self) -> dict[str, float]:
         return {p.tl_name: float(v.norm()) for p, v in sorted(self.directions.items())}
 
