@@ -19,21 +19,23 @@ from typing import Any
 import gradio as gr
 
 from steer_core.adapter.card import MODE_WHERE
-from steer_core.adapter.served import read_adapter
 from steer_core.constants import CONCEPT_STRENGTH, CONTROL_VECTOR_FILENAME, DEFAULT_MODEL, TARGET_NAMES
 from steer_core.fit.refine import default_steps
 from steer_core.generate import GenerationConfig, stream_sides
-from steer_core.hardware import current_budget, format_bytes, parse_size
+from steer_core.hardware import current_budget, parse_size
 from steer_core.hub import Access, on_space, take_owner_token
-from steer_core.model import LoadedModel, is_local, keep_freed_memory, load_model
+from steer_core.model import LoadedModel, keep_freed_memory, load_model
 from steer_core.sae import concept, search
 from steer_core.sae.feature import embedded_sae_for, is_embedded_sae
 from steer_core.sae.labels import active_features
-from steer_core.ui import catalog, explain
+from steer_core.template import warm_up
+from steer_core.ui import catalog, explain, gate
+from steer_core.ui.exposure import exposure
 from steer_core.ui.form import CONTRASTIVE, DEFAULT_UNIT, FIELDS, SAE_FEATURES, SOURCES, SteeringForm
+from steer_core.ui.gate import HEAVY, LIGHT, LOAD, PAGE, PREVIEW, PUSH
 from steer_core.ui.limits import SERVER_LIMITS as LIMITS
 from steer_core.ui.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
-from steer_core.ui.workspace import Workspace, is_work_folder, prune_work_folders
+from steer_core.ui.workspace import Workspace, make_work_room
 from steer_core.vectors.recipe import VectorRecipe
 
 try:  # ZeroGPU on Spaces: a GPU is attached only while a decorated handler runs
@@ -54,52 +56,44 @@ CSS_PATH = Path(__file__).with_name("app.css")
 USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)
 PROMPT_TOKENS = 1024  # a preview's prompt; contrastive prompts have their own, smaller limit (steer_core.ui.limits)
 
-# On a Space, HF_TOKEN is the owner's secret: out of the environment at once, so no library sends it for a visitor;
-# it reads the curated (gated) models only (steer_core.hub).
-ON_SPACE = on_space()
-OWNER_TOKEN = take_owner_token()
+# Public unless it listens on loopback only (steer_core.ui.exposure): a Space, a VM on 0.0.0.0, a share link. There
+# HF_TOKEN is the owner's secret: out of the environment at once, so no library sends it for a visitor; it reads the
+# curated (gated) models only (steer_core.hub).
+EXPOSURE = exposure()
+PUBLIC = EXPOSURE.public
+OWNER_TOKEN = take_owner_token(PUBLIC)
 # What this hardware holds: on a GPU (ZeroGPU included) models run in bfloat16, on a CPU in float32.
 BUDGET = current_budget()
 
 
-def _load(name: str, token: str | bool | None = None) -> LoadedModel:
-    # On ZeroGPU, CUDA is emulated outside the decorated handlers, so the weights can be placed at load time.
-    return load_model(name, dtype=BUDGET.dtype, device_map="cuda" if BUDGET.device == "cuda" else None, token=token)
+def _load(name: str, token: str | bool | None = None, **hub: Any) -> LoadedModel:
+    """`hub`: the pinned revision and a visitor's own cache folder (steer_core.ui.workspace). On ZeroGPU, CUDA is
+    emulated outside the decorated handlers, so the weights can be placed at load time."""
+    device_map = "cuda" if BUDGET.device == "cuda" else None
+    return load_model(name, dtype=BUDGET.dtype, device_map=device_map, token=token, **hub)
 
 
 # A Space's disk (50 GB on the free hardware) holds the shared Hub cache: past this, the least recently used
 # downloads that nothing loaded holds go. Locally the Hub cache is the user's own and is left alone.
-HUB_CACHE_LIMIT = parse_size(os.environ.get("STEER_HUB_CACHE_LIMIT", "20GB")) if ON_SPACE else None
+HUB_CACHE_LIMIT = parse_size(os.environ.get("STEER_HUB_CACHE_LIMIT", "20GB")) if PUBLIC else None
 workspace = Workspace(_load, budget=BUDGET, pinned=(DEFAULT_MODEL,), disk_budget=HUB_CACHE_LIMIT)
 _models = workspace.models  # tests put tiny models here
 
 
-# The lanes, on purpose (scripts/load_test.py measures them):
-# - previews, searches, feature cards and the other short events share PREVIEW_WORKERS workers (the queue's default
-#   lane): a preview is a few seconds of CPU, so 4 at once keep a 2-core Space busy without making each one wait on
-#   the others for long. They never download or load: what they need was loaded in the load lane (get_model);
-# - loads (a visitor's model or SAE: downloads, then a minute of labelling for a registry SAE) and the comparison
-#   with an SAE's features run one at a time in a lane of their own: a slow download holds up the next load, never
-#   a preview. Two loads at once would also hold two models' memory before the cache could make room;
-# - exports, maps and control vectors (a minute or more of CPU each, and an export's calibration peaks at ~3 GB)
-#   have the heavy lane, one at a time: a second export waits for the first instead of taking a preview's worker;
-# - pushes (network, seconds) have two workers, so a slow upload does not hold up the next visitor's;
-# - past QUEUE_MAX waiting requests (all lanes together) a new one is refused at once: the browser shows Gradio's
-#   "This application is currently busy. Please try again.", gradio_client raises QueueError("Queue is full!
-#   Please try again."), instead of a wait nobody sees the end of or a server that runs out of memory.
-PREVIEW_WORKERS = 4
+# Every event runs in a named lane (steer_core.ui.gate: workers, waiting places and a share per visitor of each;
+# scripts/load_test.py measures them). Past QUEUE_MAX waiting requests (all lanes together) a new one is refused at
+# once: the browser shows Gradio's "This application is currently busy. Please try again.", gradio_client raises
+# QueueError, instead of a wait nobody sees the end of or a server that runs out of memory.
+GATE = gate.GateLimits()
 # ZeroGPU runs @spaces.GPU handlers in a worker process forked from this one (spaces 0.51), which keeps what it
 # loads to itself and may have been forked before a load here: there a handler loads what its worker lacks.
 INLINE_LOADS = os.environ.get("SPACES_ZERO_GPU") == "true"
-LOAD = {"concurrency_id": "load", "concurrency_limit": 1}
-HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
-PUSH = {"concurrency_id": "push", "concurrency_limit": 2}
 
 
 def visitor_access(oauth: gr.OAuthToken | None, typed: str = "") -> Access:
     """The Hub access of one request: a token the visitor typed (their explicit choice, say an organisation's), else
     their sign-in; and the owner's token for the curated repos on a Space."""
-    return Access(ON_SPACE, OWNER_TOKEN, (typed or "").strip() or (oauth.token if oauth else None) or None)
+    return Access(PUBLIC, OWNER_TOKEN, (typed or "").strip() or (oauth.token if oauth else None) or None)
 
 
 def for_visitor(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -158,7 +152,7 @@ def _choice(model_name: str, sae_pick: str, sae_folder: str) -> catalog.SAEChoic
             raise ValueError("no SAE chosen: pick one from the list or type an SAE folder")
         else:
             choice = catalog.find_choice(model_name.strip(), sae_pick)  # "folder: PATH" is a folder too
-        if ON_SPACE and choice.path and not is_embedded_sae(choice.path):
+        if PUBLIC and choice.path and not is_embedded_sae(choice.path):
             raise ValueError("a public Space does not read folders on its own disk: pick an SAE from the list")
         return choice
 
@@ -191,11 +185,14 @@ def _steering(
 # ---- 1 · model ---------------------------------------------------------------------------------------------------
 
 
-def on_model(model_name: str, progress=gr.Progress(), *, access: Access | None = None) -> tuple[Any, ...]:
+def on_model(
+    model_name: str, progress=gr.Progress(), *, access: Access | None = None, load: bool = True
+) -> tuple[Any, ...]:
     """Load the model (in the load lane), then offer its SAEs and preselect the embedded SAE's showcase feature."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
-    progress(0.1, desc=f"loading {model_name} (the first load of an embedded model takes about a minute)")
-    lm = get_model(model_name, access, load=True)
+    if load:
+        progress(0.1, desc=f"loading {model_name} (the first load of an embedded model takes about a minute)")
+    lm = get_model(model_name, access, load=load)
     layers = lm.model.config.get_text_config().num_hidden_layers
     status = (
         f"✅ **{lm.name}** · {lm.arch.family} · {layers} layers · "
@@ -224,11 +221,22 @@ def on_model(model_name: str, progress=gr.Progress(), *, access: Access | None =
     )
 
 
+def on_page(model_name: str, progress=gr.Progress(), *, access: Access | None = None) -> tuple[Any, ...]:
+    """A page load: what is loaded (the default model, loaded at startup), shown without loading anything. The page
+    load is an event like any other, which a request written by hand can send with any model name."""
+    return on_model(model_name, progress, access=access, load=False)
+
+
+@gpu
+def on_page_sae(model_name: str, sae_pick: str, sae_folder: str, *, access: Access | None = None) -> str:
+    return on_sae(model_name, sae_pick, sae_folder, access=access, load=False)
+
+
 # ---- 2 · feature -------------------------------------------------------------------------------------------------
 
 
 @gpu
-def on_sae(model_name: str, sae_pick: str, sae_folder: str, *, access: Access | None = None) -> str:
+def on_sae(model_name: str, sae_pick: str, sae_folder: str, *, access: Access | None = None, load: bool = True) -> str:
     """Load the SAE and its labels (in the load lane: a registry SAE downloads, and its labels take a minute)."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     if not (sae_pick or sae_folder or "").strip():
@@ -236,8 +244,8 @@ def on_sae(model_name: str, sae_pick: str, sae_folder: str, *, access: Access | 
     lm = get_model(model_name, access)
     choice = _choice(model_name, sae_pick, sae_folder)
     with user_errors("Cannot use this SAE"):
-        sae = workspace.sae(choice, lm, access)
-        workspace.labels(choice, lm, access)
+        sae = workspace.sae(choice, lm, access, load=load or INLINE_LOADS)
+        workspace.labels(choice, lm, access, compute=load or INLINE_LOADS)
     return explain.sae_summary(sae.source, lm.base_model_id, url=choice.neuronpedia_url(0))
 
 
@@ -386,23 +394,8 @@ def preview(
 
 
 def read_served(source: str, access: Access) -> Any:
-    """An adapter to serve beside the hook: a Hub repo (read as the visitor, never with the Space owner's token), or
-    on a Space only a folder this app exported; locally any folder."""
-    from steer_core.hub import adapter_size, forget_download
-
-    if is_local(source):
-        if not access.local_paths and not is_work_folder(source):
-            raise ValueError(f"{source!r} is a path on this server; give a Hub repo, or export an adapter here first")
-        return read_adapter(source)
-    token = access.read_token(source, curated=False)
-    if ON_SPACE and (size := adapter_size(source, token=token)) > LIMITS.adapter_bytes:  # sized before it downloads
-        raise ValueError(f"{source}'s weights are {format_bytes(size)}: this server previews adapters up to "
-                         f"{format_bytes(LIMITS.adapter_bytes)}")  # fmt: skip
-    own = access.cache_dir if token == access.visitor else None
-    try:
-        return read_adapter(source, token=token, cache_dir=own)
-    finally:
-        forget_download(source, own)
+    """An adapter to serve beside the hook, within this server's limits (Workspace.served_adapter)."""
+    return workspace.served_adapter(source, access, LIMITS)
 
 
 # ---- 4 · export --------------------------------------------------------------------------------------------------
@@ -426,8 +419,9 @@ def run_export(
         tokens = LIMITS.check_count("calibration tokens", tokens, LIMITS.calibration_tokens, at_least=256)
         refine_steps = LIMITS.check_count("refinement steps", refine_steps, LIMITS.refine_steps)
     progress(0.0, desc="building the steering vector")
-    lm, vector = _steering(model_name, vector_args, access, load=True)
-    prune_work_folders()  # earlier exports' folders, past the hour their users had to download or push them
+    lm, vector = _steering(model_name, vector_args, access)  # the heavy lane loads nothing: the SAE loaded in step 2
+    with user_errors("Export"):
+        make_work_room()  # earlier exports' folders go after the hour their users had to download or push them
     work = Path(tempfile.mkdtemp(prefix="steer-export-"))
     try:
         with user_errors("Export failed"):
@@ -495,8 +489,9 @@ def run_control_vector(model_name: str, *vector_args: Any, access: Access | None
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     from steer_core.vectors.controlvector import save_control_vector
 
-    lm, vector = _steering(model_name, vector_args, access, load=True)
-    prune_work_folders()
+    lm, vector = _steering(model_name, vector_args, access)
+    with user_errors("Control vector"):
+        make_work_room()
     path = Path(tempfile.mkdtemp(prefix="steer-cv-")) / CONTROL_VECTOR_FILENAME
     with user_errors("Control vector"):
         return str(save_control_vector(vector, path, model_hint=str(lm.model.config.model_type)))
@@ -583,16 +578,18 @@ def build_demo() -> gr.Blocks:
             "**verified rank-1 LoRA** that vLLM, PEFT and LoRA-upload services can serve.",
             elem_id="title",
         )
+        if EXPOSURE.banner():
+            gr.Markdown(EXPOSURE.banner(), elem_id="exposure")
         gr.Markdown("## 1 · Model", elem_classes="step-head")
         with gr.Row(equal_height=True):
             model_name = gr.Dropdown(
-                catalog.model_choices(BUDGET, gated_readable=not ON_SPACE or bool(OWNER_TOKEN)),
+                catalog.model_choices(BUDGET, gated_readable=not PUBLIC or bool(OWNER_TOKEN)),
                 value=DEFAULT_MODEL,
                 allow_custom_value=True,
                 scale=4,
                 label="Model",
                 info="embedded models run offline; or type a Hub id"
-                + ("" if ON_SPACE else " or a local model folder")
+                + ("" if PUBLIC else " or a local model folder")
                 + f" · this server: {BUDGET.describe()}",
             )
             load_btn = gr.Button("Load model", scale=1)
@@ -614,7 +611,8 @@ def build_demo() -> gr.Blocks:
                     label="or an SAE folder (SAE Lens format)",
                     scale=2,
                     placeholder="/path/to/sae",
-                    visible=not ON_SPACE,
+                    visible=not PUBLIC,
+                    max_length=gate.NAME_CHARS,
                 )
             sae_info = gr.Markdown(padding=True)
         with gr.Row(visible=True) as feature_box:
@@ -625,7 +623,9 @@ def build_demo() -> gr.Blocks:
                     )
                     show_btn = gr.Button("Show feature")
                 with gr.Tab("Search by meaning"):
-                    query = gr.Textbox(label="Words", placeholder="e.g. dog, rain, king")
+                    query = gr.Textbox(
+                        label="Words", placeholder="e.g. dog, rain, king", max_length=LIMITS.search_chars
+                    )
                     search_btn = gr.Button("Search")
                     concept_md = gr.Markdown(elem_id="concept-note")
                     concept_btn = gr.Button(visible=False, elem_id="use-concept", size="sm")
@@ -661,11 +661,16 @@ def build_demo() -> gr.Blocks:
             if _default_spec
             else "",
             label="Features to steer with (feature:strength, comma-separated; each has its own strength)",
+            max_length=gate.MIX_CHARS,
         )
         with gr.Group(visible=False) as other_box:
             with gr.Row():
-                pos = gr.Textbox(EXAMPLE_POSITIVE, lines=3, label="Positive prompts (one per line)")
-                neg = gr.Textbox(EXAMPLE_NEGATIVE, lines=3, label="Negative prompts (one per line)")
+                pos = gr.Textbox(
+                    EXAMPLE_POSITIVE, lines=3, label="Positive prompts (one per line)", max_length=gate.PROMPTS_CHARS
+                )
+                neg = gr.Textbox(
+                    EXAMPLE_NEGATIVE, lines=3, label="Negative prompts (one per line)", max_length=gate.PROMPTS_CHARS
+                )
             with gr.Row():
                 layer = gr.Slider(0, 40, value=10, step=1, label="Layer (contrastive / file)")
                 site = gr.Dropdown(["resid_post", "resid_pre", "mlp_out", "attn_out"], value="resid_post", label="Site")
@@ -681,7 +686,11 @@ def build_demo() -> gr.Blocks:
         sae_inputs = [model_name, sae_pick, sae_folder]
 
         with gr.Tab("3 · Preview"):
-            prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt (the chat template is applied for instruct models)")
+            prompt = gr.Textbox(
+                EXAMPLE_PROMPT,
+                label="Prompt (the chat template is applied for instruct models)",
+                max_length=gate.PROMPT_CHARS,
+            )
             with gr.Row():
                 max_new = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
                 temperature = gr.Slider(0, 2, value=0, step=0.1, label="Temperature (0 = greedy)")
@@ -690,6 +699,7 @@ def build_demo() -> gr.Blocks:
                 label="Served adapter: an adapter folder or Hub repo (an export fills it in)",
                 placeholder="empty: preview the hook only; after an export: also what an endpoint serves",
                 elem_id="served-src",
+                max_length=gate.NAME_CHARS,
             )
             go = gr.Button("Generate", variant="primary")
             with gr.Row():
@@ -778,29 +788,39 @@ def build_demo() -> gr.Blocks:
             if os.environ.get("SPACE_ID"):  # OAuth exists on Spaces only; locally use a token or HF_TOKEN
                 gr.LoginButton()
             with gr.Row():
-                repo_id = gr.Textbox(label="Repo (NAME goes under your namespace, or USER/NAME)", scale=3)
+                repo_id = gr.Textbox(
+                    label="Repo (NAME goes under your namespace, or USER/NAME)", scale=3, max_length=gate.NAME_CHARS
+                )
                 private = gr.Checkbox(True, label="Private (a new repo)")
                 update_existing = gr.Checkbox(False, label="Update the existing repo")
-                token = gr.Textbox(label="or a write token (used once, never stored)", type="password", scale=2)
+                token = gr.Textbox(
+                    label="or a write token (used once, never stored)",
+                    type="password",
+                    scale=2,
+                    max_length=gate.NAME_CHARS,
+                )
             push_btn = gr.Button("Push verified adapter", variant="primary")
             pushed = gr.Markdown()
 
-        # ---- events, each in its lane (see LANES) ----
+        # ---- events, each in its lane (steer_core.ui.gate; a test checks that none is left out) ----
         model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source, refine_steps]
-        # A page load shows the default model, loaded at startup (main), so it needs no lane of its own; a visitor's own
-        # pick may download for minutes, in the load lane.
-        for triggers, lane, name in (
-            ([demo.load], {}, False),
-            ([load_btn.click, model_name.change], LOAD, "load_model"),
+        # A page load shows the default model, loaded at startup (main), and never loads (a raw request can send any
+        # model name with it); a visitor's own pick may download for minutes, in the load lane.
+        for triggers, (model_fn, sae_fn), lane, name in (
+            ([demo.load], (on_page, on_page_sae), PAGE, False),
+            ([load_btn.click, model_name.change], (on_model, on_sae), LOAD, "load_model"),
         ):
-            gr.on(triggers, for_visitor(on_model), model_name, model_outputs, api_name=name, **lane).success(
-                for_visitor(on_sae), sae_inputs, sae_info, api_name=name and "load_sae", **lane
-            ).success(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False)
-        source.change(show_source, source, [sae_box, feature_box, other_box])
-        gr.on([sae_pick.input, sae_folder.submit], for_visitor(on_sae), sae_inputs, sae_info, api_name=False, **LOAD)
+            gr.on(triggers, for_visitor(model_fn), model_name, model_outputs, api_name=name, **lane.events).success(
+                for_visitor(sae_fn), sae_inputs, sae_info, api_name=name and "load_sae", **lane.events
+            ).success(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False, **PREVIEW.events)
+        source.change(show_source, source, [sae_box, feature_box, other_box], **LIGHT.events)
+        gr.on(
+            [sae_pick.input, sae_folder.submit], for_visitor(on_sae), sae_inputs, sae_info, api_name=False,
+            **LOAD.events,
+        )  # fmt: skip
         gr.on(
             [show_btn.click, feature.submit], for_visitor(show_feature), [*sae_inputs, feature], card_md,
-            api_name="show_feature",
+            api_name="show_feature", **PREVIEW.events,
         )  # fmt: skip
         gr.on(
             [search_btn.click, query.submit],
@@ -808,16 +828,19 @@ def build_demo() -> gr.Blocks:
             [*sae_inputs, query],
             [search_df, concept_md, concept_btn],
             api_name="search_features",
+            **PREVIEW.events,
         )
         concept_btn.click(
             for_visitor(use_concept), [*sae_inputs, query], [source, pos, neg, layer, site, strength, unit],
-            api_name="use_concept",
+            api_name="use_concept", **PREVIEW.events,
         )  # fmt: skip
-        active_btn.click(for_visitor(features_on_prompt), [*sae_inputs, prompt], active_df)
+        active_btn.click(for_visitor(features_on_prompt), [*sae_inputs, prompt], active_df, **PREVIEW.events)
         for table in (search_df, active_df):
-            table.select(pick_row, None, feature).then(for_visitor(show_feature), [*sae_inputs, feature], card_md)
-        add_btn.click(add_feature, [mix, feature, strength, unit], mix)
-        unit.change(on_unit, [unit, strength], strength)
+            table.select(pick_row, None, feature, **LIGHT.events).then(
+                for_visitor(show_feature), [*sae_inputs, feature], card_md, **PREVIEW.events
+            )
+        add_btn.click(add_feature, [mix, feature, strength, unit], mix, **LIGHT.events)
+        unit.change(on_unit, [unit, strength], strength, **LIGHT.events)
         # The endpoints scripts call (gradio_client, scripts/load_test.py) are named here, so a rename cannot break
         # them.
         go.click(
@@ -825,27 +848,28 @@ def build_demo() -> gr.Blocks:
             [model_name, prompt, max_new, temperature, seed, served, *vector_inputs],
             [out_base, out_steer, out_served, steer_info],
             api_name="preview",
+            **PREVIEW.events,
         )
         export_btn.click(
             for_visitor(run_export),
             [model_name, mode, tokens, refine_steps, target, *vector_inputs],
             [report, plot, download, card, folder, repo_id],
             api_name="run_export",
-            **HEAVY,
-        ).success(lambda f: f, folder, served)
+            **HEAVY.events,
+        ).success(lambda f: f, folder, served, **LIGHT.events)
         map_btn.click(
             for_visitor(run_map),
             [model_name, map_sites, *vector_inputs],
             [map_md, map_plot],
             api_name="run_map",
-            **HEAVY,
+            **HEAVY.events,
         )
-        cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY)
-        compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD)
+        cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY.events)
+        compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD.events)
         push_btn.click(
-            run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH
+            run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH.events
         ).then(
-            lambda: False, None, update_existing, api_name=False
+            lambda: False, None, update_existing, api_name=False, **LIGHT.events
         )  # each update of an existing repo is confirmed anew, after its own plan was shown
     return demo
 
@@ -870,12 +894,34 @@ def main() -> None:
     keep_freed_memory()  # process-wide, so here and not on import (tests import this module)
     # Load (and on first run, dequantize and cache) before the first visitor arrives: a curated model, so on a Space
     # the owner's token reads it where it needs one.
-    get_model(DEFAULT_MODEL, Access(ON_SPACE, OWNER_TOKEN), load=True)
-    # Where to listen is Gradio's own setting: GRADIO_SERVER_NAME (a Space sets 0.0.0.0) and GRADIO_SERVER_PORT;
-    # 127.0.0.1:7860 by default, so `bash run.sh` serves this machine only. Uploads past the limit are refused by
-    # Gradio before they are written (steer_core.ui.limits).
-    page().queue(default_concurrency_limit=PREVIEW_WORKERS, max_size=QUEUE_MAX).launch(
-        theme=THEME, css_paths=CSS_PATH, max_file_size=LIMITS.upload_bytes
+    get_model(DEFAULT_MODEL, Access(PUBLIC, OWNER_TOKEN), load=True)
+    warm_up()  # the chat-template workers (steer_core.template), so the first visitor does not wait for them
+    serve()
+
+
+def serve(**launch: Any) -> Any:
+    """Queue and launch the page as main does (tests pass `prevent_thread_lock` and the like). Where to listen is
+    Gradio's own setting: GRADIO_SERVER_NAME (a Space sets 0.0.0.0) and GRADIO_SERVER_PORT; 127.0.0.1:7860 by
+    default, so `bash run.sh` serves this machine only. Uploads past the limit are refused by Gradio before they are
+    written (steer_core.ui.limits). Every request passes the gate first (steer_core.ui.gate), and no event runs
+    outside the queue: api_open=False refuses Gradio's REST routes, which it leaves open off Spaces."""
+    from gradio.utils import get_upload_folder
+    from starlette.middleware import Middleware
+
+    gatekeeper = Middleware(
+        gate.RequestGate, blocks=page, limits=GATE, behind_proxy=on_space(), upload_folder=get_upload_folder
+    )
+    return (
+        page()
+        .queue(default_concurrency_limit=PREVIEW.workers, max_size=QUEUE_MAX, api_open=False)
+        .launch(
+            theme=THEME,
+            css_paths=CSS_PATH,
+            max_file_size=LIMITS.upload_bytes,
+            max_threads=GATE.threads,
+            app_kwargs={"middleware": [gatekeeper]},
+            **launch,
+        )
     )
 
 

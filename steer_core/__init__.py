@@ -3,7 +3,8 @@
 The modules, in the order the data flows (each family a folder):
 
 - foundation: `constants`; `sites` (hook points and the module that writes each, per architecture), `hooks`,
-  `activations`; `corpus` (the shipped text), `divergence`, `provenance`; `hardware`, `hub`, `model` (loading).
+  `activations`; `corpus` (the shipped text), `divergence`, `provenance`; `hardware`, `hub`, `model` (loading),
+  `template` (chat templates and tokenizers of any repo, under limits).
 - `sae/`: `feature` (loading an SAE: embedded, folder or registry), `labels`, `search` (by meaning), `concept`
   (whether search found the concept, and its own reading when the SAE has no feature for it).
 - `vectors/`: `vector` (the type), `recipe` (what a user asked for, built on a model), `contrastive`,
@@ -16,7 +17,7 @@ The modules, in the order the data flows (each family a folder):
   `publish`.
 - `check/`: `verify` (against the hook, held out), `servability` (the map before an export).
 - `export` runs the chain; `cli` is the command line; `ui/` (`catalog`, `form`, `mix`, `workspace`, `explain`,
-  `limits`) is what only `app.py` uses.
+  `limits`, `exposure`, `gate`) is what only `app.py` uses.
 
 The names below load on first use (PEP 562), so `python -m steer_core --help` imports no model code.
 """

@@ -31,6 +31,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from steer_core.constants import DEFAULT_MAX_DOC_TOKENS
+from steer_core.template import render_chat
 
 Split = Literal["calibration", "heldout"]
 FORMATS = ("chat", "system", "multiturn", "plain")
@@ -115,7 +116,7 @@ def formats_for(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
 
 def _template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[tuple[str, str]], *, generation: bool) -> str:
     chat = [{"role": role, "content": content} for role, content in messages]
-    return str(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation))
+    return render_chat(tokenizer, chat, generation=generation)
 
 
 @cache

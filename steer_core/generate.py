@@ -17,6 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 from steer_core.adapter.served import ServedAdapter
 from steer_core.model import LoadedModel
 from steer_core.steer import steering
+from steer_core.template import render_chat
 from steer_core.vectors.vector import SteeringVector
 
 # HF sampling draws from torch's one global RNG, so two sampled generations at once would interleave their draws and
@@ -46,7 +47,7 @@ def format_prompt(lm: LoadedModel, prompt: str) -> str:
         raise ValueError("the prompt is empty; type something for the model to answer")
     if lm.is_chat:
         messages = [{"role": "user", "content": prompt}]
-        return str(lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return render_chat(lm.tokenizer, messages, generation=True)
     return prompt
 
 

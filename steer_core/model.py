@@ -171,16 +171,23 @@ def load_model(
     device_map: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load `name`: an embedded model name, a Hub id, a local model folder, or a local .gguf file.
 
     device_map="auto" spreads a large model over the available devices (accelerate), which calibration uses as is.
     `token` is passed to every Hub request (None: huggingface_hub's default; False: none) and downloads go to
-    `cache_dir` (None: the Hub cache): steer_core.hub.Access decides both.
+    `cache_dir` (None: the Hub cache): steer_core.hub.Access decides both. `revision`: the commit of a Hub model to
+    load, the one its size was checked at (steer_core.hub.admit_model), so a repo that changes meanwhile cannot swap
+    in files that were never checked.
     """
     start = time.perf_counter()
     source, kwargs, base_id = resolve(name)
-    hub = {"token": token, **({"cache_dir": cache_dir} if cache_dir else {})}
+    hub = {
+        "token": token,
+        **({"cache_dir": cache_dir} if cache_dir else {}),
+        **({"revision": revision} if revision else {}),
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **hub, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **hub, **kwargs)

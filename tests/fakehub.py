@@ -14,6 +14,7 @@ import hashlib
 import http.server
 import json
 import math
+import sys
 import threading
 import time
 import urllib.parse
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 SHA = "a" * 40
+DECLARED_BODY = b"fake Hub: a declared file has no content"
 
 
 @dataclass
@@ -35,12 +37,23 @@ class Repo:
     readers: set[str] = field(default_factory=set)  # users who may read it although private or gated
     safetensors_total: int | None = None  # the Hub's own parameter count in model info (absent: clients read headers)
     delay: float = 0.0  # seconds each whole-file download takes: a slow download
+    # Files listed (model info, trees, paths-info, HEAD) with this size but with no content: a "2 GB tokenizer.json"
+    # in a few bytes. A GET of one answers a short body (DECLARED_BODY), which a size check must never come to.
+    declared: dict[str, int] = field(default_factory=dict)
+    sha: str = SHA  # the commit the repo is at: what model info and resolve's X-Repo-Commit say
+
+    def paths(self) -> list[str]:
+        return sorted({*self.files, *self.declared})
 
     def size(self, path: str) -> int:
+        if path in self.declared:
+            return self.declared[path]
         content = self.files[path]
         return content.stat().st_size if isinstance(content, Path) else len(content)
 
     def read(self, path: str, start: int = 0, end: int | None = None) -> bytes:
+        if path in self.declared:
+            return DECLARED_BODY
         content = self.files[path]
         if isinstance(content, Path):
             with content.open("rb") as f:
@@ -267,8 +280,9 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
             if step == "auth-check":
                 return self._json(200, {})
             if step in ("", "revision"):
-                siblings = [{"rfilename": p, "size": repo.size(p)} for p in sorted(repo.files)]
-                info = {"id": repo_id, "private": repo.private, "gated": "auto" if repo.gated else False, "sha": SHA,
+                siblings = [{"rfilename": p, "size": repo.size(p)} for p in repo.paths()]
+                info = {"id": repo_id, "private": repo.private, "gated": "auto" if repo.gated else False,
+                        "sha": repo.sha,
                         "siblings": siblings}  # fmt: skip
                 if repo.safetensors_total:
                     info["safetensors"] = {
@@ -285,9 +299,9 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                 form = urllib.parse.parse_qs(body.decode())
                 entries = []
                 for p in form.get("paths", []):
-                    if p in repo.files:
+                    if p in repo.files or p in repo.declared:
                         entries.append(self._file_entry(repo, p))
-                    elif any(f.startswith(p.rstrip("/") + "/") for f in repo.files):
+                    elif any(f.startswith(p.rstrip("/") + "/") for f in repo.paths()):
                         entries.append({"type": "directory", "path": p.rstrip("/"), "oid": SHA})
                 return self._json(200, entries)
             return self._error(404, None, f"fake Hub has no /api/models/{repo_id}/{rest}")
@@ -303,7 +317,7 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
         def _tree(self, repo: Repo, folder: str, recursive: bool) -> list[dict[str, Any]]:
             prefix = folder + "/" if folder else ""
             out, dirs = [], set()
-            for path in sorted(repo.files):
+            for path in repo.paths():
                 if not path.startswith(prefix):
                     continue
                 inner = path[len(prefix) :]
@@ -319,10 +333,10 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
             repo = self._readable(repo_id)
             if repo is None:
                 return None
-            if file not in repo.files:
+            if file not in repo.files and file not in repo.declared:
                 return self._error(404, "EntryNotFound", f"{file} does not exist")
             size = repo.size(file)
-            headers = {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha1((repo_id + file).encode()).hexdigest()}"',
+            headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{hashlib.sha1((repo_id + file).encode()).hexdigest()}"',
                        "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}  # fmt: skip
             if self.command == "HEAD":
                 self._entry.status = 200
@@ -338,6 +352,8 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                 start, end = int(first), min(int(last) if last else size - 1, size - 1)
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
                 return self._send(206, repo.read(file, start, end), headers)
+            if file in repo.declared:  # listed at its declared size, sent as what it is: a few bytes
+                return self._send(200, DECLARED_BODY, headers)
             if repo.delay and file.endswith(".safetensors"):  # a slow link: the bytes trickle in over `delay` s
                 return self._trickle(repo.read(file), headers, repo.delay)
             return self._send(200, repo.read(file), headers)
@@ -365,9 +381,11 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                 if line["key"] == "file":
                     content = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else b""
                     repo.files[value["path"]] = content
+                    repo.declared.pop(value["path"], None)
                     operations.append({"add": value["path"]})
                 elif line["key"] == "deletedFile":
                     repo.files.pop(value["path"], None)
+                    repo.declared.pop(value["path"], None)
                     operations.append({"delete": value["path"]})
             hub.commits.setdefault(repo_id, []).append({"operations": operations, "token": self._token()})
             return self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{SHA}", "commitOid": SHA})
@@ -387,6 +405,10 @@ def use(hub: FakeHub, monkeypatch: Any) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     # huggingface_hub's module-level functions (file_exists, ...) are methods of an HfApi made at import
     monkeypatch.setattr("huggingface_hub.hf_api.api.endpoint", hub.url)
+    # transformers keeps one HfApi, made on first use with the endpoint of that moment (an earlier test's Hub, whose
+    # kept-alive connections may still answer): the next use makes a new one here
+    if "transformers.utils.hub" in sys.modules:
+        monkeypatch.setattr(sys.modules["transformers.utils.hub"], "_hf_api", None)
     # huggingface_hub retries failed requests five times with backoff (1+2+4+8+8 s); the retries stay, the waits go
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda _s: None)
 

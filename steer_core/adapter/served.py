@@ -10,7 +10,7 @@ and weights) and tests hold the result to PeftModel's output, token for token.
 from __future__ import annotations
 
 import math
-import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,12 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
-from peft.utils import load_peft_weights
 from torch import Tensor, nn
 
 from steer_core.adapter.folder import read_folder
 from steer_core.adapter.record import SteeringRecord
-from steer_core.constants import ADAPTER_CONFIG_FILENAME
+from steer_core.constants import (
+    ADAPTER_CONFIG_FILENAME,
+    ADAPTER_WEIGHTS_BIN_FILENAME,
+    ADAPTER_WEIGHTS_FILENAME,
+    STEERING_JSON_FILENAME,
+    STEERING_VECTOR_FILENAME,
+)
 from steer_core.steer import lowrank_updates
 from steer_core.vectors.vector import SteeringVector
 
@@ -33,6 +38,10 @@ _UNSUPPORTED = {
     "modules_to_save": "fully trained modules (modules_to_save)",
     "target_parameters": "LoRA on parameters (target_parameters)",
 }
+# What a module-name key of alpha_pattern and rank_pattern may hold: PEFT reads the keys as regular expressions, and a
+# visitor's adapter could make one that backtracks for hours; this server matches them as names, exactly.
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.")
+_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -73,24 +82,66 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def read_adapter(source: str | Path, *, token: str | bool | None = None, cache_dir: str | None = None) -> ServedAdapter:
-    """Read an adapter (PEFT format, LoRA): a local folder with `read_folder`, a Hub repo through PEFT's own loaders
-    (`token` and `cache_dir` for the Hub's requests: steer_core.hub.Access)."""
+    """Read an adapter (PEFT format, LoRA): a local folder with `read_folder`, or a Hub repo with `read_hub_adapter`
+    (`token` and `cache_dir` for the Hub's requests: steer_core.hub.Access), within steer_core.hub's default caps."""
     where = str(source)
     if Path(where).is_dir():
         files = read_folder(where)
         return _served(where, _lora_config(where, files.config), files.tensors, files.record, files.vector)
-    hub: dict[str, Any] = {"token": token, **({"cache_dir": cache_dir} if cache_dir else {})}
-    try:
-        config = LoraConfig.from_pretrained(where, **hub)
-    except (OSError, ValueError, TypeError) as err:
+    return read_hub_adapter(where, token=token, cache_dir=cache_dir)
+
+
+def read_hub_adapter(
+    repo_id: str,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    weights_bytes: int | None = None,
+    limits: Any = None,
+) -> ServedAdapter:
+    """A Hub adapter read as a folder is (`read_folder`: steering.json and the hook vector come along where the
+    repo has them), from exactly the files it needs at one commit: the repo's listing is read first, with each file's
+    size, and each file is refused over its cap (`weights_bytes` for the weights, None: no cap;
+    steer_core.hub.HubLimits for the others) before anything downloads. They download into a temporary folder of this
+    read's, removed once read, so none of them stays in a cache (`cache_dir`, a visitor's own, is where
+    huggingface_hub keeps its bookkeeping)."""
+    from huggingface_hub import hf_hub_download
+
+    from steer_core.hardware import format_bytes
+    from steer_core.hub import HUB_LIMITS, check_files, check_repo_id, hub_api
+
+    limits = limits or HUB_LIMITS
+    check_repo_id(repo_id, "a Hub adapter repo")
+    info = hub_api(token).model_info(repo_id, files_metadata=True)
+    sha = str(info.sha)
+    sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+    if ADAPTER_CONFIG_FILENAME not in sizes:
+        raise ValueError(f"{repo_id}: not a PEFT LoRA adapter (a Hub repo with {ADAPTER_CONFIG_FILENAME}): it has none")
+    weights = next((f for f in (ADAPTER_WEIGHTS_FILENAME, ADAPTER_WEIGHTS_BIN_FILENAME) if f in sizes), None)
+    if weights is None:
+        raise ValueError(f"{repo_id} has no {ADAPTER_WEIGHTS_FILENAME} or {ADAPTER_WEIGHTS_BIN_FILENAME}: not a PEFT "
+                         "adapter repo")  # fmt: skip
+    if weights_bytes is not None and sizes[weights] > weights_bytes:
+        raise ValueError(f"{repo_id}'s weights are {format_bytes(sizes[weights])}: this server previews adapters up "
+                         f"to {format_bytes(weights_bytes)}")  # fmt: skip
+    small = {f: sizes[f] for f in (ADAPTER_CONFIG_FILENAME, STEERING_JSON_FILENAME) if f in sizes}
+    check_files(repo_id, small, limits, configs=tuple(small))
+    if sizes.get(STEERING_VECTOR_FILENAME, 0) > limits.vector_bytes:
         raise ValueError(
-            f"{where}: not a PEFT LoRA adapter (a folder or Hub repo with {ADAPTER_CONFIG_FILENAME}): {err}"
-        ) from err
-    try:
-        weights = load_peft_weights(where, device="cpu", **hub)
-    except Exception as err:  # safetensors and the Hub raise many kinds; the message names the file
-        raise ValueError(f"{where}: could not read the adapter weights: {err}") from err
-    return _served(where, config, weights)
+            f"{repo_id}'s {STEERING_VECTOR_FILENAME} is {format_bytes(sizes[STEERING_VECTOR_FILENAME])}: this server "
+            f"reads hook vectors up to {format_bytes(limits.vector_bytes)}"
+        )
+    wanted = [*small, weights, *([STEERING_VECTOR_FILENAME] if STEERING_VECTOR_FILENAME in sizes else [])]
+    # Into a folder of this read's own: the repo's snapshot folder in a shared cache may hold other files of the same
+    # commit that an earlier read downloaded, and read_folder reads what the folder holds.
+    with tempfile.TemporaryDirectory(prefix="steer-adapter-") as tmp:
+        for file in wanted:
+            hf_hub_download(repo_id, file, revision=sha, token=token, cache_dir=cache_dir, local_dir=tmp)
+        try:
+            files = read_folder(tmp)
+        except ValueError as err:  # its messages name this server's temp folder; the visitor knows the repo
+            raise ValueError(str(err).replace(tmp, repo_id)) from err
+        return _served(repo_id, _lora_config(repo_id, files.config), files.tensors, files.record, files.vector)
 
 
 def _lora_config(where: str, config: dict[str, Any]) -> LoraConfig:
@@ -117,30 +168,69 @@ def _served(
     for key, what in _UNSUPPORTED.items():
         if getattr(config, key, None):
             raise ValueError(f"{where}: the adapter uses {what}; a served preview supports plain LoRA only")
+    _check_patterns(where, config)
     params: dict[str, tuple[Tensor, Tensor]] = {}
     scaling: dict[str, float] = {}
     biases: dict[str, Tensor] = {}
     for key, a in sorted(weights.items()):
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A(?:\.\w+)?\.weight", key)
-        if not match:
+        parsed = _lora_a_key(key)
+        if parsed is None:
             continue
-        name = match.group(1)
-        b = weights.get(key.replace(".lora_A", ".lora_B"))
+        name, partner = parsed
+        b = weights.get(partner)
         if b is None:
             raise ValueError(f"{where}: {key} has no lora_B partner")
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"{where}: {name} has lora_A rank {a.shape[0]} but lora_B rank {b.shape[1]}")
         params[name] = (a.float(), b.float())
-        if (bias := weights.get(key.replace(".lora_A", ".lora_B").replace(".weight", ".bias"))) is not None:
+        if (bias := weights.get(partner.removesuffix(".weight") + ".bias")) is not None:
             biases[name] = bias.float()
         scaling[name] = _scaling(config, name, a.shape[0])
     return ServedAdapter(where, params, scaling, biases, str(config.base_model_name_or_path or ""), record, vector)
 
 
+def _lora_a_key(key: str) -> tuple[str, str] | None:
+    """(module name, its lora_B weight's key) of a PEFT lora_A weight key ([base_model.model.]NAME.lora_A[.ADAPTER]
+    .weight), else None. String operations, not a regex: the keys are the adapter's, of any length."""
+    if not key.endswith(".weight"):
+        return None
+    head, found, tail = key.rpartition(".lora_A")
+    adapter = tail.removesuffix(".weight")
+    if not found or not head or not (adapter == "" or (adapter[:1] == "." and _is_word(adapter[1:]))):
+        return None
+    name = head.removeprefix(_PEFT_PREFIX) or head
+    return name, f"{head}.lora_B{tail}"
+
+
+def _is_word(text: str) -> bool:
+    return bool(text) and all(c.isascii() and (c.isalnum() or c == "_") for c in text)
+
+
+def _check_patterns(where: str, config: LoraConfig) -> None:
+    """alpha_pattern and rank_pattern keys must be module names (or dot-separated suffixes of them): PEFT would run
+    them as regular expressions, which a visitor's adapter could make backtrack for hours."""
+    for field_name in ("alpha_pattern", "rank_pattern"):
+        for key in getattr(config, field_name, None) or {}:
+            if not (isinstance(key, str) and key and len(key) <= 1000 and _NAME_CHARS.issuperset(key)):
+                shown = key[:60] + "..." if isinstance(key, str) and len(key) > 60 else key
+                raise ValueError(
+                    f"{where}: {ADAPTER_CONFIG_FILENAME}'s {field_name} key {shown!r} uses a regex pattern (or is not "
+                    "a module name); this server matches module names exactly: keys may hold letters, digits, '_' "
+                    "and '.' only, such as 'q_proj' or 'model.layers.3.mlp.down_proj'"
+                )
+
+
+def _matches(key: str, name: str) -> bool:
+    """PEFT's get_pattern_key for a key that is a plain name: the module itself, or a dot-separated suffix of it."""
+    return name == key or name.endswith("." + key)
+
+
 def _scaling(config: LoraConfig, name: str, rank: int) -> float:
-    """PEFT's: lora_alpha / r (or / sqrt(r) with rsLoRA), with the per-module rank and alpha patterns."""
+    """PEFT's: lora_alpha / r (or / sqrt(r) with rsLoRA), with the per-module alpha pattern, whose first key that
+    matches the module wins, as in PEFT (get_pattern_key). The keys are names (_check_patterns), matched exactly."""
     alpha = float(config.lora_alpha)
-    for pattern, value in (config.alpha_pattern or {}).items():
-        if re.search(rf"(^|\.){pattern}$", name):
+    for key, value in (config.alpha_pattern or {}).items():
+        if _matches(key, name):
             alpha = float(value)
+            break
     return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank

@@ -25,6 +25,7 @@ from steer_core.activations import text_activations
 from steer_core.constants import LABELS_FILENAME, cache_dir
 from steer_core.sae.feature import LoadedSAE, sae_unit
 from steer_core.sites import architecture_for
+from steer_core.template import render_chat
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def active_features(
         raise ValueError("the prompt is empty: type some text to see which features fire on it")
     text, start = prompt, 0
     if getattr(tokenizer, "chat_template", None):
-        text = str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False))
+        text = render_chat(tokenizer, [{"role": "user", "content": prompt}], generation=False)
         start = text.rindex(prompt)
     end = start + len(prompt)
     spans = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True).offset_mapping

@@ -2,9 +2,12 @@
 
 Requests never share steering (hooks are gated per request, see steer_core.hooks); they share only read-only
 weights and these caches. What a server may hold is bounded by its hardware (steer_core.hardware.Budget): a model or
-SAE is sized from the Hub's metadata before it downloads and refused when it cannot fit, and each cache drops its
-least recently used entries to make room for a new one. Loads take a lock of their own per model or SAE, so one
-visitor's slow download never holds up another visitor's preview of what is already loaded.
+SAE is admitted on what it will cost before it downloads (steer_core.hub.admit_model: its config built on the meta
+device, every file it reads sized from the repo's listing, the commit pinned and loaded) and refused when it cannot
+fit; loads in flight reserve what they were admitted for, so loads that run together cannot overfill the budget; and
+each cache drops its least recently used entries to make room for a new one. Loads take a lock of their own per model
+or SAE, held only while a load of it runs, so one visitor's slow download never holds up another visitor's preview
+of what is already loaded.
 
 Who may read what is `steer_core.hub.Access`: a model read with a visitor's own token (a private repo of theirs) is
 kept for that visitor only. The server's files on disk (the temp folders of exports and control vectors) are pruned
@@ -22,20 +25,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from torch import Tensor
 
-from steer_core.constants import LABELS_FILENAME, SAE_CONFIG_FILENAME
+from steer_core.adapter.served import ServedAdapter
+from steer_core.constants import DEFAULT_MAX_DOC_TOKENS, LABELS_FILENAME, SAE_CONFIG_FILENAME
 from steer_core.generate import GLOBAL_RNG_TURN as RNG_TURN
 from steer_core.hardware import Budget, current_budget, format_bytes
-from steer_core.hub import Access, forget_download
+from steer_core.hub import HUB_LIMITS, Access, HubLimits, check_repo_id, forget_download, forget_partial
 from steer_core.model import EMBEDDED_MODELS, LoadedModel, is_local, load_model
 from steer_core.sae.feature import LoadedSAE, check_fits, is_embedded_sae, load_sae
 from steer_core.sae.labels import FeatureLabels, labels_for
 from steer_core.sites import HookPoint, num_layers
+from steer_core.template import check_tokenizer
 from steer_core.ui.catalog import (
     SAEChoice,
     curated_parameters,
@@ -44,6 +50,7 @@ from steer_core.ui.catalog import (
     is_curated_release,
     is_curated_repo,
 )
+from steer_core.ui.limits import SERVER_LIMITS, Limits
 from steer_core.vectors.recipe import VectorRecipe
 from steer_core.vectors.vector import SteeringVector
 
@@ -52,6 +59,15 @@ log = logging.getLogger(__name__)
 MAX_VECTORS = 64  # built vectors are a few kB each: a count bounds them
 WORK_PREFIXES = ("steer-export-", "steer-cv-")  # the app's temp folders: an export's adapter and zip; a control vector
 WORK_MAX_AGE_S = 3600.0  # an hour to download, preview as served, or push an export before its folder goes
+WORK_QUOTA = 2 * 10**9  # bytes of those folders, all visitors together (an export's zip and GGUFs are kB to MB)
+MAX_PATH_CHARS = 4096  # a local folder's name (PATH_MAX): longer names are refused before the disk is asked
+# An export's peak working memory for a model's vocabulary, in vocabulary-wide float32 tensors of one verify batch
+# (steer_core/check/verify.py: heldout_batches sizes its batches so that one such tensor stays near 1.5e8 floats;
+# _three_passes holds the base, hook and adapter logits and their log-softmaxes, and _Totals.add and _Effect.add make
+# three or four temporaries of the same size). Ten of them is 5.4 GB for Gemma 3's 262k vocabulary (537 MB each),
+# what docs/space.md measured (4-6 GB above what was loaded).
+EXPORT_VOCAB_TENSORS = 10
+VERIFY_BATCH_FLOATS = 1.5e8  # verify.heldout_batches' bound on a batch's vocabulary-wide logits
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -112,6 +128,20 @@ def model_bytes(lm: LoadedModel) -> int:
     return tensor_bytes(chain(lm.model.parameters(), lm.model.buffers()))
 
 
+def export_peak_bytes(vocab: int) -> int:
+    """An export's working memory for a vocabulary of `vocab` tokens (EXPORT_VOCAB_TENSORS): verify's batches hold
+    at most 8 documents of DEFAULT_MAX_DOC_TOKENS, fewer for a larger vocabulary (its heldout_batches' rule), and at
+    least one, so past 586k tokens a tensor grows with the vocabulary."""
+    if vocab <= 0:
+        return 0
+    batch = max(1, min(8, int(VERIFY_BATCH_FLOATS // (vocab * DEFAULT_MAX_DOC_TOKENS))))
+    return EXPORT_VOCAB_TENSORS * 4 * batch * DEFAULT_MAX_DOC_TOKENS * vocab
+
+
+def model_vocab(lm: LoadedModel) -> int:
+    return int(getattr(lm.model.config.get_text_config(), "vocab_size", 0) or 0)
+
+
 def sae_bytes(sae: LoadedSAE) -> int:
     return tensor_bytes(sae.sae.state_dict().values())
 
@@ -120,6 +150,26 @@ def labels_bytes(labels: FeatureLabels) -> int:
     """An estimate: Python strings and tuples take about twice their characters, plus each label's objects."""
     text = sum(len(c.render()) + sum(map(len, lab.promoted)) for lab in labels.labels.values() for c in lab.contexts)
     return 2 * text + 400 * len(labels.labels)
+
+
+class _KeyLock:
+    """A load's lock and how many requests hold or wait for it: the entry goes when the last one leaves."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """What _check_model found: whether every visitor may share the model, the token that reads it, the bytes it will
+    take (its weights, and what an export's peak on its vocabulary needs beyond the requests' memory), and the commit
+    to load (None: not a Hub model, or offline)."""
+
+    shared: bool
+    token: str | bool | None
+    need: int
+    revision: str | None = None
 
 
 class Workspace:
@@ -131,26 +181,81 @@ class Workspace:
         pinned: tuple[str, ...] = (),
         sae_loader: Callable[..., LoadedSAE] = load_sae,
         disk_budget: int | None = None,
+        hub_limits: HubLimits = HUB_LIMITS,
     ) -> None:
         self.loader, self.sae_loader = loader, sae_loader
         self.disk_budget = disk_budget  # bytes of the shared Hub cache (a Space's disk); None: leave the cache alone
         self.budget = budget or current_budget(gpu=False)
-        # Shared entries are keyed by name; a visitor's private model by (name, reader): see `model`.
-        self.models: BudgetCache[Any, LoadedModel] = BudgetCache(self.budget.models, model_bytes, pinned)
+        self.hub_limits = hub_limits
+        # Shared entries are keyed by name; a visitor's private model by (name, reader): see `model`. A model's size
+        # is its weights and what an export's peak on its vocabulary needs beyond the requests' memory.
+        self.models: BudgetCache[Any, LoadedModel] = BudgetCache(self.budget.models, self.model_cost, pinned)
         self._saes: BudgetCache[tuple, LoadedSAE] = BudgetCache(self.budget.saes, sae_bytes)
         self._labels: BudgetCache[tuple, FeatureLabels] = BudgetCache(self.budget.labels, labels_bytes)
         self._vectors: OrderedDict[tuple[str, VectorRecipe], SteeringVector] = OrderedDict()
         self._guard = threading.Lock()  # held only to look up or insert, never while loading
-        self._key_locks: dict[Hashable, threading.Lock] = {}
+        self._key_locks: dict[Hashable, _KeyLock] = {}  # loads in flight only
+        self._reserved: dict[object, int] = {}  # bytes admitted for each model load in flight
         self._norm_lock = threading.Lock()
+
+    @property
+    def requests_memory(self) -> int:
+        """What the budget leaves the requests themselves: memory past models, SAEs and labels."""
+        return self.budget.memory - self.budget.models - self.budget.saes - self.budget.labels
+
+    def export_reserve(self, vocab: int) -> int:
+        """What an export on a model of this vocabulary needs beyond the requests' memory (0 for every curated model):
+        a vocabulary of millions of tokens would need tens of GB. Counted with the model's size, so a server that
+        loaded it can still run its export (exports run one at a time)."""
+        return max(0, export_peak_bytes(vocab) - self.requests_memory)
+
+    def model_cost(self, lm: LoadedModel) -> int:
+        return model_bytes(lm) + self.export_reserve(model_vocab(lm))
+
+    @property
+    def reserved(self) -> int:
+        """Bytes admitted for the model loads in flight."""
+        with self._guard:
+            return sum(self._reserved.values())
 
     @contextmanager
     def _loading(self, key: Hashable) -> Iterator[None]:
-        """One load per key at a time; loads of other keys (and look-ups) go on meanwhile."""
+        """One load per key at a time; loads of other keys (and look-ups) go on meanwhile. The key's entry lasts
+        while a load of it runs or waits, no longer: names a visitor sends do not pile up."""
         with self._guard:
-            lock = self._key_locks.setdefault(key, threading.Lock())
-        with lock:
+            entry = self._key_locks.get(key) or self._key_locks.setdefault(key, _KeyLock())
+            entry.holders += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._guard:
+                entry.holders -= 1
+                if entry.holders == 0:
+                    del self._key_locks[key]
+
+    @contextmanager
+    def _reserving(self, name: str, need: int) -> Iterator[None]:
+        """Hold `need` bytes of the models' budget while `name` loads: room is made now (dropping least recently used
+        models), and every other load's check counts it, so loads in flight together never exceed the budget."""
+        ticket = object()
+        with self._guard:
+            pinned = sum(self.models.sizes.get(k, 0) for k in self.models.pinned)
+            others = sum(self._reserved.values())
+            room = self.budget.models - pinned - others
+            if need > room:
+                busy = f" ({format_bytes(others)} of it held by loads in flight: try again once they finish)"
+                raise ValueError(
+                    f"{name} takes {format_bytes(need)}, more than the {format_bytes(room)} this server has for "
+                    f"models besides its default one{busy if others else ''}; pick a smaller model"
+                )
+            self.models.make_room(need + others)
+            self._reserved[ticket] = need
+        try:
             yield
+        finally:
+            with self._guard:
+                del self._reserved[ticket]
 
     def _lookup(self, cache: BudgetCache, *keys: Hashable) -> Any:
         with self._guard:
@@ -171,6 +276,7 @@ class Workspace:
         name, access = name.strip(), access or Access()
         if not name:
             raise ValueError("no model chosen: pick one from the list or type a Hub id or a local folder")
+        check_model_name(name, access)  # before any lock, cache entry or request is made for it
         private_key = (name, access.reader)
         if (lm := self._lookup(self.models, name, private_key)) is not None:
             return lm
@@ -179,54 +285,96 @@ class Workspace:
         with self._loading(("model", name)):  # by name: two visitors asking for one public model load it once
             if (lm := self._lookup(self.models, name, private_key)) is not None:
                 return lm
-            shared, token, need = self._check_model(name, access)
-            with self._guard:
-                room = self.budget.models - sum(self.models.sizes.get(k, 0) for k in self.models.pinned)
-                if need > room:
+            admitted = self._check_model(name, access)
+            own = access.cache_dir if access.visitor and admitted.token == access.visitor else None
+            hub = {"cache_dir": own} if own else {}
+            hub |= {"revision": admitted.revision} if admitted.revision else {}
+            with self._reserving(name, admitted.need):
+                try:
+                    lm = self.loader(name, token=admitted.token, **hub)
+                    if access.space and name not in EMBEDDED_MODELS and not is_curated_repo(name):
+                        check_tokenizer(lm.tokenizer)  # its regexes run on every visitor's prompt
+                except BaseException:
+                    forget_partial(name)  # what a failed download left behind, which nothing will finish
+                    self._trim_disk()
+                    raise
+                finally:
+                    forget_download(name, own)  # their private files never stay where another visitor could be served
+                if (size := self.model_cost(lm)) > self.budget.models:  # a source that could not be sized beforehand
                     raise ValueError(
-                        f"{name} takes {format_bytes(need)}, more than the {format_bytes(room)} this server has for "
-                        "models besides its default one; pick a smaller model"
+                        f"{name} takes {format_bytes(size)} loaded, more than the {format_bytes(self.budget.models)} "
+                        "this server holds models in; pick a smaller model"
                     )
-                self.models.make_room(need)
-            own = access.cache_dir if access.visitor and token == access.visitor else None
-            try:
-                lm = self.loader(name, token=token, **({"cache_dir": own} if own else {}))
-            finally:
-                forget_download(name, own)  # their private files never stay where another visitor could be served
-            if (size := model_bytes(lm)) > self.budget.models:  # a source that could not be sized beforehand
-                raise ValueError(
-                    f"{name} takes {format_bytes(size)} loaded, more than the {format_bytes(self.budget.models)} "
-                    "this server holds models in; pick a smaller model"
-                )
-            stored = self._store(self.models, name if shared else private_key, lm)
+                with self._guard:  # room for it beside the other loads in flight, which still hold their share
+                    self.models.make_room(size + sum(v for k, v in self._reserved.items()) - admitted.need)
+                    self.models[name if admitted.shared else private_key] = lm
+                    stored = lm
         self._trim_disk()
         return stored
 
-    def _check_model(self, name: str, access: Access) -> tuple[bool, str | bool | None, int]:
+    def _check_model(self, name: str, access: Access) -> _Admitted:
         """Before anything downloads: whether the model may be shared with every visitor, the token that reads it,
-        and the bytes it will take (a ValueError or LookupError says why it cannot load)."""
+        the bytes it will take and the commit to load (a ValueError or LookupError says why it cannot load)."""
         from steer_core.hub import local_parameters
 
         if name in EMBEDDED_MODELS:
             spec = EMBEDDED_MODELS[name]
             token = access.read_token(spec.hub_id, curated=True)  # without its package it comes from the Hub
-            return True, token, self.budget.check_model(name, curated_parameters(name) or 0)
+            return _Admitted(True, token, self.budget.check_model(name, curated_parameters(name) or 0))
         if is_local(name):
             if not access.local_paths:
-                raise ValueError(
-                    f"{name!r} is a path on this server, which a public Space does not read for its visitors: give a "
-                    "Hub model id, or pick one of the listed models"
-                )
+                raise ValueError(_server_path(name))
             parameters = local_parameters(name)
-            return True, None, self.budget.check_model(name, parameters) if parameters else 0
+            return _Admitted(True, None, self.budget.check_model(name, parameters) if parameters else 0)
         curated = is_curated_repo(name)
         token = access.read_token(name, curated=curated)
-        size = _hub_size(name, token, access)
-        if size is None:  # offline: nothing downloads; a curated model's known size, or the loaded size, is checked
+        admission = _hub_admission(name, token, access, self.hub_limits, lambda n: self.budget.check_model(name, n))
+        if (
+            admission is None
+        ):  # offline: nothing downloads; a curated model's known size, or the loaded size, is checked
             known = curated_parameters(name)
-            return True, token, self.budget.check_model(name, known) if known else 0
-        shared = curated or not (size.private or size.gated)
-        return shared, token, self.budget.check_model(name, size.parameters)
+            return _Admitted(True, token, self.budget.check_model(name, known) if known else 0)
+        shared = curated or not (admission.private or admission.gated)
+        need = self.budget.check_model(name, admission.parameters)
+        if (extra := self.export_reserve(admission.vocab)) and need + extra > self.budget.models:
+            raise ValueError(
+                f"{name}'s vocabulary of {admission.vocab:,} tokens makes an export's working memory about "
+                f"{format_bytes(export_peak_bytes(admission.vocab))}: with its {format_bytes(need)} of weights that is "
+                f"more than this server holds ({format_bytes(self.budget.models)} for models, "
+                f"{format_bytes(self.requests_memory)} for requests); pick a model with a smaller vocabulary"
+            )
+        return _Admitted(shared, token, need + extra, admission.revision)
+
+    def served_adapter(self, source: str, access: Access, limits: Limits = SERVER_LIMITS) -> ServedAdapter:
+        """An adapter to serve beside the hook: a Hub repo (read as the visitor, never with the Space owner's token:
+        its listing first, each file within its cap, the weights within limits.adapter_bytes on a Space, at one
+        pinned commit), or on a Space only a folder this app exported; locally any folder."""
+        from steer_core.adapter.served import read_adapter, read_hub_adapter
+
+        source = source.strip()
+        if not source:
+            raise ValueError("no adapter given: type a Hub adapter repo (namespace/name) or an exported folder")
+        if len(source) > MAX_PATH_CHARS:
+            raise ValueError(f"the adapter's name has {len(source)} characters: give a Hub repo id or a folder")
+        if is_local(source):
+            if not access.local_paths and not is_work_folder(source):
+                raise ValueError(
+                    f"{source!r} is a path on this server; give a Hub repo, or export an adapter here first"
+                )
+            return read_adapter(source)
+        if access.local_paths and source.startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"adapter folder {source!r} does not exist")
+        check_repo_id(source, "a Hub adapter repo")
+        token = access.read_token(source, curated=False)
+        own = access.cache_dir if access.visitor and token == access.visitor else None
+        weights = limits.adapter_bytes if access.space else None
+        try:
+            with _hub_errors(source, access, "an adapter"):
+                return read_hub_adapter(
+                    source, token=token, cache_dir=own, weights_bytes=weights, limits=self.hub_limits
+                )
+        finally:
+            forget_download(source, own)
 
     # ---- SAEs and their labels ----
 
@@ -251,17 +399,21 @@ class Workspace:
                     f"SAE {choice.release} / {choice.sae_id} is not loaded yet: pick it in step 2 (it downloads there)"
                 )
             with self._loading(("sae", key)):
-                sae = self._lookup(self._saes, key) or self._load_sae(choice, access)
+                sae = self._lookup(self._saes, key) or self._load_sae(choice, access, lm)
         if lm is not None:
             check_fits(sae.source, int(lm.model.config.get_text_config().hidden_size), num_layers(lm.model))
         return sae
 
-    def _load_sae(self, choice: SAEChoice, access: Access) -> LoadedSAE:
+    def _load_sae(self, choice: SAEChoice, access: Access, lm: LoadedModel | None = None) -> LoadedSAE:
         from steer_core.hub import local_parameters
 
+        revision = None
         if choice.release and choice.sae_id:
             name = f"{choice.release} / {choice.sae_id}"
-            elements = _sae_hub_size(choice.release, choice.sae_id, access)
+            fits = (int(lm.model.config.get_text_config().hidden_size), num_layers(lm.model)) if lm else (None, None)
+            admission = _sae_admission(choice.release, choice.sae_id, access, self.hub_limits, *fits)
+            elements = admission.elements if admission else None
+            revision = admission.revision if admission else None
         else:
             assert choice.path
             if not access.local_paths and not is_embedded_sae(choice.path):
@@ -274,7 +426,7 @@ class Workspace:
         with self._guard:
             self._saes.make_room(need)
         if choice.release and choice.sae_id and elements is not None:  # online: download first, holding nothing
-            _download_sae(choice.release, choice.sae_id, access)
+            _download_sae(choice.release, choice.sae_id, access, revision)
         # Loading an SAE initialises its weights from torch's global RNG first; a sampled preview running meanwhile
         # would then not follow its seed. Loads take the sampled previews' turn (the download is done by now).
         with RNG_TURN:
@@ -368,7 +520,31 @@ def recipe_choice(recipe: VectorRecipe, lm: LoadedModel) -> SAEChoice | None:
     return embedded_choice(lm.name)
 
 
-def _hub_error(name: str, err: Exception, access: Access) -> Exception:
+def check_model_name(name: str, access: Access) -> None:
+    """A model name is an embedded model, a Hub id, or (where this server reads its own disk) a local path; anything
+    else is refused before any lock, cache entry or request is made for it."""
+    if name in EMBEDDED_MODELS:
+        return
+    if len(name) > MAX_PATH_CHARS:
+        raise ValueError(f"the model's name has {len(name)} characters: give a Hub model id (namespace/name)")
+    if not access.local_paths and (name.startswith(("/", ".", "~", "\\")) or name.count("/") > 1):
+        raise ValueError(_server_path(name))
+    if access.local_paths and is_local(name):
+        return
+    if access.local_paths and name.startswith(("/", ".", "~")):
+        raise LookupError(f"model folder {name!r} does not exist: give an existing folder, a .gguf file or a Hub id")
+    check_repo_id(name)
+
+
+def _server_path(name: str) -> str:
+    shown = name if len(name) <= 80 else name[:80] + "..."
+    return (
+        f"{shown!r} is a path on this server, which a public Space does not read for its visitors: give a Hub model "
+        "id, or pick one of the listed models"
+    )
+
+
+def _hub_error(name: str, err: Exception, access: Access, what: str = "a model") -> Exception:
     """huggingface_hub's errors, said for a visitor: which repo, and what would let them read it."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -379,33 +555,35 @@ def _hub_error(name: str, err: Exception, access: Access) -> Exception:
         hint = (
             "; sign in with Hugging Face to load a private repo of yours" if access.space and not access.visitor else ""
         )
-        return LookupError(f"{name} is not a model on the Hub that this server may read (missing or private){hint}")
+        return LookupError(f"{name} is not {what} on the Hub that this server may read (missing or private){hint}")
     return LookupError(f"could not read {name} from the Hub ({type(err).__name__}: {str(err)[:120]}); try again later")
 
 
 @contextmanager
-def _hub_errors(name: str, access: Access) -> Iterator[None]:
-    """Hub and network errors said for a visitor (_hub_error); LookupErrors of our own, and offline mode (which
-    callers treat as "nothing will download"), pass as they are."""
+def _hub_errors(name: str, access: Access, what: str = "a model") -> Iterator[None]:
+    """Hub and network errors said for a visitor (_hub_error); our own refusals (ValueError, LookupError), and
+    offline mode (which callers treat as "nothing will download"), pass as they are."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     try:
         yield
-    except (LookupError, OfflineModeIsEnabled):
+    except (LookupError, ValueError, OfflineModeIsEnabled):
         raise
     except Exception as err:  # network and Hub errors: refuse with a message, never load blind
-        raise _hub_error(name, err, access) from err
+        raise _hub_error(name, err, access, what) from err
 
 
-def _hub_size(name: str, token: str | bool | None, access: Access) -> Any:
-    """The model's size from the Hub; None offline, where nothing downloads."""
+def _hub_admission(
+    name: str, token: str | bool | None, access: Access, limits: HubLimits, check: Callable[[int], object]
+) -> Any:
+    """The model's admission (steer_core.hub.admit_model); None offline, where nothing downloads."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from steer_core.hub import model_size
+    from steer_core.hub import admit_model
 
     try:
         with _hub_errors(name, access):
-            return model_size(name, token=token)
+            return admit_model(name, token=token, limits=limits, check=check)
     except OfflineModeIsEnabled:
         return None
 
@@ -419,26 +597,28 @@ def _sae_repo(release: str, access: Access) -> tuple[str, str | bool | None]:
     return repo, access.shared_read_token(repo, curated=is_curated_release(release))
 
 
-def _sae_hub_size(release: str, sae_id: str, access: Access) -> int | None:
-    """The SAE's weights from the Hub; None offline, where nothing downloads."""
+def _sae_admission(
+    release: str, sae_id: str, access: Access, limits: HubLimits, d_model: int | None, n_layers: int | None
+) -> Any:
+    """The SAE's admission from the Hub (steer_core.hub.admit_sae); None offline, where nothing downloads."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from steer_core.hub import sae_size
+    from steer_core.hub import admit_sae
 
     repo, token = _sae_repo(release, access)
     try:
-        with _hub_errors(repo, access):
-            return sae_size(release, sae_id, token=token).parameters
+        with _hub_errors(repo, access, "an SAE repo"):
+            return admit_sae(release, sae_id, token=token, limits=limits, d_model=d_model, n_layers=n_layers)
     except OfflineModeIsEnabled:
         return None
 
 
-def _download_sae(release: str, sae_id: str, access: Access) -> None:
+def _download_sae(release: str, sae_id: str, access: Access, revision: str | None) -> None:
     from steer_core.hub import download_sae
 
     repo, token = _sae_repo(release, access)
-    with _hub_errors(repo, access):
-        download_sae(release, sae_id, token=token)
+    with _hub_errors(repo, access, "an SAE repo"):
+        download_sae(release, sae_id, token=token, revision=revision)
 
 
 def prune_work_folders(
@@ -467,6 +647,21 @@ def prune_work_folders(
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+def make_work_room(root: str | Path | None = None, *, quota: int = WORK_QUOTA) -> None:
+    """Before an export or a control vector: prune the folders past their hour, then refuse to write another while
+    what is left holds `quota` bytes (every visitor's together), so a run of exports cannot fill the server's disk."""
+    from steer_core.ui.gate import folder_bytes
+
+    prune_work_folders(root)
+    root = Path(root or tempfile.gettempdir())
+    used = sum(folder_bytes(p) for prefix in WORK_PREFIXES for p in root.glob(f"{prefix}*"))
+    if used >= quota:
+        raise ValueError(
+            f"this server's space for exports is full ({format_bytes(used)} of {format_bytes(quota)}, each kept an "
+            "hour for its download and push): try again later"
+        )
 
 
 def is_work_folder(path: str | Path, root: str | Path | None = None) -> bool:

@@ -145,3 +145,78 @@ def test_a_single_side_streams_as_before(lm: LoadedModel) -> None:
     texts = list(stream(lm, "hello there", vector=_vec(0), config=CONFIG))
     assert len(texts) > 1, "streamed token by token"
     assert texts[-1] == complete(lm, "hello there", vector=_vec(0), config=CONFIG)
+
+
+# ---- adapters a visitor names: patterns matched as names, Hub files sized and pinned ----
+
+
+def _with_config(adapter: Path, folder: Path, **changes: object) -> Path:
+    import shutil
+
+    shutil.copytree(adapter, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return folder
+
+
+def test_a_regex_pattern_is_refused_at_once(adapter: Path, tmp_path: Path) -> None:
+    """PEFT runs alpha_pattern's keys as regular expressions; (a+)+b on 40 a's backtracks for hours."""
+    import time
+
+    for field in ("alpha_pattern", "rank_pattern"):
+        bad = _with_config(adapter, tmp_path / field, **{field: {"(a+)+b": 2, "a" * 40: 1}})
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"{field} key '\(a\+\)\+b' uses a regex pattern .*; this server matches "
+                           "module names exactly"):  # fmt: skip
+            read_adapter(bad)
+        assert time.perf_counter() - start < 0.5
+
+
+def test_an_exact_alpha_pattern_key_scales_as_peft_does(lm: LoadedModel, adapter: Path, tmp_path: Path) -> None:
+    name = next(iter(read_adapter(adapter).params))
+    suffix = name.split(".", 2)[2]  # a dot-separated suffix of the module's name, as PEFT's keys usually are
+    copy = _with_config(adapter, tmp_path / "exact", lora_alpha=1, alpha_pattern={suffix: 5, "other_proj": 7})
+    served = read_adapter(copy)
+    peft = load_peft(lm.model, copy)
+    module = peft.get_submodule("base_model.model." + name)
+    assert served.scaling[name] == module.scaling["default"] == 5.0  # type: ignore[index]
+    assert {v for k, v in served.scaling.items() if k != name} <= {1.0}
+    torch.testing.assert_close(served.params[name][0], read_adapter(adapter).params[name][0])
+
+
+def test_a_hub_adapter_is_read_at_its_pinned_commit_with_its_steering(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from fakehub import FakeHub, Repo, use
+    from steer_core.hub import Access
+    from steer_core.ui.workspace import Workspace
+
+    files = {p.name: p for p in adapter.iterdir() if p.is_file()}
+    with FakeHub({}).serve() as hub:
+        use(hub, monkeypatch)
+        hub.add("bob/steer", Repo("bob", files, sha="e" * 40))  # type: ignore[arg-type]
+        hub.add("bob/huge-config", Repo("bob", dict(files), declared={"adapter_config.json": 3 * 10**9}))
+        hub.add("bob/huge", Repo("bob", dict(files), declared={"adapter_model.safetensors": 10**9}))
+        ws = Workspace(lambda *_a, **_k: pytest.fail("no model loads"))
+        space = Access(space=True)
+        served = ws.served_adapter("bob/steer", space)
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=r"bob/huge-config's adapter_config.json is 3.0 GB: this server downloads "
+                           "such a file up to 1.0 MB"):  # fmt: skip
+            ws.served_adapter("bob/huge-config", space)
+        with pytest.raises(
+            ValueError, match=r"bob/huge's weights are 1.0 GB: this server previews adapters up to 67.1"
+        ):
+            ws.served_adapter("bob/huge", space)
+        assert time.perf_counter() - start < 2
+        with pytest.raises(ValueError, match="is a path on this server"):
+            ws.served_adapter(str(adapter), space)
+        revisions = {r.path.split("/resolve/")[1].split("/")[0] for r in hub.requests_for("bob/steer")
+                     if "/resolve/" in r.path}  # fmt: skip
+        refused = [r for r in hub.log if r.repo in ("bob/huge-config", "bob/huge") and "/resolve/" in r.path]
+    local = read_adapter(adapter)
+    assert revisions == {"e" * 40} and not refused
+    assert served.source == "bob/steer" and served.record == local.record and served.vector is not None
+    assert served.scaling == local.scaling and served.params.keys() == local.params.keys()

@@ -254,8 +254,9 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
 
 @pytest.fixture()
 def on_a_space(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As app.py starts on a Space: the owner's token taken out of the environment into OWNER_TOKEN."""
-    monkeypatch.setattr(app, "ON_SPACE", True)
+    """As app.py starts on a Space (or any public server): the owner's token taken out of the environment into
+    OWNER_TOKEN."""
+    monkeypatch.setattr(app, "PUBLIC", True)
     monkeypatch.setattr(app, "OWNER_TOKEN", OWNER)
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
@@ -436,3 +437,17 @@ def test_a_word_without_a_feature_offers_its_reading_and_it_steers(sae_folder: s
     assert "blocks.1.hook_resid_post" in info and base and steered
     with pytest.raises(gr.Error, match="no words"):
         app.use_concept("tiny", "", sae_folder, " 42 ")
+
+
+def test_every_event_runs_in_a_named_lane_and_the_page_load_loads_nothing() -> None:
+    """Gradio gives an event with no concurrency id a group of its own: an event left out would have its own workers
+    beside the lanes (steer_core.ui.gate), and a raw request can send any event by its index."""
+    from steer_core.ui.gate import LANES
+
+    fns = list(app.page().fns.values())
+    assert fns and {fn.concurrency_id for fn in fns} <= set(LANES), {fn.name: fn.concurrency_id for fn in fns}
+    assert all(fn.concurrency_limit == LANES[fn.concurrency_id].workers for fn in fns)
+    with pytest.raises(gr.Error, match="not loaded yet: load it first"):
+        app.on_page("someone/any-model", **NO_PROGRESS)
+    page_load = next(fn for fn in fns if "load" in [t[1] for t in fn.targets])
+    assert (page_load.name, page_load.concurrency_id) == ("on_page", "page")

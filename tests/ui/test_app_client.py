@@ -18,7 +18,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, s
     app.workspace.forget_model("tiny")
     app._models["tiny"] = tiny_lm("llama")
     sae = build_sae(tmp_path_factory.mktemp("sae") / "sae", d_sae=16, model_name="tiny-llama")
-    app.demo.queue(default_concurrency_limit=4).launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    app.serve(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)  # as main does: its queue and gate
     try:
         yield Client(app.demo.local_url, verbose=False), str(sae)
     finally:

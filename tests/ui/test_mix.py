@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -68,3 +69,23 @@ def test_recipe_refuses_a_layer_its_source_would_ignore() -> None:
         VectorRecipe("sae", (0.5,), "resid", features=(639,), layer=99)
     with pytest.raises(ValueError, match="layer 2 does not apply to a control_vector"):
         VectorRecipe("control_vector", (1.0,), path="c.gguf", layer=2)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [" " * 1_000_000, " :" * 300_000, "1" * 1_000_000 + "x", "1:" + "1" * 1_000_000 + "x", ", " * 400_000],
+)
+def test_parse_is_linear_on_a_megabyte_of_pathological_text(text: str) -> None:
+    """The old `re.sub(r"\\s*([:=@×*])\\s*")` took 6 s on 32k spaces and ~25 minutes on 500 kB, holding the GIL."""
+    import time
+
+    start = time.perf_counter()
+    with contextlib.suppress(ValueError):
+        FeatureMix.parse(text, 1.0)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_parse_joins_a_separator_with_its_neighbours_only() -> None:
+    assert FeatureMix.parse("12 :4,7:  -1 33", 2.0).items == ((12, 4.0), (7, -1.0), (33, 2.0))
+    with pytest.raises(ValueError, match="':4'"):
+        FeatureMix.parse(", :4", 1.0)
