@@ -40,6 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from steer_core.ui.gate import LANES
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "Tell me about your weekend.",
@@ -53,7 +55,6 @@ PROMPTS = [
 ]
 QUERIES = ["love", "rain", "food", "music", "anger", "code", "travel", "sleep", "money", "school", "dog", "war"]
 UNIT = "× residual norm"
-DEFAULT_CONCURRENCY = 4  # app.py: demo.queue(default_concurrency_limit=4)
 
 
 def stop_app(proc: subprocess.Popen[bytes]) -> None:
@@ -275,7 +276,7 @@ def load_test(url: str, args: argparse.Namespace, run: Run, watch: MemoryWatch) 
         "users": args.users,
         "features": features,
         "max_new_tokens": args.tokens,
-        "queue": {"max_size": args.queue_max, "default_concurrency": DEFAULT_CONCURRENCY, "heavy_concurrency": 1},
+        "queue": {"max_size": args.queue_max, "lanes": {lane.name: lane.workers for lane in LANES.values()}},
         "latency": {k: _latency(v) for k, v in sorted(by_endpoint.items())},
         "together_wall_s": round(together_s, 1),
         "previews_done_while_the_export_ran": len(during_export),
@@ -295,7 +296,7 @@ def flood_check(
     from gradio_client import Client
     from gradio_client.utils import Status
 
-    n = args.queue_max + DEFAULT_CONCURRENCY + args.flood_extra
+    n = args.queue_max + LANES["preview"].workers + args.flood_extra
     run.reserve(n)  # counted against --max-requests; timed apart from the endpoints' latencies
     client = Client(url, verbose=False, max_workers=n)  # its default 40 threads would send them 40 at a time
     jobs = [client.submit(*preview_args(i % args.users), api_name="/preview") for i in range(n)]
@@ -308,7 +309,9 @@ def flood_check(
     for job in jobs:
         if job.done():
             err = job.exception()
-            if err is not None and ("queue" in str(err).lower() or type(err).__name__ == "QueueError"):
+            # refused by the queue (full) or by the gate (one visitor's share of the lane: steer_core.ui.gate)
+            said = str(err).lower() if err is not None else ""
+            if err is not None and ("queue" in said or "429" in said or type(err).__name__ == "QueueError"):
                 refused += 1
                 messages.add(f"{type(err).__name__}: {err}")
             elif err is not None:

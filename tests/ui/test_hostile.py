@@ -285,6 +285,25 @@ def test_every_event_ends_in_time_with_the_worst_text_within_its_limits(space: A
     assert worst < 60, f"{name} took {worst:.0f} s"
 
 
+@pytest.mark.parametrize("extreme", [1e308, -1e308, float("nan"), 2**70])
+def test_every_number_field_at_its_extremes(space: Any, case: dict[str, Any], extreme: float) -> None:
+    """Numbers past any range (and NaN, which Python's JSON reads) in every number and slider input of every event."""
+    _, _, page, _ = space
+    worst, fields = 0.0, 0
+    for dep in page.dependencies:
+        fn = dep["id"]
+        for position, c in enumerate(page.inputs(fn)):
+            if c.get("type") not in ("number", "slider"):
+                continue
+            data = page.defaults(fn, {"Max new tokens": 8})
+            data[position] = extreme
+            out = call(page.url, fn, data, timeout=180)
+            assert out.status in (200, 400), out
+            worst, fields = max(worst, out.seconds), fields + 1
+    case.update(fields=fields, hostile_worst_s=round(worst, 2))
+    assert fields > 10 and worst < 30
+
+
 # The fields a handler parses, each filled alone (the others as the page shows them, so the parser is reached):
 # (event, the field's label or a word of it, other inputs set by label).
 PARSED = [
