@@ -344,3 +344,29 @@ def test_embedded_models_templates_and_tokenizers(smollm2) -> None:
         for generation in (False, True):
             assert render_chat(tok, chat, generation=generation) == _expected(tok, chat, generation)
     check_tokenizer(tok)
+
+
+def test_the_same_conversation_renders_once_and_a_clock_never_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export renders the same shipped conversations thousands of times: the worker sees each once."""
+    sent: list[bytes] = []
+    real = template._POOL.render
+    monkeypatch.setattr(template, "_CACHE", template._Renders(10_000))
+    monkeypatch.setattr(template._POOL, "render", lambda payload, limit: sent.append(payload) or real(payload, limit))
+    tok = _tokenizer(GEMMA_CHAT_TEMPLATE)
+    chat = [{"role": "user", "content": "hi"}]
+    assert render_chat(tok, chat, generation=True) == render_chat(tok, chat, generation=True) == _expected(
+        tok, chat, True
+    )
+    assert len(sent) == 1
+    render_chat(tok, chat, generation=False)  # another request
+    render_chat(tok, [{"role": "user", "content": "x" * 20_000}], generation=True)  # too long to keep
+    render_chat(tok, [{"role": "user", "content": "x" * 20_000}], generation=True)
+    assert len(sent) == 4
+    dated = _tokenizer("{{ strftime_now('%d') }}{{ messages[0]['content'] }}")
+    render_chat(dated, chat, generation=False)
+    render_chat(dated, chat, generation=False)
+    assert len(sent) == 6, "a template that reads the clock renders anew each time"
+    small = template._Renders(50)
+    for i in range(20):
+        small.put(("t", (("user", f"{i:02d}"),), False, ()), "0123456789")
+    assert small._used <= 50 and small.get(("t", (("user", "19"),), False, ())) == "0123456789"
