@@ -905,12 +905,7 @@ def serve(**launch: Any) -> Any:
     default, so `bash run.sh` serves this machine only. Uploads past the limit are refused by Gradio before they are
     written (steer_core.ui.limits). Every request passes the gate first (steer_core.ui.gate), and no event runs
     outside the queue: api_open=False refuses Gradio's REST routes, which it leaves open off Spaces."""
-    from gradio.utils import get_upload_folder
-    from starlette.middleware import Middleware
-
-    gatekeeper = Middleware(
-        gate.RequestGate, blocks=page, limits=GATE, behind_proxy=on_space(), upload_folder=get_upload_folder
-    )
+    gatekeeper = gate.middleware(page, GATE, behind_proxy=on_space())
     return (
         page()
         .queue(default_concurrency_limit=PREVIEW.workers, max_size=QUEUE_MAX, api_open=False)

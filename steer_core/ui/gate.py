@@ -408,6 +408,16 @@ class RequestGate:
         return check_room(queue, lane, visitor, self.limits, behind_proxy=self.behind_proxy, joining=self.joining)
 
 
+def middleware(blocks: Callable[[], Any], limits: GateLimits, *, behind_proxy: bool) -> Any:
+    """The gate as Gradio's launch takes it (`app_kwargs={"middleware": [...]}`), over Gradio's upload folder."""
+    from gradio.utils import get_upload_folder
+    from starlette.middleware import Middleware
+
+    return Middleware(
+        RequestGate, blocks=blocks, limits=limits, behind_proxy=behind_proxy, upload_folder=get_upload_folder
+    )
+
+
 def _event_fn(blocks: Any, route: str, payload: dict[str, Any]) -> Any:
     fns = getattr(blocks, "fns", {})
     if route.startswith("/queue/join"):
