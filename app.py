@@ -401,6 +401,13 @@ def read_served(source: str, access: Access) -> Any:
 # ---- 4 · export --------------------------------------------------------------------------------------------------
 
 
+def app_targets() -> tuple[str, ...]:
+    """The targets this server exports: a public one writes no merged model (the whole model, zipped per visitor)."""
+    from steer_core.adapter.targets import TARGETS
+
+    return tuple(name for name in TARGET_NAMES if not (PUBLIC and TARGETS[name].merged))
+
+
 @gpu(duration=300)
 def run_export(
     model_name: str,
@@ -416,6 +423,12 @@ def run_export(
     from steer_core.export import export
 
     with user_errors("Export settings"):
+        if (target or "peft") not in app_targets():
+            raise ValueError(
+                f"target {target!r} is not one of {', '.join(app_targets())} on this server: a merged model is the "
+                "whole model (hundreds of MB to GBs to zip and download); make it with `python -m steer_core export "
+                f"--target {target}` on your own machine"
+            )
         tokens = LIMITS.check_count("calibration tokens", tokens, LIMITS.calibration_tokens, at_least=256)
         refine_steps = LIMITS.check_count("refinement steps", refine_steps, LIMITS.refine_steps)
     progress(0.0, desc="building the steering vector")
@@ -756,11 +769,17 @@ def build_demo() -> gr.Blocks:
                         label="Servability",
                     )
             target = gr.Radio(
-                list(TARGET_NAMES),
+                list(app_targets()),
                 value="peft",
                 label="Where will you serve it?",
                 info="peft: PEFT, vLLM, SGLang, LoRAX, Together · fireworks: rank padded to 4 · llama.cpp: + GGUF LoRA "
-                "and control vector · ollama: + GGUF LoRA and Modelfile",
+                "and control vector"
+                + (
+                    " · merged weights (Ollama, engines without LoRA): `python -m steer_core export --target merged` "
+                    "or `--target ollama` on your machine"
+                    if PUBLIC
+                    else " · ollama: merged model as GGUF + Modelfile · merged: the base model with the adapter merged"
+                ),
             )
             export_btn = gr.Button("Calibrate → build → verify", variant="primary")
             with gr.Row():

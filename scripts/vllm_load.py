@@ -3,7 +3,10 @@
 Runs in vLLM's environment, not the project's (vLLM pins its own torch and transformers), so it imports nothing of
 steer_core. `bash scripts/vllm_venv.sh` makes that environment; tests/adapter/test_vllm.py drives this script:
 
-    "$(bash scripts/vllm_venv.sh)"/bin/python scripts/vllm_load.py DIR [DIR ...]
+    "$(bash scripts/vllm_venv.sh)"/bin/python scripts/vllm_load.py DIR [DIR ...] [--max-lora-rank R --max-loras N]
+
+With --max-loras, the folders are one set, as `vllm serve --max-loras N --lora-modules ...` loads them
+(steer_core serve): one LoRAConfig for all, each adapter under its own id.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import sys
 
 
-def load(folder: str) -> dict:
+def load(folder: str, max_lora_rank: int = 8, max_loras: int = 1, lora_id: int = 1) -> dict:
     import torch
     import vllm.lora.lora_model as lora_model
     from safetensors.torch import load_file
@@ -26,9 +29,9 @@ def load(folder: str) -> dict:
 
     try:
         helper = PEFTHelper.from_local_dir(folder, max_position_embeddings=None)
-        helper.validate_legal(LoRAConfig(max_lora_rank=8, max_loras=1))
+        helper.validate_legal(LoRAConfig(max_lora_rank=max_lora_rank, max_loras=max_loras))
         model = LoRAModel.from_local_checkpoint(
-            folder, {"down_proj", "o_proj", "c_proj"}, helper, lora_model_id=1, device="cpu", dtype=torch.float32
+            folder, {"down_proj", "o_proj", "c_proj"}, helper, lora_model_id=lora_id, device="cpu", dtype=torch.float32
         )
     except Exception as err:  # what vLLM says when it refuses an adapter is the result
         return {"folder": folder, "loaded": False, "error": f"{type(err).__name__}: {err}"}
@@ -45,11 +48,18 @@ def load(folder: str) -> dict:
             "b_equal": bool(torch.allclose(scaled_b.reshape(b.shape), b.float() * helper.vllm_lora_scaling_factor)),
         }
     return {"folder": folder, "loaded": True, "rank": helper.r, "scaling": helper.vllm_lora_scaling_factor,
-            "modules": modules}  # fmt: skip
+            "id": model.id, "modules": modules}  # fmt: skip
 
 
 def main() -> None:
-    print(json.dumps([load(folder) for folder in sys.argv[1:]]))
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--max-lora-rank", type=int, default=8)
+    ap.add_argument("--max-loras", type=int, default=1)
+    args = ap.parse_args(sys.argv[1:])
+    print(json.dumps([load(f, args.max_lora_rank, args.max_loras, i + 1) for i, f in enumerate(args.folders)]))
 
 
 if __name__ == "__main__":

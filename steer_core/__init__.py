@@ -12,12 +12,13 @@ The modules, in the order the data flows (each family a folder):
 - `steer` (hook steering, per request), `generate` (the side-by-side preview).
 - `fit/`: `calibrate` (one rank-1 fit per site, from `ridge`, `position0`, `selection`, `shares`, `postnorm` and
   `composite`), `refine` (end to end).
-- `adapter/`: `build` (the PEFT LoRA), `targets` (llama.cpp, Ollama, Fireworks files), `record` (steering.json),
+- `adapter/`: `build` (the PEFT LoRA), `targets` (llama.cpp, Ollama, Fireworks files), `merged` (the model with
+  the adapter merged in, for engines without LoRA), `record` (steering.json),
   `folder` (an adapter folder read back, every file once), `card`, `served` (an adapter applied per request),
   `publish`.
 - `check/`: `verify` (against the hook, held out), `servability` (the map before an export).
-- `export` runs the chain; `cli` is the command line; `ui/` (`catalog`, `form`, `mix`, `workspace`, `explain`,
-  `limits`, `exposure`, `gate`) is what only `app.py` uses.
+- `export` runs the chain; `cli` is the command line; `serve` starts a stock engine with many adapters; `ui/`
+  (`catalog`, `form`, `mix`, `workspace`, `explain`, `limits`, `exposure`, `gate`) is what only `app.py` uses.
 
 The names below load on first use (PEP 562), so `python -m steer_core --help` imports no model code.
 """

@@ -1,4 +1,4 @@
-"""Command line: `python -m steer_core {search,generate,map,export,verify,control-vector,features}` (docs/cli.md).
+"""Command line: `python -m steer_core {search,generate,map,export,verify,control-vector,features,serve}` (docs/cli.md).
 
 The argument names are a contract; keep them."""
 
@@ -194,6 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--compare-sae", required=True, metavar="DIR", help="an SAE Lens folder at the vector's site")
     f.add_argument("--top", type=int, default=10)
     _steering_args(f)
+
+    v = sub.add_parser("serve", help="start llama-server or vLLM with several adapters, each chosen per request")
+    v.add_argument("--engine", required=True, choices=["llama.cpp", "vllm"])
+    v.add_argument("folders", nargs="+", metavar="DIR", help="adapter folders made for one base model")
+    v.add_argument(
+        "--base", metavar="PATH_OR_ID", help="llama.cpp: the base GGUF (required); vLLM: default the folders'"
+    )
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, help="default 8080 (llama.cpp), 8000 (vLLM)")
+    v.add_argument(
+        "--scales",
+        default="1",
+        help="comma-separated strengths, e.g. 0.5,1,2: vLLM gets each as its own adapter (NAME@0.5: lora_B × 0.5); "
+        "llama.cpp takes a scale per request, so there they only shape the printed example",
+    )
+    v.add_argument("--variants-dir", metavar="DIR", help="where vLLM's strength variants go (default: the cache)")
+    v.add_argument("--print-only", action="store_true", help="print the command and examples; start nothing")
     return parser
 
 
@@ -524,6 +541,18 @@ def _cmd_features(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from steer_core.serve import plan, run
+
+    try:
+        scales = [float(x) for x in args.scales.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--scales {args.scales!r}: give comma-separated numbers, e.g. 0.5,1,2")
+    built = plan(args.engine, args.folders, base=args.base, host=args.host, port=args.port, scales=scales,
+                 variants_dir=args.variants_dir)  # fmt: skip
+    return run(built, print_only=args.print_only)
+
+
 def main(argv: Sequence[str] | None = None, *, process_wide: bool = False) -> int:
     """`process_wide`: this process is the command (python -m steer_core), so it may tune the allocator for itself
     (model.keep_freed_memory); after parsing, so --help loads no model code."""
@@ -545,6 +574,8 @@ def main(argv: Sequence[str] | None = None, *, process_wide: bool = False) -> in
             return _cmd_search(args, parser)
         if args.command == "features":
             return _cmd_features(args, parser)
+        if args.command == "serve":
+            return _cmd_serve(args, parser)
         if args.command == "map":
             return _cmd_map(args, parser)
         return _cmd_generate(args, parser)

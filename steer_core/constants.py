@@ -20,6 +20,10 @@ CARD_BESIDE_README = "STEERING.md"
 GGUF_LORA_FILENAME = "adapter.gguf"
 CONTROL_VECTOR_FILENAME = "control_vector.gguf"
 MODELFILE_FILENAME = "Modelfile"
+# The merged-weights targets (steer_core.adapter.merged): the base model with the adapter baked in, in its own layout,
+# in a subfolder beside the PEFT folder's files; and that model as llama.cpp's convert_hf_to_gguf.py writes it.
+MERGED_DIRNAME = "merged"
+MERGED_GGUF_FILENAME = "model.gguf"
 # An SAE folder in SAE Lens' format (steer_core.sae.feature): SAE Lens' own names.
 SAE_CONFIG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -28,7 +32,8 @@ LABELS_FILENAME = "labels.json.gz"
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CALIBRATION_TOKENS = 16_384
-TARGET_NAMES = ("peft", "fireworks", "llama.cpp", "ollama")  # where an export is served (steer_core.adapter.targets)
+# where an export is served (steer_core.adapter.targets)
+TARGET_NAMES = ("peft", "fireworks", "llama.cpp", "ollama", "merged")
 # The servability map (check.servability): a miniature export per cell, and the top-1 that counts as servable.
 MAP_CALIBRATION_TOKENS = 8_192
 MAP_EVAL_TOKENS = 1_024

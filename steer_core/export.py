@@ -21,6 +21,7 @@ from steer_core.adapter.build import (
     write_json,
 )
 from steer_core.adapter.card import model_card
+from steer_core.adapter.merged import check_mergeable, write_gguf, write_merged, write_merged_card
 from steer_core.adapter.record import CalibrationRecord, FitRecord, SteeringRecord, VectorRecord
 from steer_core.adapter.targets import (
     Target,
@@ -35,6 +36,8 @@ from steer_core.constants import (
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_VERIFY_TOKENS,
     GGUF_LORA_FILENAME,
+    MERGED_DIRNAME,
+    MERGED_GGUF_FILENAME,
     MODEL_CARD_FILENAME,
     MODES,
     STEERING_JSON_FILENAME,
@@ -85,7 +88,8 @@ def export(
     """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails.
 
     `target` adds what that engine loads (adapter.targets): fireworks pads the rank to 4, llama.cpp writes a GGUF LoRA
-    and the control vector, ollama a GGUF LoRA and a Modelfile. The PEFT folder is always there and verified.
+    and the control vector, merged the base model with the adapter merged in (`merged/`, held to PEFT's logits),
+    ollama that model as GGUF and a Modelfile. The PEFT folder is always there and verified.
 
     `writer`: which writer serves a one-site vector on a pre-norm model (calibrate: "auto" measures the site's own,
     block L+1's attention writer and the two splitting it; steer_core.fit.composite).
@@ -129,6 +133,8 @@ def export(
         built = build_ablate(model, next(iter(vector.directions.values())), lm.base_model_id)
     if engine.min_rank > 1:
         built = pad_rank(built, engine.min_rank)
+    if engine.merged:
+        check_mergeable(model, built.modules, bool(built.config.lora_bias))
 
     report(0.72, "writing adapter")
     record = _record(lm, vector, mode, built, engine, skip_bos, calibration)
@@ -144,8 +150,12 @@ def export(
         seconds["verify"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - start
         target_files, target_notes = _write_target_files(engine, lm, vector, tmp, skip_bos)
+        merged, merged_files = _write_merged(engine, lm, tmp, record.replace(fidelity=fidelity.to_dict()), report)
+        target_files += merged_files
+        seconds["total"] = time.perf_counter() - start
         record = record.replace(
             fidelity=fidelity.to_dict(),
+            merged=merged,
             target_files=tuple(target_files),
             notes=record.notes + tuple(target_notes),
             seconds={k: round(v, 2) for k, v in seconds.items()},
@@ -256,8 +266,8 @@ def _record(
 def _write_target_files(
     engine: Target, lm: LoadedModel, vector: SteeringVector, folder: Path, skip_bos: bool
 ) -> tuple[list[str], list[str]]:
-    """What the target engine loads besides the PEFT folder: (file names, notes)."""
-    if not engine.gguf:
+    """What the target engine loads besides the PEFT folder: (file names, notes). The merged model: _write_merged."""
+    if not engine.gguf or engine.merged:
         return [], []
     files = [write_gguf_lora(folder, lm.model, folder / GGUF_LORA_FILENAME).name]
     notes = []
@@ -271,6 +281,40 @@ def _write_target_files(
         except ValueError as err:
             notes.append(f"no llama.cpp control vector: {err}")
     return files, notes
+
+
+# The GGUF the ollama target writes: f16, half of f32's size (SmolLM2 135M: 270 MB, not 540 MB). Measured on the
+# embedded SmolLM2 with feature #676's merged model in llama-server, 4 chat prompts x 24 greedy tokens against PEFT:
+# f16 24/24 on all four, bf16 24, 24, 11, 24 (bf16 stores 7 mantissa bits to f16's 10, and these weights fit f16's
+# range); tests/adapter/test_merged.py holds f16 to it.
+GGUF_OUTTYPE = "f16"
+
+
+def _write_merged(
+    engine: Target, lm: LoadedModel, folder: Path, record: SteeringRecord, report: Progress
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The merged model (`merged/`, verified against PEFT, with its own card) for the merged targets; for ollama, that
+    model as GGUF and a Modelfile instead (the safetensors copy is only the converter's input). steering.json's
+    `merged` entry (None for other targets) and the names written."""
+    if not engine.merged:
+        return None, []
+    report(0.9, "merging the adapter into a copy of the model and checking it against PEFT")
+    t = time.perf_counter()
+    out = folder / MERGED_DIRNAME
+    fidelity = write_merged(lm.model, lm.tokenizer, folder, out, lm.base_model_id)
+    entry: dict[str, Any] = {"path": MERGED_DIRNAME, "against_peft": fidelity.to_dict(), "merged_by": "peft"}
+    if engine.name == "ollama":
+        report(0.95, "converting the merged model to GGUF with llama.cpp's convert_hf_to_gguf.py")
+        write_gguf(out, folder / MERGED_GGUF_FILENAME, GGUF_OUTTYPE)
+        shutil.rmtree(out)
+        modelfile = write_modelfile(folder, lm.base_model_id, MERGED_GGUF_FILENAME)
+        entry.update(path=MERGED_GGUF_FILENAME, gguf_outtype=GGUF_OUTTYPE, converter="llama.cpp convert_hf_to_gguf.py")
+        files = [MERGED_GGUF_FILENAME, modelfile.name]
+    else:
+        write_merged_card(out, record.replace(merged=entry), fidelity)
+        files = [MERGED_DIRNAME]
+    entry["seconds"] = round(time.perf_counter() - t, 2)
+    return entry, files
 
 
 def _sae_notes(vector: SteeringVector, model_id: str) -> list[str]:

@@ -191,6 +191,9 @@ def test_generate_with_adapter_and_with_hooks(
         (["export", "--out", "x", "--sae-path", "s", "--feature", "1", "--site", "attn_out"], "--site attn_out only"),
         (["generate", "--prompt", "p", "--control-vector", "c.gguf", "--layer", "3"], "--layer 3 only applies"),
         (["generate", "--prompt", "p", "--vector", "c.GGUF", "--layer", "3"], "a .gguf control vector carries"),
+        (["serve", "--engine", "sglang", "d"], "invalid choice: 'sglang'"),
+        (["serve", "--engine", "vllm"], "the following arguments are required: DIR"),
+        (["serve", "--engine", "vllm", "d", "--scales", "0.5,x"], "--scales '0.5,x': give comma-separated numbers"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_a_message(argv: list, message: str, capsys: pytest.CaptureFixture) -> None:

@@ -354,8 +354,8 @@ def test_the_same_conversation_renders_once_and_a_clock_never_stays(monkeypatch:
     monkeypatch.setattr(template._POOL, "render", lambda payload, limit: sent.append(payload) or real(payload, limit))
     tok = _tokenizer(GEMMA_CHAT_TEMPLATE)
     chat = [{"role": "user", "content": "hi"}]
-    assert render_chat(tok, chat, generation=True) == render_chat(tok, chat, generation=True) == _expected(
-        tok, chat, True
+    assert (
+        render_chat(tok, chat, generation=True) == render_chat(tok, chat, generation=True) == _expected(tok, chat, True)
     )
     assert len(sent) == 1
     render_chat(tok, chat, generation=False)  # another request

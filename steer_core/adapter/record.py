@@ -100,6 +100,9 @@ class SteeringRecord:
     target_files: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
     files: tuple[str, ...] | None = None
+    # the merged-weights targets (adapter.merged): where the merged model is, its logits against PEFT's, the GGUF's
+    # outtype; None for the other targets and for folders exported before them
+    merged: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of another version, written back as they were
 
     def __post_init__(self) -> None:
@@ -139,6 +142,8 @@ class SteeringRecord:
             out["seconds"] = self.seconds
         if self.files is not None:
             out["files"] = list(self.files)
+        if self.merged is not None:
+            out["merged"] = self.merged
         return {**out, **self.extra}
 
     @classmethod

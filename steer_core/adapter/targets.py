@@ -5,11 +5,15 @@
   zero and lora_alpha = r, so scaling alpha / r stays 1 and every output is unchanged.
 - `llama.cpp`: `adapter.gguf`, a GGUF LoRA as llama.cpp's `convert_lora_to_gguf.py` writes it (see
   `write_gguf_lora`), and the exact control vector `control_vector.gguf` where the vector's sites allow one.
-- `ollama`: the GGUF LoRA and a `Modelfile` (`FROM` the base model, `ADAPTER ./adapter.gguf`): Ollama has no control
-  vectors, so a LoRA is the only way to steer it.
+- `merged`: the base model with the adapter merged into its weights, in its own layout, in `merged/`
+  (steer_core.adapter.merged): for engines that load no LoRA.
+- `ollama`: that merged model as GGUF (llama.cpp's own `convert_hf_to_gguf.py`) and a `Modelfile` `FROM` it. Ollama
+  has no control vectors, and v0.34.1 and later refuse `ADAPTER` in a Modelfile ("LoRA adapters are no longer
+  supported": ollama#14969, `server/create.go`), so merged weights are the only way left to steer it.
 
 A LoRA bias (the `exact` mode) loads in PEFT only: vLLM removed it, llama.cpp's converter rejects it, Fireworks'
-format has no place for it; those targets refuse it before any work.
+format has no place for it; those targets refuse it before any work. `merged` takes it only where every targeted
+module has a bias of its own to merge it into (merged.check_mergeable).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ import torch
 from torch import nn
 
 from steer_core.adapter.build import BuiltAdapter
-from steer_core.constants import CONTROL_VECTOR_FILENAME, GGUF_LORA_FILENAME, MODELFILE_FILENAME
+from steer_core.constants import (
+    CONTROL_VECTOR_FILENAME,
+    GGUF_LORA_FILENAME,
+    MERGED_DIRNAME,
+    MERGED_GGUF_FILENAME,
+    MODELFILE_FILENAME,
+)
 from steer_core.sites import pretrained
 
 # model_type -> llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES), for the model families the GGUF target covers
@@ -36,7 +46,8 @@ class Target:
     how: str  # one line: how to load what was written
     min_rank: int = 1
     lora_bias: bool = False  # can its loader take a LoRA bias (exact mode)?
-    gguf: bool = False
+    gguf: bool = False  # a GGUF of llama.cpp's architectures (checked before any work)
+    merged: bool = False  # writes the merged model (steer_core.adapter.merged)
 
 
 TARGETS = {
@@ -48,8 +59,10 @@ TARGETS = {
                min_rank=4),
         Target("llama.cpp", f"llama-server -m BASE.gguf --lora DIR/{GGUF_LORA_FILENAME} (or, exactly: "
                f"--control-vector DIR/{CONTROL_VECTOR_FILENAME})", gguf=True),
-        Target("ollama", f"ollama create NAME -f DIR/{MODELFILE_FILENAME} (edit FROM to your base model's Ollama "
-               "name or GGUF path), then ollama run NAME", gguf=True),
+        Target("ollama", f"ollama create NAME -f DIR/{MODELFILE_FILENAME} (FROM ./{MERGED_GGUF_FILENAME}: the "
+               "merged model, no ADAPTER), then ollama run NAME", gguf=True, merged=True),
+        Target("merged", f"AutoModelForCausalLM.from_pretrained(DIR/{MERGED_DIRNAME}); TGI, SGLang, vLLM without "
+               f"--enable-lora: serve DIR/{MERGED_DIRNAME} as a plain model", lora_bias=True, merged=True),
     )
 }  # fmt: skip
 
@@ -70,6 +83,10 @@ def check_target(name: str, mode: str, model: nn.Module) -> Target:
         )
     if t.gguf:
         gguf_arch(model)
+    if t.name == "ollama":
+        from steer_core.adapter.merged import llama_cpp_converter
+
+        llama_cpp_converter()  # the GGUF is llama.cpp's converter's: say how to get it before any work
     return t
 
 
@@ -149,14 +166,13 @@ def write_gguf_lora(folder: Path, model: nn.Module, out: Path) -> Path:
     return out
 
 
-def write_modelfile(folder: Path, base_model: str) -> Path:
-    """Ollama's Modelfile for the GGUF LoRA next to it."""
+def write_modelfile(folder: Path, base_model: str, gguf_name: str = MERGED_GGUF_FILENAME) -> Path:
+    """Ollama's Modelfile for the merged GGUF next to it. No ADAPTER line: Ollama v0.34.1 and later refuse it."""
     path = folder / MODELFILE_FILENAME
     path.write_text(
-        "# Ollama: point FROM at your base model (an Ollama model name, a GGUF file, or hf.co/USER/REPO-GGUF) of\n"
-        f"# {base_model}, then: ollama create NAME -f Modelfile && ollama run NAME\n"
-        f"FROM {base_model}\n"
-        f"ADAPTER ./{GGUF_LORA_FILENAME}\n",
+        f"# Ollama: {base_model} with the steering merged into its weights (no ADAPTER: Ollama v0.34.1 and later\n"
+        "# refuse LoRA adapters). ollama create NAME -f Modelfile && ollama run NAME\n"
+        f"FROM ./{gguf_name}\n",
         encoding="utf-8",
     )
     return path

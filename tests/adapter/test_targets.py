@@ -69,7 +69,7 @@ def test_the_cli_and_app_offer_every_target() -> None:
 def test_gguf_targets_name_unsupported_architectures(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_type 'gpt2' is not written here"):
         _export(tiny_lm("gpt2"), tmp_path / "a", "llama.cpp")
-    with pytest.raises(ValueError, match="target 'vllm' is not one of peft, fireworks, llama.cpp, ollama"):
+    with pytest.raises(ValueError, match="target 'vllm' is not one of peft, fireworks, llama.cpp, ollama, merged"):
         _export(tiny_lm("llama"), tmp_path / "a", "vllm")
 
 
@@ -107,9 +107,4 @@ def test_the_gguf_lora_is_what_llama_cpps_converter_writes(lm: LoadedModel, tmp_
         assert ours_meta[key] == theirs_meta[key], key
 
 
-def test_ollama_gets_a_modelfile_next_to_the_gguf_lora(lm: LoadedModel, tmp_path: Path) -> None:
-    result = _export(lm, tmp_path / "a", "ollama")
-    assert result.meta["target_files"] == ["adapter.gguf", "Modelfile"]
-    modelfile = (result.folder / "Modelfile").read_text()
-    assert f"FROM {lm.base_model_id}\n" in modelfile and "ADAPTER ./adapter.gguf\n" in modelfile
-    assert "ollama create" in result.meta["serve"]
+# ollama now writes the merged model as GGUF and a Modelfile FROM it (no ADAPTER): tests/adapter/test_merged.py

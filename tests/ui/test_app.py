@@ -451,3 +451,10 @@ def test_every_event_runs_in_a_named_lane_and_the_page_load_loads_nothing() -> N
         app.on_page("someone/any-model", **NO_PROGRESS)
     page_load = next(fn for fn in fns if "load" in [t[1] for t in fn.targets])
     assert (page_load.name, page_load.concurrency_id) == ("on_page", "page")
+
+
+def test_a_public_server_exports_no_merged_model(on_a_space: None, sae_folder: str) -> None:
+    """A merged model is the whole model: hundreds of MB per visitor's zip on a CPU Space. Made locally instead."""
+    assert "merged" not in app.app_targets() and "ollama" not in app.app_targets() and "peft" in app.app_targets()
+    with pytest.raises(gr.Error, match="python -m steer_core export --target merged"):
+        app.run_export("tiny", "portable", 1024, 0, "merged", *sae_args(sae_folder), **NO_PROGRESS)
