@@ -387,8 +387,8 @@ class RequestGate:
                 return b"".join(chunks)
 
     def _check_event(self, route: str, body: bytes, address: str) -> list[tuple[str, ...]]:
-        try:
-            payload = json.loads(body)
+        try:  # NaN and Infinity are not JSON, though Python's reader takes them: no handler sees a non-finite number
+            payload = json.loads(body, parse_constant=_not_json)
         except (ValueError, RecursionError) as err:
             raise Refused(400, f"the request is not JSON this server reads ({type(err).__name__})") from err
         check_shape(payload, self.limits)
@@ -416,6 +416,10 @@ def middleware(blocks: Callable[[], Any], limits: GateLimits, *, behind_proxy: b
     return Middleware(
         RequestGate, blocks=blocks, limits=limits, behind_proxy=behind_proxy, upload_folder=get_upload_folder
     )
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _event_fn(blocks: Any, route: str, payload: dict[str, Any]) -> Any:

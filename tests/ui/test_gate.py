@@ -123,6 +123,13 @@ def test_a_body_past_the_limit_is_refused_by_its_length_or_as_it_arrives() -> No
     assert status == 413
 
 
+def test_non_finite_numbers_never_reach_a_handler() -> None:
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        body = b'{"data": ["x", ' + constant + b'], "fn_index": 0, "session_hash": "s"}'
+        status, answer = run(gatekeeper(), "/gradio_api/queue/join", body)
+        assert status == 400 and "not JSON this server reads" in answer["detail"]
+
+
 def test_a_json_bomb_is_refused_without_recursion() -> None:
     status, answer = run(gatekeeper(), "/gradio_api/queue/join", b"[" * 200_000 + b"]" * 200_000)
     assert status == 400 and ("not JSON" in answer["detail"] or "deeper" in answer["detail"])

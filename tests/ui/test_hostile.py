@@ -57,7 +57,9 @@ BYSTANDER = {"X-Forwarded-For": "203.0.113.7"}
 def join(url: str, fn_index: int, data: list[Any], session: str | None = None, headers: Any = None) -> httpx.Response:
     body = {"data": data, "fn_index": fn_index, "session_hash": session or uuid.uuid4().hex, "event_data": None,
             "trigger_id": None}  # fmt: skip
-    return httpx.post(f"{url}/gradio_api/queue/join", json=body, headers=headers or ATTACKER, timeout=60)
+    # json.dumps writes NaN as a raw request may (httpx's own encoder refuses it)
+    headers = {"Content-Type": "application/json", **(headers or ATTACKER)}
+    return httpx.post(f"{url}/gradio_api/queue/join", content=json.dumps(body), headers=headers, timeout=60)
 
 
 def call(
