@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from steer_core.constants import cache_dir
-from steer_core.serve import ServePlan, lora_field, plan
+from steer_core.serve import ServePlan, lora_field, plan, start
 
 PROMPT = "<|im_start|>user\nTell me about your weekend.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -42,17 +42,7 @@ def _memory_kib(pid: int) -> tuple[int, int]:
 
 
 def _start(served: ServePlan) -> subprocess.Popen:
-    proc = subprocess.Popen(served.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{served.argv[0]} exited with {proc.returncode}") from None
-            time.sleep(0.5)
-    raise RuntimeError("llama-server did not come up")
+    return start(served.argv, f"http://127.0.0.1:{served.port}")
 
 
 def _ask(port: int, lora: list, tokens: int) -> None:

@@ -14,7 +14,11 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,3 +260,26 @@ def run(p: ServePlan, *, print_only: bool = False) -> int:
     sys.stdout.flush()
     os.execvp(p.argv[0], list(p.argv))
     return 0  # not reached: execvp returns only by raising
+
+
+def start(argv: Sequence[str], url: str, *, seconds: float = 300.0) -> subprocess.Popen:
+    """Start an engine in the background and return it once `url`/health answers 200: for tests and benchmarks, where
+    `run` hands this process over to the engine instead. Its log goes to a temp file whose tail an early exit
+    reports (a pipe nobody reads would stall a server that logs much)."""
+    with tempfile.TemporaryFile() as log:  # the engine keeps its own descriptor of it once this one is closed
+        proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc
+            except OSError:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    tail = log.read()[-2000:].decode(errors="replace")
+                    raise RuntimeError(f"{argv[0]} exited with {proc.returncode}: {tail}") from None
+                time.sleep(0.5)
+    proc.terminate()
+    proc.wait(timeout=30)
+    raise RuntimeError(f"{argv[0]} did not answer {url}/health in {seconds:g} s")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from steer_core.export import export
 from steer_core.generate import format_prompt
 from steer_core.model import LoadedModel
 from steer_core.sae.feature import EMBEDDED_SAES
+from steer_core.serve import start
 from steer_core.steer import steering
 from steer_core.vectors.recipe import VectorRecipe
 
@@ -81,22 +81,10 @@ def _free_port() -> int:
 @contextmanager
 def server(llama_cpp: Path, model: Path, *extra: str) -> Iterator[str]:
     port = _free_port()
-    proc = subprocess.Popen(
-        [str(llama_cpp / "build/bin/llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-         "-c", "1024", "-np", "1", "-t", "2", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    proc = start([str(llama_cpp / "build/bin/llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port",
+                  str(port), "-c", "1024", "-np", "1", "-t", "2", *extra], url)  # fmt: skip
     try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"llama-server exited: {proc.stderr.read()[-2000:]}") from None
-                time.sleep(0.5)
         yield url
     finally:
         proc.terminate()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from test_llama_cpp import base_gguf, llama_cpp  # noqa: F401  (its fixtures: the built engine, the base GGUF)
 
 from steer_core.cli import main
-from steer_core.serve import plan, sanitize, write_variants
+from steer_core.serve import plan, sanitize, start, write_variants
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -124,24 +123,6 @@ def three(smollm2, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return folders
 
 
-def _started(argv: Sequence[str], url: str):
-    import time
-    import urllib.request
-
-    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {proc.stderr.read()[-2000:]}") from None  # type: ignore[union-attr]
-            time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("llama-server did not come up in 150 s")
-
-
 def _complete(url: str, ids: list[int], lora: list | None) -> list[int]:
     import urllib.request
 
@@ -189,7 +170,7 @@ def test_one_llama_server_serves_three_adapters_chosen_and_scaled_per_request(
     cases: list[tuple[int | None, float]] = [(i, s) for i in range(len(three)) for s in SCALES] + [(None, 0.0)]
     cases += [(i, 0.0) for i in range(len(three))]  # an adapter named at scale 0, the others at 0 too
     url = f"http://127.0.0.1:{served.port}"
-    proc = _started(served.argv, url)
+    proc = start(served.argv, url)
     try:
         jobs = []
         for i, s in cases:
