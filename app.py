@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from steer_core.adapter.card import MODE_WHERE
+from steer_core.adapter.served import MAX_ENGINE_SCALE, check_engine_scale
 from steer_core.constants import CONCEPT_STRENGTH, CONTROL_VECTOR_FILENAME, DEFAULT_MODEL, TARGET_NAMES
 from steer_core.fit.refine import default_steps
 from steer_core.generate import GenerationConfig, stream_sides
@@ -363,11 +364,13 @@ def preview(
     temperature: float,
     seed: float,
     served: str,
+    scale: float,
     *vector_args: Any,
     access: Access | None = None,
 ) -> Iterator[tuple[str, str, str, str]]:
     """Unsteered, hook-steered and (given an adapter) served side by side: rows of one batched generation, streamed
-    together. Closing the stream removes the steering hooks."""
+    together. Closing the stream removes the steering hooks. `scale` is an engine's per-request LoRA scale: the served
+    adapter runs at it, and the hook at that multiple of the strength, which is what it stands for."""
     access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
     lm = get_model(model_name, access)
     with user_errors("Bad generation settings"):
@@ -376,7 +379,10 @@ def preview(
         LIMITS.check_prompt(lm.tokenizer, prompt, "the prompt", limit=PROMPT_TOKENS)
         new = LIMITS.check_count("max new tokens", max_new, LIMITS.max_new_tokens, at_least=1)
         config = GenerationConfig(new, float(temperature), int(seed))
-    _, vector = _steering(model_name, vector_args, access)
+    with user_errors("Engine scale"):
+        scale = check_engine_scale(scale)
+    _, chosen = _steering(model_name, vector_args, access)
+    vector = chosen.scaled(scale) if scale != 1 else chosen
     with user_errors("Strength"):
         norms = {p.tl_name: workspace.resid_norm(lm, p) for p in vector.points}
     info = explain.strength_line(vector, norms) + explain.mismatch_note(vector)
@@ -384,8 +390,8 @@ def preview(
     if (served or "").strip():
         with user_errors("Served adapter"):
             adapter = read_served(served.strip(), access)
-        sides.append(adapter)
-        info += explain.served_note(adapter, lm.base_model_id, vector)
+        sides.append(adapter.at(scale))
+        info += explain.served_note(adapter, lm.base_model_id, chosen, scale)
     try:
         for texts in stream_sides(lm, prompt, sides, config=config):
             yield texts[0], texts[1], texts[2] if len(texts) > 2 else "", info
@@ -458,7 +464,9 @@ def run_export(
     plot = pd.DataFrame({"position": range(len(rep.kl_by_position)), "KL(hook‖adapter)": rep.kl_by_position})
     card = (result.folder / "README.md").read_text(encoding="utf-8")
     return (
-        explain.fidelity_markdown(rep, result.seconds, list(result.record.notes)) + explain.serve_line(result.record),
+        explain.fidelity_markdown(rep, result.seconds, list(result.record.notes))
+        + explain.scales_line(result.record)
+        + explain.serve_line(result.record),
         plot,
         gr.DownloadButton(
             f"Download adapter ({Path(archive).stat().st_size / 1024:.0f} KB zip)", value=archive, visible=True
@@ -714,6 +722,15 @@ def build_demo() -> gr.Blocks:
                 elem_id="served-src",
                 max_length=gate.NAME_CHARS,
             )
+            served_scale = gr.Slider(
+                0,
+                MAX_ENGINE_SCALE,
+                value=1,
+                step=0.05,
+                label="Engine scale: the LoRA scale a llama-server request sets; the hook column runs at this multiple "
+                "of the strength, which is what the scaled adapter stands for",
+                elem_id="served-scale",
+            )
             go = gr.Button("Generate", variant="primary")
             with gr.Row():
                 out_base = gr.Textbox(label="Unsteered", lines=7, elem_id="out-base")
@@ -864,7 +881,7 @@ def build_demo() -> gr.Blocks:
         # them.
         go.click(
             for_visitor(preview),
-            [model_name, prompt, max_new, temperature, seed, served, *vector_inputs],
+            [model_name, prompt, max_new, temperature, seed, served, served_scale, *vector_inputs],
             [out_base, out_steer, out_served, steer_info],
             api_name="preview",
             **PREVIEW.events,

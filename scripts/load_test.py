@@ -202,7 +202,7 @@ def load_test(url: str, args: argparse.Namespace, run: Run, watch: MemoryWatch) 
     def preview_args(user: int) -> list[Any]:
         # the inputs the UI sends on its default path
         vector = SteeringForm(sae_pick=sae_label, mix=f"{features[user]}:{strength}", strength=strength).values()
-        return [DEFAULT_MODEL, PROMPTS[user % len(PROMPTS)], args.tokens, 0, 0, "", *vector]
+        return [DEFAULT_MODEL, PROMPTS[user % len(PROMPTS)], args.tokens, 0, 0, "", 1, *vector]
 
     first = Client(url, verbose=False)
     endpoints = set(first.view_api(print_info=False, return_format="dict")["named_endpoints"])

@@ -15,8 +15,9 @@ The modules, in the order the data flows (each family a folder):
 - `adapter/`: `build` (the PEFT LoRA), `targets` (llama.cpp, Ollama, Fireworks files), `merged` (the model with
   the adapter merged in, for engines without LoRA), `record` (steering.json),
   `folder` (an adapter folder read back, every file once), `card`, `served` (an adapter applied per request),
-  `publish`.
-- `check/`: `verify` (against the hook, held out), `servability` (the map before an export).
+  `publish`, `shared` (adapters others shared on the Hub, found by base model and words).
+- `check/`: `verify` (against the hook, held out), `scales` (the engine scales it stays servable at),
+  `servability` (the map before an export).
 - `export` runs the chain; `cli` is the command line; `serve` starts a stock engine with many adapters; `ui/`
   (`catalog`, `form`, `mix`, `workspace`, `explain`, `limits`, `exposure`, `gate`) is what only `app.py` uses.
 

@@ -19,6 +19,7 @@ from steer_core.constants import (
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_VERIFY_TOKENS,
+    ENGINE_SCALES,
     MAP_CALIBRATION_TOKENS,
     MAP_EVAL_TOKENS,
     MODES,
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     _steering_args(e)
     e.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
     e.add_argument("--verify-tokens", type=int, default=DEFAULT_VERIFY_TOKENS)
+    e.add_argument(
+        "--engine-scales",
+        default=",".join(f"{s:g}" for s in ENGINE_SCALES),
+        metavar="LIST",
+        help="the LoRA scales (a llama-server request's per-adapter scale) to check against the hook at that multiple "
+        "of the strength; the run around 1 that stays servable goes into steering.json and the card. '' skips it",
+    )
     e.add_argument(
         "--refine-steps",
         type=int,
@@ -359,6 +367,7 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         overwrite=args.overwrite,
         progress=lambda f, m: log.info("%3.0f%% %s", 100 * f, m),
         target=args.target,
+        engine_scales=_floats(args.engine_scales, "--engine-scales", parser),
     )
     if args.json:
         print(json.dumps(result.report.to_dict()))
@@ -541,13 +550,17 @@ def _cmd_features(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _floats(text: str, flag: str, parser: argparse.ArgumentParser) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"{flag} {text!r}: give comma-separated numbers, e.g. 0.5,1,2")
+
+
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from steer_core.serve import plan, run
 
-    try:
-        scales = [float(x) for x in args.scales.split(",") if x.strip()]
-    except ValueError:
-        parser.error(f"--scales {args.scales!r}: give comma-separated numbers, e.g. 0.5,1,2")
+    scales = _floats(args.scales, "--scales", parser)
     built = plan(args.engine, args.folders, base=args.base, host=args.host, port=args.port, scales=scales,
                  variants_dir=args.variants_dir)  # fmt: skip
     return run(built, print_only=args.print_only)

@@ -38,6 +38,7 @@ TARGET_NAMES = ("peft", "fireworks", "llama.cpp", "ollama", "merged")
 MAP_CALIBRATION_TOKENS = 8_192
 MAP_EVAL_TOKENS = 1_024
 SERVABLE_TOP1 = 0.95
+ENGINE_SCALES = (0.25, 0.5, 1.0, 1.5, 2.0)  # the LoRA scales an export checks (check.scales)
 DEFAULT_VERIFY_TOKENS = 4_096  # ~700 answer tokens for each of the four input formats (2,765 measured of 4,096)
 DEFAULT_MAX_DOC_TOKENS = 256  # a two-turn chat's second answer starts near token 130
 DEFAULT_GREEDY_PROMPTS = 8  # two per input format

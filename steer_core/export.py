@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,13 @@ from steer_core.adapter.targets import (
     write_gguf_lora,
     write_modelfile,
 )
-from steer_core.check.verify import FidelityReport, verify
+from steer_core.check.scales import check_scales, check_scales_arg
+from steer_core.check.verify import FidelityReport, load_peft, verify
 from steer_core.constants import (
     CONTROL_VECTOR_FILENAME,
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_VERIFY_TOKENS,
+    ENGINE_SCALES,
     GGUF_LORA_FILENAME,
     MERGED_DIRNAME,
     MERGED_GGUF_FILENAME,
@@ -84,12 +87,17 @@ def export(
     progress: Progress | None = None,
     calibration: Calibration | None = None,
     target: str = "peft",
+    engine_scales: Sequence[float] = ENGINE_SCALES,
 ) -> ExportResult:
     """Export `vector` as a verified PEFT adapter folder at `out`. Nothing is left at `out` if any step fails.
 
     `target` adds what that engine loads (adapter.targets): fireworks pads the rank to 4, llama.cpp writes a GGUF LoRA
     and the control vector, merged the base model with the adapter merged in (`merged/`, held to PEFT's logits),
     ollama that model as GGUF and a Modelfile. The PEFT folder is always there and verified.
+
+    `engine_scales`: the LoRA scales (a llama-server request's per-adapter scale) checked against the hook at that
+    multiple of the strength after verify, and the run around 1 that stays servable recorded (check.scales); empty
+    to skip. Ablations have no strength and skip it.
 
     `writer`: which writer serves a one-site vector on a pre-norm model (calibrate: "auto" measures the site's own,
     block L+1's attention writer and the two splitting it; steer_core.fit.composite).
@@ -103,6 +111,8 @@ def export(
         raise ValueError(f"calibration tokens must be at least 256, got {calibration_tokens}")
     if refine_steps < 0:
         raise ValueError(f"refine steps must be 0 (no refinement) or more, got {refine_steps}")
+    if engine_scales:
+        check_scales_arg(engine_scales)
     model = lm.model
     check_fits_model(vector, int(model.config.get_text_config().hidden_size), num_layers(model))
     out = Path(out)
@@ -146,8 +156,18 @@ def export(
         write_json(tmp / STEERING_JSON_FILENAME, record.to_dict())
         report(0.75, "verifying against hook steering on held-out text")
         t = time.perf_counter()
-        fidelity = verify(model, lm.tokenizer, tmp, tokens=verify_tokens, base_model=lm.base_model_id)
+        adapted = load_peft(model, tmp, lm.base_model_id)  # one PEFT copy for verify and the scales
+        fidelity = verify(model, lm.tokenizer, tmp, tokens=verify_tokens, base_model=lm.base_model_id,
+                          peft_model=adapted)  # fmt: skip
         seconds["verify"] = time.perf_counter() - t
+        scales = None
+        if engine_scales and mode != "ablate":
+            report(0.82, "checking the engine scales that stay servable")
+            t = time.perf_counter()
+            scales = check_scales(model, lm.tokenizer, tmp, fidelity, scales=engine_scales, peft_model=adapted,
+                                  base_model=lm.base_model_id).to_dict()  # fmt: skip
+            seconds["scales"] = time.perf_counter() - t
+        del adapted
         seconds["total"] = time.perf_counter() - start
         target_files, target_notes = _write_target_files(engine, lm, vector, tmp, skip_bos)
         merged, merged_files = _write_merged(engine, lm, tmp, record.replace(fidelity=fidelity.to_dict()), report)
@@ -156,6 +176,7 @@ def export(
         record = record.replace(
             fidelity=fidelity.to_dict(),
             merged=merged,
+            scales=scales,
             target_files=tuple(target_files),
             notes=record.notes + tuple(target_notes),
             seconds={k: round(v, 2) for k, v in seconds.items()},

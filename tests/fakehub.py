@@ -2,10 +2,11 @@
 sae_lens' downloads, and our pushes), and for Gradio's OAuth sign-in on a Space.
 
 It serves what those clients request: model info, file resolve (HEAD, GET, byte ranges), trees, paths-info,
-safetensors headers, whoami, repo creation, preupload, commits and deletion; and an OpenID provider (discovery,
-authorize, token). It enforces who may read and write: private repos for their owner, gated repos for the users who
-accepted them, writes for the namespace's owner. Every request is logged with the token it carried, so tests can
-assert whose token reached which repo.
+safetensors headers, whoami, repo creation, preupload, commits and deletion, the model list (`HfApi.list_models`:
+filter by tags, search, author, sort, limit, expand, full, cardData, with the tags and cardData the Hub derives from
+each repo's README.md front matter); and an OpenID provider (discovery, authorize, token). It enforces who may read
+and write: private repos for their owner, gated repos for the users who accepted them, writes for the namespace's
+owner. Every request is logged with the token it carried, so tests can assert whose token reached which repo.
 """
 
 from __future__ import annotations
@@ -41,9 +42,46 @@ class Repo:
     # in a few bytes. A GET of one answers a short body (DECLARED_BODY), which a size check must never come to.
     declared: dict[str, int] = field(default_factory=dict)
     sha: str = SHA  # the commit the repo is at: what model info and resolve's X-Repo-Commit say
+    likes: int = 0  # what the model list says of it
+    downloads: int = 0
+    last_modified: str = "2026-01-01T00:00:00.000Z"
 
     def paths(self) -> list[str]:
         return sorted({*self.files, *self.declared})
+
+    def card_data(self) -> dict[str, Any]:
+        """The README.md front matter as the Hub parses it (huggingface_hub's own pattern, then YAML); {} when there
+        is none or it is not a mapping."""
+        import yaml
+        from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+        if "README.md" not in self.files:
+            return {}
+        try:
+            match = REGEX_YAML_BLOCK.search(self.read("README.md").decode("utf-8"))
+            data = yaml.safe_load(match.group(2)) if match else None
+        except (UnicodeDecodeError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def tags(self) -> list[str]:
+        """The tags the Hub lists a model with: its card's, its library, and base_model:[relation:]<id> for each base
+        model it names, with the relation said in base_model_relation or, as the Hub infers it, adapter for a PEFT
+        repo, merge for several bases, finetune otherwise."""
+        card = self.card_data()
+        tags = card.get("tags") or []
+        tags = [tags] if isinstance(tags, str) else [t for t in tags if isinstance(t, str)]
+        if isinstance(card.get("library_name"), str):
+            tags.append(card["library_name"])
+        bases = card.get("base_model") or []
+        bases = [bases] if isinstance(bases, str) else [b for b in bases if isinstance(b, str)]
+        relation = card.get("base_model_relation")
+        if relation not in ("adapter", "merge", "quantized", "finetune"):
+            peft = card.get("library_name") == "peft" or "adapter_config.json" in self.files
+            relation = "merge" if len(bases) > 1 else "adapter" if peft else "finetune"
+        for base in bases:
+            tags += [f"base_model:{base}", f"base_model:{relation}:{base}"]
+        return list(dict.fromkeys(tags))
 
     def size(self, path: str) -> int:
         if path in self.declared:
@@ -236,6 +274,8 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                     return None
                 hub.repos.pop(repo_id, None)
                 return self._json(200, {})
+            if path == "/api/models":
+                return self._json(200, self._list_models(query))
             if path.startswith("/api/models/"):
                 repo_id, rest = self._repo_of(path.removeprefix("/api/models/"))
                 self._entry.repo = repo_id
@@ -305,6 +345,46 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                         entries.append({"type": "directory", "path": p.rstrip("/"), "oid": SHA})
                 return self._json(200, entries)
             return self._error(404, None, f"fake Hub has no /api/models/{repo_id}/{rest}")
+
+        def _list_models(self, query: dict[str, list[str]]) -> list[dict[str, Any]]:
+            """GET /api/models: the repos this request may see (private ones only to their owner and readers) that
+            carry every `filter` tag, whose id holds `search` and is in `author`'s namespace; sorted (descending) and
+            cut to `limit`; each with the `expand`ed properties, or the Hub's default ones (+ cardData with `full` or
+            `cardData`). One page: no Link header to a next one."""
+            user = self._user()
+            wanted = query.get("filter", [])
+            search = query.get("search", [""])[0].lower()
+            author = query.get("author", [None])[0]
+            rows = []
+            for repo_id, repo in list(hub.repos.items()):  # a commit of another thread may add one meanwhile
+                if repo.private and user != repo.owner and user not in repo.readers:
+                    continue
+                tags, card = repo.tags(), repo.card_data()
+                if not all(f in tags for f in wanted) or search not in repo_id.lower():
+                    continue
+                if author is not None and repo_id.split("/")[0] != author:
+                    continue
+                rows.append({
+                    "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
+                    "author": repo_id.split("/")[0], "private": repo.private,
+                    "gated": "auto" if repo.gated else False, "likes": repo.likes, "downloads": repo.downloads,
+                    "lastModified": repo.last_modified, "createdAt": repo.last_modified, "tags": tags,
+                    "library_name": card.get("library_name"), "pipeline_tag": card.get("pipeline_tag"),
+                    "sha": repo.sha, "cardData": card,
+                })  # fmt: skip
+            sort = query.get("sort", [None])[0]
+            if sort in ("likes", "downloads", "lastModified", "createdAt"):
+                rows.sort(key=lambda r: r[sort], reverse=query.get("direction", ["-1"])[0] == "-1")
+            if "limit" in query:
+                rows = rows[: int(query["limit"][0])]
+            expand = query.get("expand")
+            full = query.get("full", ["false"])[0].lower() == "true"
+            card = full or query.get("cardData", ["false"])[0].lower() == "true"
+            default = {"_id", "id", "modelId", "likes", "downloads", "private", "tags", "pipeline_tag", "library_name",
+                       "createdAt"} | ({"lastModified", "sha", "author", "gated"} if full else set())  # fmt: skip
+            keep = {"_id", "id", *expand} if expand else default | ({"cardData"} if card else set())
+            # json.dumps(default=str): a YAML date in a card is a date, the Hub's JSON a string
+            return json.loads(json.dumps([{k: v for k, v in r.items() if k in keep} for r in rows], default=str))
 
         def _file_entry(self, repo: Repo, path: str) -> dict[str, Any]:
             return {

@@ -1,10 +1,34 @@
-"""The adapter's model card (README.md): how to load and serve it, what it steers, and how faithful it measured."""
+"""The adapter's model card (README.md): how to load and serve it, what it steers, and how faithful it measured.
+
+Written with huggingface_hub's ModelCard / ModelCardData, so the metadata is what the Hub's own parser reads back. Its
+front matter carries what a search needs (`card_metadata`):
+
+- `library_name: peft`, `base_model` (only when it is a Hub id: the Hub refuses a card whose base_model is not one)
+  and `base_model_relation: adapter`, from which the Hub tags the repo `base_model:adapter:<base>`;
+- the tags `steering`, `sparse-autoencoder`, `lora` and `steer-core` (TAG): `HfApi.list_models(filter=...)` matches
+  tags, so "steer-core adapters of base X" is one list call (adapter.shared);
+- one mapping, `steer_core:` (CARD_KEY), with the facts of steering.json a list shows and searches: the vector's
+  source, SAE, features with their strengths and labels, site, strength, mode, rank, target, top-1 agreement and the
+  servable engine scales. The Hub's list search matches repo ids only, so words in labels are matched on this
+  mapping, which `list_models(expand=["cardData", ...])` returns.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from steer_core.adapter.record import SteeringRecord
+from steer_core.constants import SERVABLE_TOP1
+
+TAG = "steer-core"  # every export's card carries it; adapter.shared lists by it
+TAGS = ("steering", "sparse-autoencoder", "lora", TAG)
+CARD_KEY = "steer_core"  # the card metadata's mapping of steer_core facts
+LABEL_KEYS = ("label", "word", "description")  # where a feature's provenance may name what it means, first found wins
+LABEL_MAX = 200  # characters of one label kept in the metadata
+ENGINE_SCALE_MEANING = (
+    "the LoRA scale a llama-server request sets; scale s stands for the hook at s × the exported strength"
+)
 
 MODE_WHERE = {
     "portable": "a plain rank-1 LoRA: loads in PEFT, vLLM and LoRA-upload services",
@@ -23,7 +47,9 @@ def _what(record: SteeringRecord) -> list[str]:
         lines.append(f"- SAE: {where} at `{sae['hook_name']}` (trained on `{sae.get('model_name')}`)")
         for f in prov.get("features", []):
             link = f" ([Neuronpedia]({f['url']}))" if f.get("url") else ""
-            lines.append(f"- feature {f['index']}, strength {f['strength']:g}{link}")
+            label = feature_label(f)
+            named = f", labelled `{label.replace('`', chr(39))}`" if label else ""
+            lines.append(f"- feature {f['index']}, strength {f['strength']:g}{link}{named}")
         if "sae_fvu_on_this_model" in prov:
             lines.append(f"- SAE fraction of variance unexplained on this model: {prov['sae_fvu_on_this_model']:.3f}")
     elif prov.get("source") == "file":
@@ -98,25 +124,207 @@ def _writer_line(record: SteeringRecord) -> str:
     )
 
 
+def _finite(value: Any) -> float | None:
+    """`value` as a float when it is a finite number (steering.json may come from anyone's repo), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _number(value: Any, digits: int = 4) -> float | None:
+    """A finite number rounded for the metadata, or None (a NaN would not survive the Hub's JSON)."""
+    x = _finite(value)
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def _scale_key(key: Any) -> float | None:
+    try:
+        return _finite(float(key))
+    except (TypeError, ValueError):
+        return None
+
+
+def feature_label(feature: dict[str, Any]) -> str | None:
+    """What a feature of the vector's provenance is said to mean (LABEL_KEYS), on one line, or None."""
+    for key in LABEL_KEYS:
+        value = feature.get(key)
+        if isinstance(value, str) and value.strip():
+            return " ".join(value.split())[:LABEL_MAX]
+    return None
+
+
+def hub_base_model(base_model: str) -> str | None:
+    """`base_model` when the Hub would take it as a model id in a card's metadata (a local folder is not one)."""
+    from steer_core.hub import check_repo_id
+
+    try:
+        return check_repo_id(base_model)
+    except ValueError:
+        return None
+
+
+def record_scales(record: SteeringRecord) -> dict[str, Any] | None:
+    """steering.json's engine-scale check (check.scales.ScaleReport.to_dict()), from the record's field or, in a
+    record read by a version without that field, its extra keys."""
+    scales = getattr(record, "scales", None) or record.extra.get("scales")
+    return scales if isinstance(scales, dict) else None
+
+
+def servable_range(scales: dict[str, Any]) -> tuple[float, float] | None:
+    """(lowest, highest) engine scale of `scales["servable"]`, or None when no scale is servable (or it is damaged)."""
+    servable = scales.get("servable")
+    values = [_finite(s) for s in servable] if isinstance(servable, (list, tuple)) else []
+    kept = [v for v in values if v is not None]
+    return (min(kept), max(kept)) if kept and len(kept) == len(values) else None
+
+
+def _checked(scales: dict[str, Any]) -> list[float]:
+    checked = scales.get("checked")
+    return [x for x in map(_finite, checked) if x is not None] if isinstance(checked, list) else []
+
+
+def _by_scale(scales: dict[str, Any]) -> dict[str, Any]:
+    by_scale = scales.get("by_scale")
+    return by_scale if isinstance(by_scale, dict) else {}
+
+
+def _criterion(scales: dict[str, Any]) -> str:
+    criterion = scales.get("criterion")
+    if isinstance(criterion, str) and criterion.strip():
+        return " ".join(criterion.split())[:100]
+    return f"top-1 agreement >= {SERVABLE_TOP1:.0%}"
+
+
+def scale_range_text(scales: dict[str, Any]) -> str:
+    """One line on the engine scales an adapter serves faithfully, from steering.json's `scales`."""
+    checked = ", ".join(f"{x:g}" for x in _checked(scales)) or "none"
+    servable = servable_range(scales)
+    if servable:
+        lo, hi = servable
+        where = f"scale {lo:g}" if lo == hi else f"scales {lo:g}–{hi:g}"
+        return f"Servable at engine {where} ({ENGINE_SCALE_MEANING}); {_criterion(scales)}, checked {checked}."
+    by_scale = _by_scale(scales)
+    reached = sorted(
+        x
+        for key, row in by_scale.items()
+        if (x := _scale_key(key)) is not None
+        and isinstance(row, dict)
+        and (_finite(row.get("top1_agreement")) or 0.0) >= SERVABLE_TOP1
+    )
+    if not reached:
+        return f"Servable at no engine scale: no checked scale ({checked}) reached {_criterion(scales)}."
+    return (
+        f"Servable at no engine scale around 1: scale 1 falls short of {_criterion(scales)}, which only "
+        f"{', '.join(f'{x:g}' for x in reached)} reached ({ENGINE_SCALE_MEANING})."
+    )
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = _finite(row.get(key))
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _scales_section(scales: dict[str, Any] | None) -> str:
+    """The engine-scale check as a card section: the one line, then a row per scale checked."""
+    if not scales:
+        return ""
+    servable = servable_range(scales)
+    rows = [
+        "| engine scale | top-1 agreement | KL ratio | greedy tokens before divergence | effect kept | tokens "
+        "| servable |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_scale = _by_scale(scales)
+    measured = sorted(
+        (x, row) for key, row in by_scale.items() if (x := _scale_key(key)) is not None and isinstance(row, dict)
+    )
+    for x, row in measured:
+        inside = servable is not None and servable[0] <= x <= servable[1]
+        tokens = row.get("tokens")
+        rows.append(
+            f"| {x:g} | {_cell(row, 'top1_agreement', '.2%')} | {_cell(row, 'kl_ratio', '.3g')} | "
+            f"{_cell(row, 'greedy_prefix_mean', '.1f')} | {_cell(row, 'effect_kept', '.0%')} | "
+            f"{tokens if isinstance(tokens, int) else 'n/a'} | {'yes' if inside else 'no'} |"
+        )
+    return f"\n### Engine scales\n\n{scale_range_text(scales)}\n\n" + "\n".join(rows) + "\n"
+
+
+def _fidelity_facts(rep: dict[str, Any]) -> dict[str, Any]:
+    facts = {
+        "top1_agreement": _number(rep.get("top1_agreement")),
+        "kl_ratio": _number(rep.get("kl_ratio")),
+        "effect_kept": _number(rep.get("effect_kept")),
+        "tokens": rep.get("tokens"),
+    }
+    by_format = rep.get("by_format") or {}
+    if by_format:
+        worst = min(by_format, key=lambda f: by_format[f]["top1_agreement"])
+        facts |= {"worst_format": worst, "worst_format_top1": _number(by_format[worst]["top1_agreement"])}
+    return facts
+
+
+def steer_core_facts(record: SteeringRecord) -> dict[str, Any]:
+    """The card metadata's `steer_core:` mapping: steering.json's facts a list of shared adapters shows and searches.
+    Keys without a value are left out; steering.json stays the full record."""
+    prov = record.vector.provenance
+    facts: dict[str, Any] = {
+        "version": record.steer_core_version or None,
+        "base_model": record.base_model,
+        "mode": record.mode,
+        "rank": record.rank,
+        "target": record.target,
+        "source": prov.get("source"),
+        "site": list(record.vector.points),
+    }
+    if prov.get("source") == "sae":
+        sae = prov.get("sae") or {}
+        facts["sae"] = {k: sae[k] for k in ("release", "sae_id", "folder", "hook_name") if sae.get(k)}
+        features = []
+        for f in prov.get("features", []):
+            entry = {"index": f.get("index"), "strength": _number(f.get("strength"))}
+            label = feature_label(f)
+            features.append(entry | ({"label": label} if label else {}))
+        facts["features"] = features
+    else:
+        facts["label"] = feature_label(prov)  # a concept's word, where the vector's provenance names one
+    given = prov.get("strength_given", [prov["strength"]] if "strength" in prov else [])
+    facts["strength"] = [_number(s) for s in given] or None
+    facts["strength_unit"] = prov.get("strength_unit")
+    facts |= _fidelity_facts(record.fidelity or {})
+    facts = {k: v for k, v in facts.items() if v is not None}
+    scales = record_scales(record)
+    if scales:
+        facts["scales_checked"] = _checked(scales)
+        servable = servable_range(scales)
+        facts["servable_scales"] = list(servable) if servable else None  # null: checked, and none servable
+    return facts
+
+
+def card_metadata(record: SteeringRecord) -> Any:
+    """The adapter card's ModelCardData (huggingface_hub), front matter of README.md."""
+    from huggingface_hub import ModelCardData
+
+    base = hub_base_model(record.base_model)
+    data = ModelCardData(
+        library_name="peft",
+        base_model=base,
+        # said, not left to the Hub to infer: list_models filters on the tag it makes, base_model:adapter:<base>
+        base_model_relation="adapter" if base else None,
+        pipeline_tag="text-generation",
+        tags=list(TAGS),
+    )
+    data[CARD_KEY] = steer_core_facts(record)
+    return data
+
+
 def model_card(record: SteeringRecord, repo_id: str | None = None) -> str:
+    from huggingface_hub import ModelCard
+
     base = record.base_model
     mode = record.mode
     rep = record.fidelity or {}
     secs = record.seconds
     name = repo_id or "path/to/this/adapter"
-    front = "\n".join(
-        [
-            "---",
-            "library_name: peft",
-            f"base_model: {base}",
-            "tags:",
-            "- steering",
-            "- sparse-autoencoder",
-            "- lora",
-            "- steer-core",
-            "---",
-        ]
-    )
     # The writers' input statistics may come from an earlier export at the same site: say so beside the time.
     cal = record.calibration
     reused = (
@@ -152,14 +360,14 @@ def model_card(record: SteeringRecord, repo_id: str | None = None) -> str:
     )
     if rep.get("by_format"):
         fidelity = by_format_table(rep) + "\n\nAll formats together:\n\n" + fidelity
+    scales = _scales_section(record_scales(record))
     notes = "\n".join(f"- {n}" for n in record.notes)
     vllm_bias = (
         "\nThis adapter uses `lora_bias`, which vLLM does not load; serve it with PEFT/transformers.\n"
         if mode == "exact"
         else ""
     )
-    return f"""{front}
-
+    body = f"""
 # Steering adapter for `{base}`
 
 A rank-{record.rank} LoRA exported by steer_core that reproduces activation steering, so it can be served
@@ -171,7 +379,7 @@ wherever LoRA adapters are served. Mode `{mode}`: {MODE_WHERE[mode]}.
 
 ## Measured fidelity (held-out text, adapter vs. hook steering)
 {fidelity}
-
+{scales}
 {notes}
 
 ## Use it
@@ -191,3 +399,5 @@ vllm serve {base} --enable-lora --max-lora-rank 8 --lora-modules steer={name}
 `steering.json` holds the provenance and the full fidelity report; `steering_vector.safetensors` holds the hook
 vector, so `python -m steer_core verify --model {base} --adapter DIR` can re-measure it.
 """
+    # ModelCard parses the front matter back (a mapping, or ValueError): what is written is what the Hub will read.
+    return str(ModelCard(f"---\n{card_metadata(record).to_yaml()}\n---\n{body}"))

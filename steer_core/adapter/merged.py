@@ -204,18 +204,22 @@ def merged_card(record: Any, fidelity: MergeFidelity, repo_id: str | None = None
     of the steering adapter. `record` is the export's SteeringRecord."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from steer_core.adapter.card import _what
+    from steer_core.adapter.card import CARD_KEY, TAG, _what, hub_base_model, steer_core_facts
 
+    base = hub_base_model(record.base_model)
     data = ModelCardData(
-        base_model=record.base_model,
-        # The Hub's relations: adapter, merge, quantized, finetune. "merge" is for mergekit-style merges of several
-        # models; one model with its own LoRA merged in is a fine-tune of it (what PEFT's merged pushes declare).
-        base_model_relation="finetune",
+        base_model=base,
+        # The Hub's relations are adapter, merge, quantized and finetune. "merge" is what the Hub infers for a card
+        # that names several base models (mergekit's merges of models); this is one model with its own rank-1 LoRA
+        # folded into its weights, which is a fine-tune of that one model. It also keeps the Hub's tag
+        # base_model:finetune:<base> apart from the adapters' base_model:adapter:<base> that adapter.shared lists.
+        base_model_relation="finetune" if base else None,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=["steer-core", "steering", "merged-lora"]
+        tags=[TAG, "steering", "merged-lora"]
         + (["sparse-autoencoder"] if record.vector.provenance.get("source") == "sae" else []),
     )
+    data[CARD_KEY] = steer_core_facts(record)
     rep = record.fidelity or {}
     modules = ", ".join(f"`{m}`" for m in record.target_modules)
     name = repo_id or f"path/to/this/{MERGED_DIRNAME}"

@@ -103,6 +103,9 @@ class SteeringRecord:
     # the merged-weights targets (adapter.merged): where the merged model is, its logits against PEFT's, the GGUF's
     # outtype; None for the other targets and for folders exported before them
     merged: dict[str, Any] | None = None
+    # the engine scales checked after verify (check.scales.ScaleReport.to_dict()): fidelity per scale and the run
+    # that stays servable; None for ablations and for folders exported before them
+    scales: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of another version, written back as they were
 
     def __post_init__(self) -> None:
@@ -144,6 +147,8 @@ class SteeringRecord:
             out["files"] = list(self.files)
         if self.merged is not None:
             out["merged"] = self.merged
+        if self.scales is not None:
+            out["scales"] = self.scales
         return {**out, **self.extra}
 
     @classmethod

@@ -9,6 +9,7 @@ and weights) and tests hold the result to PeftModel's output, token for token.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,16 @@ _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _PEFT_PREFIX = "base_model.model."
 
 
+MAX_ENGINE_SCALE = 4.0  # past it a steering vector is far outside what any export checked (constants.ENGINE_SCALES)
+
+
+def check_engine_scale(value: Any) -> float:
+    """An engine's per-request LoRA scale as a float, or an error naming the bad value and the range."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_ENGINE_SCALE:
+        raise ValueError(f"the engine scale must be a number from 0 to {MAX_ENGINE_SCALE:g}, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ServedAdapter:
     """The LoRA updates of one adapter: {module name in the base model: (A, B)} and each module's scaling."""
@@ -59,6 +70,17 @@ class ServedAdapter:
     def __post_init__(self) -> None:
         if not self.params:
             raise ValueError(f"{self.source}: the adapter holds no LoRA weights")
+
+    def at(self, scale: float) -> ServedAdapter:
+        """The adapter at an engine's per-request scale: every module's scaling (and LoRA bias) times `scale`, as
+        llama-server applies `"lora": [{"id": i, "scale": scale}]`."""
+        if scale == 1:
+            return self
+        return dataclasses.replace(
+            self,
+            scaling={k: v * scale for k, v in self.scaling.items()},
+            biases={k: b * scale for k, b in self.biases.items()},
+        )
 
     @contextmanager
     def applied(self, model: nn.Module, rows: Sequence[int] | None = None) -> Iterator[None]:

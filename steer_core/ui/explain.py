@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from steer_core.adapter.card import by_format_table
+from steer_core.adapter.card import by_format_table, record_scales, scale_range_text, servable_range
 from steer_core.adapter.record import SteeringRecord
 from steer_core.sae.concept import ConceptMatch
 from steer_core.sae.feature import SAESource, same_model
@@ -124,11 +124,12 @@ def mismatch_note(vector: SteeringVector) -> str:
     )
 
 
-def served_note(adapter: Any, model_id: str, vector: SteeringVector | None = None) -> str:
+def served_note(adapter: Any, model_id: str, vector: SteeringVector | None = None, scale: float = 1.0) -> str:
     """What the served column shows: which adapter, how faithful its own report says it is, for which model, and
-    whether it was exported from the vector now selected (a user may have changed the selection since)."""
+    whether it was exported from the vector now selected (a user may have changed the selection since); at an engine
+    scale other than 1, whether its export found that scale servable."""
     record = adapter.record
-    line = f"\n\n**Served adapter** `{adapter.source}`"
+    line = f"\n\n**Served adapter** `{adapter.source}`" + (f" at engine scale {scale:g}" if scale != 1 else "")
     fid = (record and record.fidelity) or {}
     if fid:
         worst = fid.get("worst_format")
@@ -145,7 +146,25 @@ def served_note(adapter: Any, model_id: str, vector: SteeringVector | None = Non
     saved = adapter.vector
     if vector is not None and saved is not None and not vector.same_as(saved):
         line += " ⚠️ It was exported from another vector than the one selected now: export again to compare."
-    return line
+    return line + _scale_note(record, scale)
+
+
+def _scale_note(record: SteeringRecord | None, scale: float) -> str:
+    """Whether the engine scale asked for is inside the run its export measured servable (card.scale_range_text)."""
+    scales = record_scales(record) if record else None
+    if scale == 1 and not scales:
+        return ""
+    if not scales:
+        return f" Its export checked no engine scales, so scale {scale:g} is unmeasured."
+    servable = servable_range(scales)
+    inside = servable is not None and servable[0] <= scale <= servable[1]
+    return f" {'' if inside or scale == 0 else '⚠️ '}{scale_range_text(scales)}"
+
+
+def scales_line(record: SteeringRecord) -> str:
+    """The export's engine-scale check in one line (empty for an ablation, which has no strength to scale)."""
+    scales = record_scales(record)
+    return f"\n\n**Strength dial**: {scale_range_text(scales)}" if scales else ""
 
 
 def fidelity_markdown(report: Any, seconds: dict[str, float], notes: list[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -110,17 +111,24 @@ SCALES = (1.0, 0.5, 2.0)
 
 
 @pytest.fixture(scope="module")
-def three(smollm2, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def exported(smollm2, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, Any]]:
+    """(folder, hook vector) of each feature's export, its engine scales checked as the app's are."""
     from steer_core.export import export
     from steer_core.vectors.recipe import VectorRecipe
 
     root = tmp_path_factory.mktemp("serve")
-    folders = []
+    out = []
     for f in FEATURES:
         vector = VectorRecipe("sae", (0.5,), "resid", features=(f,)).build(smollm2)
-        folders.append(export(smollm2, vector, root / f"f{f}", target="llama.cpp", calibration_tokens=1024,
-                              verify_tokens=256, writer="own").folder)  # fmt: skip
-    return folders
+        result = export(smollm2, vector, root / f"f{f}", target="llama.cpp", calibration_tokens=1024,
+                        verify_tokens=256, writer="own")  # fmt: skip
+        out.append((result.folder, vector))
+    return out
+
+
+@pytest.fixture(scope="module")
+def three(exported: list[tuple[Path, Any]]) -> list[Path]:
+    return [folder for folder, _ in exported]
 
 
 def _complete(url: str, ids: list[int], lora: list | None) -> list[int]:
@@ -143,14 +151,17 @@ def test_one_llama_server_serves_three_adapters_chosen_and_scaled_per_request(
     llama_cpp: Path,  # noqa: F811
     base_gguf: Path,  # noqa: F811
     three: list[Path],
+    exported: list[tuple[Path, Any]],
     tmp_path: Path,
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from test_llama_cpp import NEW_TOKENS, _free_port, _ours, _prefix, _prompt_ids
 
+    from steer_core.adapter.record import read_record
     from steer_core.check.verify import load_peft
     from steer_core.serve import lora_field
+    from steer_core.steer import steering
 
     served = plan("llama.cpp", three, base=str(base_gguf), port=_free_port(),
                   binary=str(llama_cpp / "build/bin/llama-server"),
@@ -163,10 +174,14 @@ def test_one_llama_server_serves_three_adapters_chosen_and_scaled_per_request(
     reference: dict[tuple[int | None, float], list[list[int]]] = {
         (None, 0.0): [_ours(smollm2.model, p, pad) for p in prompts]
     }
+    hook: dict[tuple[int, float], list[list[int]]] = {}  # the hook at s × the exported strength
     for a in scaled.adapters:
         model = load_peft(smollm2.model, a.folder)
-        reference[(three.index(a.source), a.scale)] = [_ours(model, p, pad) for p in prompts]
+        i = three.index(a.source)
+        reference[(i, a.scale)] = [_ours(model, p, pad) for p in prompts]
         del model
+        with steering(smollm2.model, exported[i][1].scaled(a.scale)):
+            hook[(i, a.scale)] = [_ours(smollm2.model, p, pad) for p in prompts]
     cases: list[tuple[int | None, float]] = [(i, s) for i in range(len(three)) for s in SCALES] + [(None, 0.0)]
     cases += [(i, 0.0) for i in range(len(three))]  # an adapter named at scale 0, the others at 0 too
     url = f"http://127.0.0.1:{served.port}"
@@ -187,14 +202,23 @@ def test_one_llama_server_serves_three_adapters_chosen_and_scaled_per_request(
         proc.terminate()
         proc.wait(timeout=30)
     agreement: dict[str, float] = {}
+    with_hook: dict[str, float] = {}
     for ((i, s), n, _), tokens in zip(jobs, got, strict=True):
         key = "none" if i is None or s == 0 else f"#{FEATURES[i]} ×{s:g}"
         ref = reference[(None, 0.0)] if s == 0 else reference[(i, s)]
         agreement[key] = agreement.get(key, 0) + _prefix(tokens, ref[n]) / (NEW_TOKENS * len(prompts))
+        if key != "none":
+            with_hook[key] = with_hook.get(key, 0) + _prefix(tokens, hook[(i, s)][n]) / (NEW_TOKENS * len(prompts))
     agreement = {k: v / (len(three) + 1 if k == "none" else 1) for k, v in agreement.items()}
-    print("llama-server vs PEFT (lora_B × s; scale 0: the unsteered model), tokens before the first difference:")
+    print("llama-server vs PEFT (lora_B × s; scale 0: the unsteered model) and vs the hook at s × the strength, "
+          "share of tokens before the first difference; the range each export recorded:")  # fmt: skip
     for k, v in agreement.items():
-        print(f"  {k:>14}: {v:.1%}")
+        print(f"  {k:>14}: PEFT {v:.1%}" + (f", hook {with_hook[k]:.1%}" if k in with_hook else ""))
+    for i, folder in enumerate(three):
+        scales = read_record(folder).scales
+        assert scales is not None and scales["checked"] == [0.25, 0.5, 1.0, 1.5, 2.0], scales
+        top1 = ", ".join(f"{s} {row['top1_agreement']:.1%}" for s, row in scales["by_scale"].items())
+        print(f"  #{FEATURES[i]}: servable at {scales['servable']} (top-1 by scale: {top1})")
     for k, v in agreement.items():
         assert v >= 0.95, (k, agreement)
     for i in range(len(three)):

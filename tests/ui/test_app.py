@@ -100,7 +100,7 @@ def test_sae_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
         app.on_sae("tiny", "", str(wide))
     deep = build_sae(tmp_path / "deep", hook_name="blocks.7.hook_resid_post")
     with pytest.raises(gr.Error, match="layer 7"):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(str(deep))))
+        list(app.preview("tiny", "hi", 8, 0, 0, "", 1, *sae_args(str(deep))))
 
 
 def test_feature_card_search_and_prompt_features(sae_folder: str) -> None:
@@ -135,7 +135,7 @@ def test_features_combine_each_with_its_own_strength() -> None:
 
 
 def test_preview_streams_both_sides_with_the_strength_in_both_units(sae_folder: str) -> None:
-    outputs = list(app.preview("tiny", "hello", 8, 0, 0, "", *sae_args(sae_folder, "3:8, 5:-4")))
+    outputs = list(app.preview("tiny", "hello", 8, 0, 0, "", 1, *sae_args(sae_folder, "3:8, 5:-4")))
     base, steered, served, info = outputs[-1]
     assert base and steered and base != steered
     assert len(outputs) > 2 and all(o[0] and o[1] for o in outputs), "both sides stream together, token by token"
@@ -144,19 +144,19 @@ def test_preview_streams_both_sides_with_the_strength_in_both_units(sae_folder: 
 
 
 def test_preview_contrastive_still_works() -> None:
-    base, steered, _, _ = list(app.preview("tiny", "hello", 8, 0, 0, "", *contrastive_args(strength=3.0)))[-1]
+    base, steered, _, _ = list(app.preview("tiny", "hello", 8, 0, 0, "", 1, *contrastive_args(strength=3.0)))[-1]
     assert base and steered
 
 
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["tiny", " ", 8, 0, 0, "", *contrastive_args()], "prompt is empty"),
-        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(strength=float("nan"))], "finite"),
-        (["tiny", "hi", 8, 0, 0, "", *contrastive_args(strength=1e9)], "too large"),
-        (["tiny", "hi", 8, 9, 0, "", *contrastive_args()], "temperature"),
-        (["", "hi", 8, 0, 0, "", *contrastive_args()], "Pick or type a model"),
-        (["tiny", "hi", 8, 0, 0, "", *SteeringForm(mix="1:2", strength=1, unit=UNIT, layer=1).values()], "no SAE"),
+        (["tiny", " ", 8, 0, 0, "", 1, *contrastive_args()], "prompt is empty"),
+        (["tiny", "hi", 8, 0, 0, "", 1, *contrastive_args(strength=float("nan"))], "finite"),
+        (["tiny", "hi", 8, 0, 0, "", 1, *contrastive_args(strength=1e9)], "too large"),
+        (["tiny", "hi", 8, 9, 0, "", 1, *contrastive_args()], "temperature"),
+        (["", "hi", 8, 0, 0, "", 1, *contrastive_args()], "Pick or type a model"),
+        (["tiny", "hi", 8, 0, 0, "", 1, *SteeringForm(mix="1:2", strength=1, unit=UNIT, layer=1).values()], "no SAE"),
     ],
 )
 def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
@@ -170,8 +170,9 @@ def test_bad_inputs_become_clear_ui_errors(args: list, match: str) -> None:
 )
 def test_bad_feature_mixes_are_named(sae_folder: str, mix: str, match: str) -> None:
     with pytest.raises(gr.Error, match=match):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(sae_folder, mix)))
-    base, _, _, _ = list(app.preview("tiny", "hi", 4, 0, 0, "", *sae_args(sae_folder)))[-1]  # and the app keeps working
+        list(app.preview("tiny", "hi", 8, 0, 0, "", 1, *sae_args(sae_folder, mix)))
+    # and the app keeps working
+    base, _, _, _ = list(app.preview("tiny", "hi", 4, 0, 0, "", 1, *sae_args(sae_folder)))[-1]
     assert base
 
 
@@ -183,6 +184,7 @@ def test_export_gives_report_plot_zip_card_and_repo_name(sae_folder: str) -> Non
         "tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder, "3:8, 5:-4"), **NO_PROGRESS
     )
     assert "Verified on" in summary and "| top-1 next-token agreement | **100.0%** |" in summary
+    assert "**Strength dial**: Servable at engine scales 0.25–2" in summary
     assert len(plot) > 0 and "library_name: peft" in card
     names = zipfile.ZipFile(download.value["path"]).namelist()
     assert {"adapter_config.json", "adapter_model.safetensors", "steering.json", "README.md"} <= set(names)
@@ -193,15 +195,23 @@ def test_export_gives_report_plot_zip_card_and_repo_name(sae_folder: str) -> Non
 
 def test_the_preview_serves_the_exported_adapter_beside_the_hook(sae_folder: str) -> None:
     *_, folder, _ = app.run_export("tiny", "exact", 1024, 0, "peft", *sae_args(sae_folder), **NO_PROGRESS)
-    outputs = list(app.preview("tiny", "hello", 8, 0, 0, folder, *sae_args(sae_folder)))
+    outputs = list(app.preview("tiny", "hello", 8, 0, 0, folder, 1, *sae_args(sae_folder)))
     base, steered, served, info = outputs[-1]
     assert served == steered != base  # exact mode: what an endpoint serves is the hook's steering
     assert all(o[2] for o in outputs[1:]), "the served side streams with the others"
     assert "Served adapter" in info and "top-1 agreement with the hook" in info and "another vector" not in info
-    *_, other = list(app.preview("tiny", "hello", 8, 0, 0, folder, *sae_args(sae_folder, "5:8")))[-1]
+    *_, other = list(app.preview("tiny", "hello", 8, 0, 0, folder, 1, *sae_args(sae_folder, "5:8")))[-1]
     assert "exported from another vector than the one selected now" in other
     with pytest.raises(gr.Error, match="Served adapter: .*not a PEFT LoRA adapter"):
-        list(app.preview("tiny", "hello", 8, 0, 0, str(Path(folder).parent), *sae_args(sae_folder)))
+        list(app.preview("tiny", "hello", 8, 0, 0, str(Path(folder).parent), 1, *sae_args(sae_folder)))
+    # the engine scale: the adapter at s and the hook at s × the strength, which it stands for (exact: the same)
+    base2, steered2, served2, info2 = list(app.preview("tiny", "hello", 8, 0, 0, folder, 2, *sae_args(sae_folder)))[-1]
+    assert served2 == steered2 != steered and base2 == base
+    assert "at engine scale 2" in info2 and "Servable at engine scales 0.25–2" in info2
+    assert list(app.preview("tiny", "hello", 8, 0, 0, folder, 0, *sae_args(sae_folder)))[-1][1:3] == (base, base)
+    for bad in (4.5, -1, float("nan"), "2"):
+        with pytest.raises(gr.Error, match=r"Engine scale: the engine scale must be a number from 0 to 4, got"):
+            list(app.preview("tiny", "hello", 8, 0, 0, folder, bad, *sae_args(sae_folder)))
 
 
 def test_the_servability_map_shows_each_cell_and_a_recommendation(sae_folder: str) -> None:
@@ -331,8 +341,11 @@ def test_push_error_never_echoes_the_token(hub: FakeHub, exported: str) -> None:
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: list(app.preview("tiny", "hi", 100_000, 0, 0, "", *contrastive_args())), "max new tokens .* 256"),
-        (lambda: list(app.preview("tiny", "x" * 20_000, 8, 0, 0, "", *contrastive_args())), r"the prompt has .* 1024"),
+        (lambda: list(app.preview("tiny", "hi", 100_000, 0, 0, "", 1, *contrastive_args())), "max new tokens .* 256"),
+        (
+            lambda: list(app.preview("tiny", "x" * 20_000, 8, 0, 0, "", 1, *contrastive_args())),
+            r"the prompt has .* 1024",
+        ),
         (lambda: app.search_features("tiny", "", "", " ".join(["dog"] * 50)), "up to 8 words"),
         (lambda: app.run_export("tiny", "portable", 10**7, 0, "peft", *contrastive_args(), **NO_PROGRESS),
          "calibration tokens must be between 256 and 65536"),
@@ -348,12 +361,12 @@ def test_what_one_request_may_ask_for_is_bounded(call: Any, match: str) -> None:
 def test_contrastive_prompts_and_features_are_bounded(sae_folder: str) -> None:
     many = "\n".join(f"I love thing {i}" for i in range(65))
     with pytest.raises(gr.Error, match="65 positive prompts: this server takes up to 64 per side"):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *contrastive_args(positive=many)))
+        list(app.preview("tiny", "hi", 8, 0, 0, "", 1, *contrastive_args(positive=many)))
     args = contrastive_args(positive="I love it " * 100)
     with pytest.raises(gr.Error, match=r"positive prompt 1 has \d+ tokens: this server takes up to 256"):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
+        list(app.preview("tiny", "hi", 8, 0, 0, "", 1, *args))
     with pytest.raises(gr.Error, match="17 features mixed: this server mixes up to 16"):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(sae_folder, ", ".join(f"{f}:1" for f in range(17)))))
+        list(app.preview("tiny", "hi", 8, 0, 0, "", 1, *sae_args(sae_folder, ", ".join(f"{f}:1" for f in range(17)))))
 
 
 def test_an_upload_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,15 +374,15 @@ def test_an_upload_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest
     big.write_bytes(b"\0" * (app.LIMITS.upload_bytes + 1))
     args = contrastive_args(source=VECTOR_FILE, vector_file=str(big))
     with pytest.raises(gr.Error, match=r"the vector file is 16.8 MB: this server takes files up to 16.8 MB"):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *args))
+        list(app.preview("tiny", "hi", 8, 0, 0, "", 1, *args))
 
 
 def test_on_a_space_no_visitor_reads_the_servers_disk(on_a_space: None, sae_folder: str, exported: str) -> None:
     with pytest.raises(gr.Error, match="does not read folders on its own disk"):
-        list(app.preview("tiny", "hi", 8, 0, 0, "", *sae_args(sae_folder)))
+        list(app.preview("tiny", "hi", 8, 0, 0, "", 1, *sae_args(sae_folder)))
     with pytest.raises(gr.Error, match="is a path on this server"):
-        list(app.preview("tiny", "hi", 8, 0, 0, str(Path(__file__).parent), *contrastive_args()))
-    *_, served, _ = list(app.preview("tiny", "hello", 8, 0, 0, exported, *contrastive_args()))[-1]
+        list(app.preview("tiny", "hi", 8, 0, 0, str(Path(__file__).parent), 1, *contrastive_args()))
+    *_, served, _ = list(app.preview("tiny", "hello", 8, 0, 0, exported, 1, *contrastive_args()))[-1]
     assert served, "an adapter this app exported is served"
     with pytest.raises(gr.Error, match="a path on this server, which a public Space does not read"):
         app.on_model(str(Path(exported)), **NO_PROGRESS, access=app.visitor_access(None))
@@ -377,7 +390,7 @@ def test_on_a_space_no_visitor_reads_the_servers_disk(on_a_space: None, sae_fold
 
 def test_a_preview_never_loads_a_model_the_load_lane_has_not() -> None:
     with pytest.raises(gr.Error, match="not loaded yet: load it first"):
-        list(app.preview("some/other-model", "hi", 8, 0, 0, "", *contrastive_args()))
+        list(app.preview("some/other-model", "hi", 8, 0, 0, "", 1, *contrastive_args()))
 
 
 def test_on_a_gpu_models_load_onto_it_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -409,17 +422,17 @@ def test_a_served_adapter_from_the_hub_is_the_visitors_alone(
     app.run_push(exported, "alice/private-steer", True, False, VISITOR)
     assert hub.repos["alice/private-steer"].private
     alice = app.visitor_access(oauth(VISITOR))
-    *_, served, info = list(app.preview("tiny", "hello", 8, 0, 0, "alice/private-steer", *contrastive_args(),
+    *_, served, info = list(app.preview("tiny", "hello", 8, 0, 0, "alice/private-steer", 1, *contrastive_args(),
                                         access=alice))[-1]  # fmt: skip
     assert served and "Served adapter" in info
     with pytest.raises(gr.Error, match="Served adapter: .*alice/private-steer"):  # though it was downloaded here
-        list(app.preview("tiny", "hello", 8, 0, 0, "alice/private-steer", *contrastive_args()))
+        list(app.preview("tiny", "hello", 8, 0, 0, "alice/private-steer", 1, *contrastive_args()))
     huge = tmp_path / "adapter_model.safetensors"
     with huge.open("wb") as f:
         f.truncate(app.LIMITS.adapter_bytes + 1)  # sparse: sized by the Hub's metadata, never downloaded
     hub.add("bob/huge", Repo("bob", {"adapter_config.json": b"{}", "adapter_model.safetensors": huge}))
     with pytest.raises(gr.Error, match="weights are 67.1 MB: this server previews adapters up to 67.1 MB"):
-        list(app.preview("tiny", "hello", 8, 0, 0, "bob/huge", *contrastive_args()))
+        list(app.preview("tiny", "hello", 8, 0, 0, "bob/huge", 1, *contrastive_args()))
     assert not [r for r in hub.requests_for("bob/huge") if "/resolve/" in r.path]
 
 
@@ -433,7 +446,7 @@ def test_a_word_without_a_feature_offers_its_reading_and_it_steers(sae_folder: s
     form = SteeringForm(source.value, strength=strength, unit=unit, positive=pos, negative=neg, layer=layer, site=site)
     recipe, args = app._recipe("tiny", form), form.values()
     assert recipe.source == "contrastive" and recipe.positive[0].endswith("volcano")
-    base, steered, _served, info = list(app.preview("tiny", "hi", 6, 0, 0, "", *args))[-1]
+    base, steered, _served, info = list(app.preview("tiny", "hi", 6, 0, 0, "", 1, *args))[-1]
     assert "blocks.1.hook_resid_post" in info and base and steered
     with pytest.raises(gr.Error, match="no words"):
         app.use_concept("tiny", "", sae_folder, " 42 ")

@@ -31,7 +31,7 @@ def _vector(sae: str, mix: str) -> list:
 
 def test_preview_and_export_through_the_public_api(client: tuple[Client, str]) -> None:
     c, sae = client
-    base, steered, _, info = c.predict("tiny", "hello", 8, 0, 0, "", *_vector(sae, "3:8"), api_name="/preview")
+    base, steered, _, info = c.predict("tiny", "hello", 8, 0, 0, "", 1, *_vector(sae, "3:8"), api_name="/preview")
     assert base and steered and base != steered and "vector norm" in info
     job = c.submit("tiny", "exact", 1024, 0, "peft", *_vector(sae, "3:8, 5:-2"), api_name="/run_export")
     summary, _plot, download, card, repo = job.result(timeout=300)  # the adapter folder is per-session state
@@ -44,6 +44,6 @@ def test_preview_and_export_through_the_public_api(client: tuple[Client, str]) -
 def test_bad_input_is_an_error_message_and_the_app_keeps_working(client: tuple[Client, str]) -> None:
     c, sae = client
     with pytest.raises(Exception, match="out of range"):
-        c.predict("tiny", "hello", 8, 0, 0, "", *_vector(sae, "99:8"), api_name="/preview")
-    base, _, _, _ = c.predict("tiny", "hello", 8, 0, 0, "", *_vector(sae, "3:8"), api_name="/preview")
+        c.predict("tiny", "hello", 8, 0, 0, "", 1, *_vector(sae, "99:8"), api_name="/preview")
+    base, _, _, _ = c.predict("tiny", "hello", 8, 0, 0, "", 1, *_vector(sae, "3:8"), api_name="/preview")
     assert base

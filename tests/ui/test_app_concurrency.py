@@ -27,7 +27,7 @@ def shared_model() -> None:
 
 def _args(folder: str, mix: str, temperature: float = 0.0, seed: int = 0) -> list:
     form = SteeringForm(sae_folder=folder, mix=mix, unit=UNIT, layer=1)
-    return ["shared", "hello there", 12, temperature, seed, "", *form.values()]
+    return ["shared", "hello there", 12, temperature, seed, "", 1, *form.values()]
 
 
 def _final(args: list) -> tuple[str, str]:

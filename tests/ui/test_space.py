@@ -119,6 +119,7 @@ def test_slow_downloads_hold_up_no_other_visitors_preview(space: tuple[Space, Fa
         0,
         0,
         "",
+        1,
         *SteeringForm(
             sae_pick="embedded: smollm2-135m-instruct-res-L15 (offline)", mix="676:0.5", strength=0.5
         ).values(),
@@ -150,7 +151,7 @@ def test_a_signed_in_visitor_runs_the_curated_gemma_entry_end_to_end(space: tupl
     card = client.predict(GEMMA, SAE, "", 5, api_name="/show_feature")
     assert card.startswith("### Feature 5")
     base, steered, _, info = client.predict(
-        GEMMA, "Describe something you like.", 16, 0, 0, "", *vector(), api_name="/preview"
+        GEMMA, "Describe something you like.", 16, 0, 0, "", 1, *vector(), api_name="/preview"
     )
     assert base and steered and base != steered and "blocks.12.hook_resid_post" in info
     summary, _plot, _download, _card, repo = client.predict(
