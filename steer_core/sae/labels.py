@@ -27,6 +27,9 @@ from steer_core.sae.feature import LoadedSAE, sae_unit
 from steer_core.sites import architecture_for
 from steer_core.template import render_chat
 
+LABEL_TEXTS = 200  # held-out texts a feature's label is computed on
+LABEL_NAME_CHARS = 120  # a label's name, as an adapter's card keeps it
+
 
 @dataclass(frozen=True)
 class Context:
@@ -51,6 +54,13 @@ class FeatureLabel:
     promoted: tuple[str, ...]  # tokens the decoder row raises most, read through the unembedding
     # the word whose mean activation the decoder row was kept near (scripts/train_sae.py --anchor-cos)
     word: str | None = None
+
+    def name(self) -> str:
+        """A few words for what the feature means, for an adapter's card and a search of shared adapters: its own
+        word (an anchored SAE's), else the tokens it promotes most."""
+        if self.word:
+            return self.word
+        return " ".join(dict.fromkeys(t.strip() for t in self.promoted[:6] if t.strip()))[:LABEL_NAME_CHARS]
 
     def summary(self, contexts: int = 2) -> str:
         tops = " | ".join(c.render().strip() for c in self.contexts[:contexts])
@@ -236,28 +246,39 @@ def load_labels(path: str | Path) -> FeatureLabels:
     return FeatureLabels(doc["source"], labels)
 
 
-def labels_for(sae: LoadedSAE, model: Any, tokenizer: Any, *, texts: int = 200) -> FeatureLabels:
+def labels_for(sae: LoadedSAE, model: Any, tokenizer: Any, *, texts: int = LABEL_TEXTS) -> FeatureLabels:
     """The labels shipped next to the SAE's weights, or else labels computed on the shipped held-out text.
 
     Registry SAEs have no labels file here (Neuronpedia's are online only), so they are labelled on this model the
     same way the embedded SAE was, once: a registry release and id name fixed weights, so the result is cached on
     disk. A folder without labels may change between calls, so its labels are not cached.
     """
+    if (known := known_labels(sae, model, texts=texts)) is not None:
+        return known
+    from steer_core.corpus import split_texts
+
+    labels = compute_labels(sae, model, tokenizer, split_texts("heldout")[:texts])
+    if sae.source.release:
+        save_labels(labels, _cache_path(sae, model, texts))
+    return labels
+
+
+def known_labels(sae: LoadedSAE, model: Any, *, texts: int = LABEL_TEXTS) -> FeatureLabels | None:
+    """The labels shipped with the SAE or cached by an earlier `labels_for`, without computing any (None if none)."""
     if sae.source.path and (Path(sae.source.path) / LABELS_FILENAME).is_file():
         return load_labels(Path(sae.source.path) / LABELS_FILENAME)
-    from steer_core.corpus import corpus_info, split_texts
+    if sae.source.release and (path := _cache_path(sae, model, texts)).is_file():
+        return load_labels(path)
+    return None
 
-    if not sae.source.release:
-        return compute_labels(sae, model, tokenizer, split_texts("heldout")[:texts])
+
+def _cache_path(sae: LoadedSAE, model: Any, texts: int) -> Path:
+    from steer_core.corpus import corpus_info
+
     key = json.dumps(
         [sae.source.release, sae.source.sae_id, model.config.name_or_path, texts, corpus_info(), LABELS_VERSION]
     )
-    path = cache_dir() / "labels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json.gz"
-    if path.is_file():
-        return load_labels(path)
-    labels = compute_labels(sae, model, tokenizer, split_texts("heldout")[:texts])
-    save_labels(labels, path)
-    return labels
+    return cache_dir() / "labels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json.gz"
 
 
 @dataclass(frozen=True)

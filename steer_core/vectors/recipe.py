@@ -119,6 +119,7 @@ class VectorRecipe:
 
     def _build_sae(self, lm: LoadedModel, d_model: int, n_layers: int, sae: LoadedSAE | None) -> SteeringVector:
         from steer_core.sae.feature import check_fits, load_sae, reconstruction_fvu, same_model
+        from steer_core.sae.labels import known_labels
         from steer_core.vectors.vector import from_features
 
         if sae is None:
@@ -132,6 +133,12 @@ class VectorRecipe:
             ]
         vector = from_features(sae, list(self.features), strengths)
         vector.provenance.update(strength_unit=self.strength_unit, strength_given=list(self.strengths))
+        # What each feature means, where the SAE's labels are at hand (shipped, or cached by the app's step 2): an
+        # adapter's card carries it, and others find shared adapters by it (adapter.shared). Never computed here.
+        if (labels := known_labels(sae, lm.model)) is not None:
+            for f in vector.provenance["features"]:
+                if f["index"] in labels.labels:
+                    f["label"] = labels[f["index"]].name()
         # An SAE trained on another model (say the base model of this instruct model) may still steer, but the user
         # must see how well it describes this model's activations.
         vector.provenance["sae_model_matches"] = same_model(sae.source.model_name, lm.base_model_id)

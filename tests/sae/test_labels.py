@@ -15,6 +15,7 @@ from steer_core.sae.labels import (
     TokenFeatures,
     active_features,
     compute_labels,
+    known_labels,
     load_labels,
     promoted_tokens,
     same_word,
@@ -223,3 +224,25 @@ def test_same_word_takes_inflections_not_fragments() -> None:
     assert not same_word("for", "forest") and not same_word("fin", "finances") and not same_word("mus", "music")
     assert not same_word("be", "bed")  # under 3 letters nothing is a form
     assert same_word("bake", "baked") and not same_word("ten", "tend") and not same_word("corn", "corner")
+
+
+def test_an_sae_vector_names_its_features_where_labels_are_at_hand(tmp_path: Path, lm) -> None:
+    """Shipped labels reach the vector's provenance and so the adapter's card; an SAE without them gets no label,
+    and building the vector computes none (a minute on a registry SAE)."""
+    from steer_core.adapter.card import model_card
+    from steer_core.adapter.record import SteeringRecord, VectorRecord
+    from steer_core.constants import LABELS_FILENAME
+    from steer_core.vectors.recipe import VectorRecipe
+
+    folder = build_sae(tmp_path / "sae", d_sae=24)
+    recipe = VectorRecipe("sae", (2.0,), "abs", features=(3, 5), path=str(folder))
+    assert all("label" not in f for f in recipe.build(lm).provenance["features"])
+    assert known_labels(load_sae_from_disk(folder), lm.model) is None
+    ctx = (Context("a ", "fox", " ran", 1.0),)
+    labels = FeatureLabels({}, {3: FeatureLabel(3, 0.01, 1.0, ctx, (" fox", " Fox", "fox", " hound"), word=None),
+                                5: FeatureLabel(5, 0.01, 1.0, ctx, (" x",), word="volcano")})  # fmt: skip
+    save_labels(labels, folder / LABELS_FILENAME)
+    vector = recipe.build(lm)
+    assert [f.get("label") for f in vector.provenance["features"]] == ["fox Fox hound", "volcano"]
+    record = SteeringRecord("exact", "tiny", VectorRecord(("blocks.1.hook_resid_post",), {}, vector.provenance))
+    assert "labelled `volcano`" in model_card(record)
