@@ -199,24 +199,16 @@ def scale_range_text(scales: dict[str, Any]) -> str:
     """One line on the engine scales an adapter serves faithfully, from steering.json's `scales`."""
     checked = ", ".join(f"{x:g}" for x in _checked(scales)) or "none"
     servable = servable_range(scales)
-    if servable:
-        lo, hi = servable
-        where = f"scale {lo:g}" if lo == hi else f"scales {lo:g}–{hi:g}"
-        return f"Servable at engine {where} ({ENGINE_SCALE_MEANING}); {_criterion(scales)}, checked {checked}."
-    by_scale = _by_scale(scales)
-    reached = sorted(
-        x
-        for key, row in by_scale.items()
-        if (x := _scale_key(key)) is not None
-        and isinstance(row, dict)
-        and (_finite(row.get("top1_agreement")) or 0.0) >= SERVABLE_TOP1
-    )
-    if not reached:
+    if not servable:
         return f"Servable at no engine scale: no checked scale ({checked}) reached {_criterion(scales)}."
-    return (
-        f"Servable at no engine scale around 1: scale 1 falls short of {_criterion(scales)}, which only "
-        f"{', '.join(f'{x:g}' for x in reached)} reached ({ENGINE_SCALE_MEANING})."
-    )
+    lo, hi = servable
+    where = f"scale {lo:g}" if lo == hi else f"scales {lo:g}–{hi:g}"
+    line = f"Servable at engine {where} ({ENGINE_SCALE_MEANING}); {_criterion(scales)}, checked {checked}."
+    if lo <= 1 <= hi:
+        return line
+    one = _finite((_by_scale(scales).get("1") or {}).get("top1_agreement"))
+    at_one = f" ({one:.1%})" if one is not None else ""
+    return line + f" Not at scale 1, the exported strength itself{at_one}: serve it at {where}."
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:

@@ -9,7 +9,7 @@ scale is measured, as verify measures scale 1: the adapter with PEFT's scaling m
 the vector times s, on held-out text no fit saw (top-1 agreement, KL ratio, the behaviour figure), and greedy
 continuations.
 
-The range recorded is the run of checked scales around 1 that reaches SERVABLE_TOP1, the servability map's bar.
+The range recorded is the run of checked scales nearest 1 that reaches SERVABLE_TOP1, the servability map's bar.
 """
 
 from __future__ import annotations
@@ -61,8 +61,7 @@ def check_scales_arg(scales: Sequence[float]) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class ScaleReport:
     """Fidelity per engine scale. `by_scale` maps f"{s:g}" to top-1 agreement, KL ratio, effect kept, greedy tokens
-    before divergence and the tokens measured; `servable` is the (lowest, highest) scale of the run around 1 that
-    reaches the bar, None when scale 1 itself does not."""
+    before divergence and the tokens measured; `servable` is the (lowest, highest) scale of `servable_run`."""
 
     checked: tuple[float, ...]
     by_scale: dict[str, dict[str, float]]
@@ -81,11 +80,15 @@ class ScaleReport:
 
 
 def servable_run(top1: dict[float, float], bar: float = SERVABLE_TOP1) -> tuple[float, float] | None:
-    """The run of scales around 1 (sorted, contiguous among those checked) whose top-1 reaches `bar`."""
+    """The run of checked scales (contiguous, sorted) whose top-1 reaches `bar` and which holds the passing scale
+    nearest 1 (the lower one on a tie): the exported strength's own when it passes, else the nearest strengths that
+    do (a strength at 94% serves at 0.25-0.5, typically). None when no scale reaches it."""
     scales = sorted(top1)
-    if 1.0 not in top1 or top1[1.0] < bar:
+    passing = [s for s in scales if top1[s] >= bar]
+    if not passing:
         return None
-    i = j = scales.index(1.0)
+    nearest = min(passing, key=lambda s: (abs(math.log(s)), s))
+    i = j = scales.index(nearest)
     while i > 0 and top1[scales[i - 1]] >= bar:
         i -= 1
     while j < len(scales) - 1 and top1[scales[j + 1]] >= bar:

@@ -21,10 +21,12 @@ def _vec(scale: float) -> SteeringVector:
     return SteeringVector({HookPoint(1, "resid_post"): torch.randn(D_MODEL) * scale}, {"source": "test"})
 
 
-def test_servable_run_is_the_run_around_one() -> None:
+def test_servable_run_is_the_run_nearest_one() -> None:
     assert servable_run({0.25: 0.99, 0.5: 0.97, 1.0: 0.96, 1.5: 0.94, 2.0: 0.96}) == (0.25, 1.0)
     assert servable_run({0.25: 0.90, 0.5: 0.97, 1.0: 0.96, 2.0: 0.99}) == (0.5, 2.0)  # not past a gap
-    assert servable_run({0.5: 0.99, 1.0: 0.94, 2.0: 0.99}) is None
+    assert servable_run({0.25: 0.99, 0.5: 0.96, 1.0: 0.94, 2.0: 0.90}) == (0.25, 0.5)  # 1 short: those below
+    assert servable_run({0.5: 0.96, 1.0: 0.94, 2.0: 0.96}) == (0.5, 0.5)  # a tie at equal distance: the lower
+    assert servable_run({0.5: 0.90, 1.0: 0.94, 2.0: 0.91}) is None
     assert servable_run({1.0: 0.95}) == (1.0, 1.0)
 
 
