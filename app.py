@@ -20,6 +20,7 @@ import gradio as gr
 
 from steer_core.adapter.card import MODE_WHERE
 from steer_core.adapter.served import MAX_ENGINE_SCALE, check_engine_scale
+from steer_core.adapter.shared import MAX_WORDS_CHARS
 from steer_core.constants import CONCEPT_STRENGTH, CONTROL_VECTOR_FILENAME, DEFAULT_MODEL, TARGET_NAMES
 from steer_core.fit.refine import default_steps
 from steer_core.generate import GenerationConfig, stream_sides
@@ -30,9 +31,18 @@ from steer_core.sae import concept, search
 from steer_core.sae.feature import embedded_sae_for, is_embedded_sae
 from steer_core.sae.labels import active_features
 from steer_core.template import warm_up
-from steer_core.ui import catalog, explain, gate
+from steer_core.ui import catalog, explain, gate, shared
 from steer_core.ui.exposure import exposure
-from steer_core.ui.form import CONTRASTIVE, DEFAULT_UNIT, FIELDS, SAE_FEATURES, SOURCES, SteeringForm
+from steer_core.ui.form import (
+    CONTRASTIVE,
+    DEFAULT_UNIT,
+    FIELDS,
+    SAE_FEATURES,
+    SERVED_VECTOR,
+    SOURCES,
+    VECTOR_FILE,
+    SteeringForm,
+)
 from steer_core.ui.gate import HEAVY, LIGHT, LOAD, PAGE, PREVIEW, PUSH
 from steer_core.ui.limits import SERVER_LIMITS as LIMITS
 from steer_core.ui.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
@@ -345,7 +355,7 @@ def add_feature(mix: str, feature: float | None, strength: float, unit: str) -> 
 
 def show_source(source: str) -> tuple[Any, Any, Any]:
     sae = source == SAE_FEATURES
-    return gr.Group(visible=sae), gr.Row(visible=sae), gr.Group(visible=not sae)
+    return gr.Group(visible=sae), gr.Row(visible=sae), gr.Group(visible=source in (CONTRASTIVE, VECTOR_FILE))
 
 
 def on_unit(unit: str, strength: float) -> Any:
@@ -381,20 +391,29 @@ def preview(
         config = GenerationConfig(new, float(temperature), int(seed))
     with user_errors("Engine scale"):
         scale = check_engine_scale(scale)
-    _, chosen = _steering(model_name, vector_args, access)
-    vector = chosen.scaled(scale) if scale != 1 else chosen
+    adapter, no_hook = None, ""
+    if _form(vector_args).source == SERVED_VECTOR:  # the adapter's own stored vector: no SAE, nothing re-derived
+        with user_errors("Served adapter"):
+            adapter = read_served((served or "").strip(), access)
+            chosen, no_hook = shared.own_vector(adapter, lm)
+    else:
+        _, chosen = _steering(model_name, vector_args, access)
+    vector = chosen.scaled(scale) if chosen is not None and scale != 1 else chosen
     with user_errors("Strength"):
-        norms = {p.tl_name: workspace.resid_norm(lm, p) for p in vector.points}
-    info = explain.strength_line(vector, norms) + explain.mismatch_note(vector)
-    sides: list[Any] = [None, vector]
-    if (served or "").strip():
+        norms = {p.tl_name: workspace.resid_norm(lm, p) for p in vector.points} if vector is not None else {}
+    info = explain.strength_line(vector, norms) + explain.mismatch_note(vector) if vector is not None else no_hook
+    if adapter is None and (served or "").strip():
         with user_errors("Served adapter"):
             adapter = read_served(served.strip(), access)
-        sides.append(adapter.at(scale))
+    sides: list[Any] = [None, *([vector] if vector is not None else []), *([adapter.at(scale)] if adapter else [])]
+    if adapter is not None:
         info += explain.served_note(adapter, lm.base_model_id, chosen, scale)
     try:
         for texts in stream_sides(lm, prompt, sides, config=config):
-            yield texts[0], texts[1], texts[2] if len(texts) > 2 else "", info
+            if vector is None:  # a plain LoRA: no hook to steer with, and the hook column says why
+                yield texts[0], no_hook, texts[1], info
+            else:
+                yield texts[0], texts[1], texts[2] if len(texts) > 2 else "", info
     except (ValueError, RuntimeError) as err:
         raise gr.Error(f"Generation failed: {err}") from err
 
@@ -582,6 +601,84 @@ def run_push(
     return f"✅ Pushed: [{result.url}]({result.url}) ({result.describe(private)})"
 
 
+# ---- shared adapters: find one for the loaded model, open it, verify it here, write it for another engine ------
+
+
+def list_shared(model_name: str, words: str, *, access: Access | None = None) -> list[list[Any]]:
+    """The Hub's steer-core adapters of the loaded model's base, narrowed by words in their labels, read as the
+    visitor (anonymous on a Space: public adapters only)."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    lm = get_model(model_name, access)
+    with user_errors("Shared adapters"):
+        found = shared.find(lm.base_model_id, words or "", access)
+    if not found:
+        gr.Info(f"No shared adapter of {lm.base_model_id} matches {words!r}." if words else
+                f"No steer_core adapter of {lm.base_model_id} is shared on the Hub yet.")  # fmt: skip
+    return explain.shared_rows(found)
+
+
+def pick_shared(evt: gr.SelectData) -> str:
+    """A click on a row of the shared adapters picks its repo."""
+    return str((evt.row_value or [evt.value])[0])
+
+
+def open_shared(model_name: str, repo: str, *, access: Access | None = None) -> tuple[Any, ...]:
+    """Download the adapter (bounded as a served preview's) and fill the page from it: the served box, the engine
+    scale, the steering source (its own stored vector), its strength, and its recipe and report."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    lm = get_model(model_name, access)
+    with user_errors("Open shared adapter"):
+        make_work_room()
+        opened = shared.open_adapter(workspace, lm, repo, access, LIMITS)
+    given = opened.strength()
+    return (
+        opened.repo,
+        1.0,
+        SERVED_VECTOR,
+        given[0] if given else gr.update(),
+        next((label for label, u in UNITS.items() if given and u == given[1]), gr.update()),
+        explain.opened_markdown(opened),
+        opened,
+    )
+
+
+def _opened(opened: shared.Opened | None) -> shared.Opened:
+    if opened is None:
+        raise gr.Error("Open a shared adapter first (list them, then click one, or type its repo).")
+    return opened
+
+
+@gpu(duration=120)
+def verify_shared(model_name: str, opened: shared.Opened | None, *, access: Access | None = None) -> str:
+    """The held-out report re-run on this server, beside the one its author published."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    lm = get_model(model_name, access)
+    opened = _opened(opened)
+    with user_errors("Verify here"):
+        return explain.verified_here_markdown(opened, shared.verify_here(lm, opened))
+
+
+@gpu
+def export_shared(
+    model_name: str, opened: shared.Opened | None, target: str, *, access: Access | None = None
+) -> tuple[Any, ...]:
+    """The opened adapter as it is, written for another engine and zipped; Push (step 5) takes it from there."""
+    access = access or visitor_access(None)  # direct calls: an anonymous visitor of this server
+    lm = get_model(model_name, access)
+    opened = _opened(opened)
+    with user_errors("Export for another engine"):
+        make_work_room()
+        folder, record = shared.derive(lm, opened, target or "")
+    archive = Path(shutil.make_archive(str(folder.parent / "steering-adapter"), "zip", folder))
+    size = archive.stat().st_size / 1024
+    return (
+        explain.derived_markdown(record, size),
+        gr.DownloadButton(f"Download ({size:.0f} KB zip)", value=str(archive), visible=True),
+        str(folder),
+        explain.repo_name(record),
+    )
+
+
 # ---- layout ------------------------------------------------------------------------------------------------------
 
 
@@ -615,6 +712,29 @@ def build_demo() -> gr.Blocks:
             )
             load_btn = gr.Button("Load model", scale=1)
         model_status = gr.Markdown()
+        shared_title = "Adapters others shared for this model: find one, open it, verify it, serve it elsewhere"
+        with gr.Accordion(shared_title, open=False, elem_id="shared"):
+            with gr.Row(equal_height=True):
+                shared_words = gr.Textbox(
+                    label="Words in their labels (empty: all)", scale=3, max_length=MAX_WORDS_CHARS
+                )
+                list_btn = gr.Button("List shared adapters", scale=1)
+            shared_df = gr.Dataframe(headers=explain.SHARED_COLUMNS, interactive=False, max_height=260,
+                                     label="click a row to open it", elem_id="shared-list")  # fmt: skip
+            with gr.Row(equal_height=True):
+                shared_repo = gr.Textbox(label="or type a shared adapter's repo", placeholder="namespace/name", scale=3,
+                                         max_length=gate.NAME_CHARS)  # fmt: skip
+                open_btn = gr.Button("Open", variant="primary", scale=1)
+            opened_md = gr.Markdown(elem_id="shared-opened", padding=True)
+            opened = gr.State(None)
+            with gr.Row(equal_height=True):
+                verify_btn = gr.Button("Verify here: its held-out report on this server", scale=2)
+                derive_target = gr.Radio(list(shared.derive_targets()), value="llama.cpp", label="Another engine",
+                                         scale=2)  # fmt: skip
+                derive_btn = gr.Button("Export for another engine (as it is, no refit)", scale=2)
+            verified_md = gr.Markdown()
+            derived_md = gr.Markdown()
+            derived_zip = gr.DownloadButton("Download (zip)", visible=False, variant="primary")
 
         gr.Markdown("## 2 · Steering vector", elem_classes="step-head")
         source = gr.Radio(SOURCES, value=SAE_FEATURES, label="Steer with", container=False)
@@ -902,6 +1022,25 @@ def build_demo() -> gr.Blocks:
         )
         cv_btn.click(for_visitor(run_control_vector), [model_name, *vector_inputs], cv_file, **HEAVY.events)
         compare_btn.click(for_visitor(run_compare), [model_name, *vector_inputs], compared, **LOAD.events)
+        gr.on(
+            [list_btn.click, shared_words.submit], for_visitor(list_shared), [model_name, shared_words], shared_df,
+            api_name="list_shared", **PREVIEW.events,
+        )  # fmt: skip
+        opened_outputs = [served, served_scale, source, strength, unit, opened_md, opened]
+        gr.on(
+            [open_btn.click, shared_repo.submit], for_visitor(open_shared), [model_name, shared_repo], opened_outputs,
+            api_name="open_shared", **LOAD.events,
+        )  # fmt: skip
+        shared_df.select(pick_shared, None, shared_repo, **LIGHT.events).then(
+            for_visitor(open_shared), [model_name, shared_repo], opened_outputs, api_name=False, **LOAD.events
+        )
+        verify_btn.click(
+            for_visitor(verify_shared), [model_name, opened], verified_md, api_name="verify_shared", **HEAVY.events
+        )
+        derive_btn.click(
+            for_visitor(export_shared), [model_name, opened, derive_target], [derived_md, derived_zip, folder, repo_id],
+            api_name="export_shared", **HEAVY.events,
+        )  # fmt: skip
         push_btn.click(
             run_push, [folder, repo_id, private, update_existing, token], pushed, api_name="push", **PUSH.events
         ).then(

@@ -9,7 +9,7 @@ The modules, in the order the data flows (each family a folder):
   (whether search found the concept, and its own reading when the SAE has no feature for it).
 - `vectors/`: `vector` (the type), `recipe` (what a user asked for, built on a model), `contrastive`,
   `controlvector`.
-- `steer` (hook steering, per request), `generate` (the side-by-side preview).
+- `steer` (hook steering, per request), `generate` (the side-by-side preview), `schedule` (one batch for every preview).
 - `fit/`: `calibrate` (one rank-1 fit per site, from `ridge`, `position0`, `selection`, `shares`, `postnorm` and
   `composite`), `refine` (end to end).
 - `adapter/`: `build` (the PEFT LoRA), `targets` (llama.cpp, Ollama, Fireworks files), `merged` (the model with
@@ -19,7 +19,8 @@ The modules, in the order the data flows (each family a folder):
 - `check/`: `verify` (against the hook, held out), `scales` (the engine scales it stays servable at),
   `servability` (the map before an export).
 - `export` runs the chain; `cli` is the command line; `serve` starts a stock engine with many adapters; `ui/`
-  (`catalog`, `form`, `mix`, `workspace`, `explain`, `limits`, `exposure`, `gate`) is what only `app.py` uses.
+  (`catalog`, `form`, `mix`, `workspace`, `shared` (a shared adapter opened, verified and re-served here), `link`
+  (a URL that restores the page), `explain`, `limits`, `exposure`, `gate`) is what only `app.py` uses.
 
 The names below load on first use (PEP 562), so `python -m steer_core --help` imports no model code.
 """

@@ -169,7 +169,7 @@ def export(
             seconds["scales"] = time.perf_counter() - t
         del adapted
         seconds["total"] = time.perf_counter() - start
-        target_files, target_notes = _write_target_files(engine, lm, vector, tmp, skip_bos)
+        target_files, target_notes = write_target_files(engine, lm, vector, tmp, skip_bos)
         merged, merged_files = _write_merged(engine, lm, tmp, record.replace(fidelity=fidelity.to_dict()), report)
         target_files += merged_files
         seconds["total"] = time.perf_counter() - start
@@ -284,7 +284,7 @@ def _record(
     )
 
 
-def _write_target_files(
+def write_target_files(
     engine: Target, lm: LoadedModel, vector: SteeringVector, folder: Path, skip_bos: bool
 ) -> tuple[list[str], list[str]]:
     """What the target engine loads besides the PEFT folder: (file names, notes). The merged model: _write_merged."""

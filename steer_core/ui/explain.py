@@ -3,10 +3,11 @@ strong a vector is, and how faithful an exported adapter measured. Markdown in, 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
-from steer_core.adapter.card import by_format_table, record_scales, scale_range_text, servable_range
+from steer_core.adapter.card import by_format_table, feature_label, record_scales, scale_range_text, servable_range
 from steer_core.adapter.record import SteeringRecord
 from steer_core.sae.concept import ConceptMatch
 from steer_core.sae.feature import SAESource, same_model
@@ -247,3 +248,178 @@ def repo_name(record: SteeringRecord) -> str:
     else:
         what = str(prov.get("source", "vector")).replace("_", "-")
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"steer-{model}-{what}-{record.mode}")[:96].strip("-.")
+
+
+# ---- shared adapters (steer_core.ui.shared) ----------------------------------------------------------------------
+
+SHARED_COLUMNS = ["repo", "labels", "features", "strength", "site", "top-1", "servable engine scales", "likes",
+                  "downloads"]  # fmt: skip
+UNIT_NAMES = {"resid": "× residual norm", "abs": "absolute", "writer": "× writer output norm"}
+SOURCE_NAMES = {"sae": "SAE features", "contrastive": "contrastive prompts", "file": "a vector file",
+                "control_vector": "a llama.cpp control vector"}  # fmt: skip
+
+
+def shared_rows(found: list[Any]) -> list[list[Any]]:
+    """adapter.shared.SharedAdapter entries as the table's rows (SHARED_COLUMNS); the first cell is the repo opened."""
+    rows = []
+    for a in found:
+        unit = UNIT_NAMES.get(a.strength_unit or "", a.strength_unit or "")
+        strength = ", ".join(f"{s:g}" for s in a.strengths) + (f" {unit}" if a.strengths and unit else "")
+        lo, hi = a.servable or (None, None)
+        servable = "" if lo is None else f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
+        top1 = "" if a.top1 is None else f"{a.top1:.1%}"
+        features = ", ".join(f"#{f}" for f in a.features)
+        rows.append([a.repo_id, ", ".join(a.labels), features, strength, ", ".join(a.site), top1, servable, a.likes,
+                     a.downloads])  # fmt: skip
+    return rows
+
+
+def _finite(value: Any) -> float | None:
+    """A finite number, else None: steering.json may come from anyone's repo."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _figure(report: dict[str, Any] | None, key: str) -> float | None:
+    return _finite((report or {}).get(key))
+
+
+def _code(value: Any) -> str:
+    """Anyone's text inside a Markdown code span: on one line, bounded, without backticks (nothing else is read
+    as Markdown there)."""
+    return " ".join(str(value).split())[:200].replace("`", "'")
+
+
+def _text(value: Any) -> str:
+    return _escape(_code(value))
+
+
+def recipe_lines(record: SteeringRecord) -> list[str]:
+    """What the adapter steers with, from steering.json's provenance: source, SAE, features with their labels,
+    strength and site."""
+    prov = record.vector.provenance if isinstance(record.vector.provenance, dict) else {}
+    source = prov.get("source")
+    points = ", ".join(f"`{_code(p)}`" for p in record.vector.points) or "unknown"
+    lines = [f"- vector: {SOURCE_NAMES.get(str(source), _text(source or 'unknown'))}, added at {points}"]
+    sae = prov["sae"] if isinstance(prov.get("sae"), dict) else {}
+    if sae:
+        named = " / ".join(_code(sae[k]) for k in ("release", "sae_id") if sae.get(k)) or _code(sae.get("folder", ""))
+        lines.append(f"- SAE: `{named}`" + (f" at `{_code(sae['hook_name'])}`" if sae.get("hook_name") else ""))
+    features: list[Any] = prov["features"] if isinstance(prov.get("features"), list) else []
+    for f in [f for f in features if isinstance(f, dict)][:16]:
+        label = feature_label(f)
+        strength = _figure(f, "strength")
+        lines.append(
+            f"- feature {_text(f.get('index'))}"
+            + (f", strength {strength:.3g}" if strength is not None else "")
+            + (f", labelled “{_escape(label)}”" if label else "")
+        )
+    listed = prov.get("strength_given")
+    given = [g for g in map(_finite, listed) if g is not None] if isinstance(listed, list) else []
+    unit = UNIT_NAMES.get(str(prov.get("strength_unit")), _text(prov.get("strength_unit") or ""))
+    if given:
+        lines.append(f"- strength {', '.join(f'{g:g}' for g in given)} {unit}".rstrip())
+    lines.append(f"- mode `{_code(record.mode)}`, rank {_text(record.rank)}, target modules "
+                 + (", ".join(f"`{_code(m)}`" for m in record.target_modules[:8]) or "unknown"))  # fmt: skip
+    return lines
+
+
+def opened_markdown(opened: Any) -> str:
+    """The panel of an opened shared adapter (steer_core.ui.shared.Opened): its recipe and its author's report, or
+    what it lacks and what the page can still do with it."""
+    head = f"### Opened `{opened.repo}` · commit `{opened.commit[:12]}`"
+    if opened.kind == "plain":
+        return (
+            f"{head}\n\nℹ️ **A plain LoRA, not exported by steer_core**: it has no steering.json and no hook vector, "
+            "so it has no recipe or fidelity report, and no steering to compare it with. The preview (step 3) shows "
+            "it served beside the unsteered model, and its hook column says why it is empty. Verify here and Export "
+            "for another engine need a steer_core adapter."
+        )
+    if opened.kind == "no_record":
+        hook = (
+            "Its stored hook vector is there, so the preview (step 3) still shows its hook beside it served."
+            if opened.has_vector
+            else "It has no hook vector either: the preview (step 3) shows it served only."
+        )
+        return (
+            f"{head}\n\n⚠️ **Shared as a steer_core adapter, but its steering.json is missing**: its recipe and its "
+            f"author's fidelity report are unknown, and it cannot be verified or exported here. {hook}"
+        )
+    record = opened.record
+    rep = record.fidelity if isinstance(record.fidelity, dict) else {}
+    made = f"Made for `{_code(record.base_model)}` by steer_core {_text(record.steer_core_version or '?')}"
+    lines = [head, made, "", "#### Recipe", *recipe_lines(record), "", "#### Its author's report (held-out text)"]
+    if isinstance(rep.get("by_format"), dict) and rep["by_format"]:
+        try:
+            lines += [by_format_table(rep), ""]
+        except (AttributeError, KeyError, TypeError, ValueError):  # a damaged table is left out, not raised on
+            lines.append("(its per-format table is damaged)")
+    top1, ratio, greedy = (_figure(rep, k) for k in ("top1_agreement", "kl_ratio", "greedy_prefix_mean"))
+    if top1 is None:
+        lines.append("⚠️ Not verified: steering.json holds no fidelity report.")
+    else:
+        lines.append(
+            f"All formats: top-1 agreement **{top1:.1%}**"
+            + (f", KL ratio {ratio:.3g}" if ratio is not None else "")
+            + (f", greedy tokens before divergence {greedy:.1f}" if greedy is not None else "")
+            + f", on {_text(rep.get('tokens', '?'))} held-out tokens in {_text(rep.get('dtype', 'float32'))}."
+        )
+    scales = record_scales(record)
+    if scales:
+        lines.append(f"\n**Strength dial**: {scale_range_text(scales)}")
+    hook = (
+        "steers with this adapter's own stored vector (not re-derived: no SAE needed)"
+        if opened.has_vector
+        else "has no stored vector to steer with (steering_vector.safetensors is missing)"
+    )
+    lines.append(f"\nThe preview (step 3) {hook}, beside the adapter served; the engine scale is its strength dial.")
+    return "\n".join(lines)
+
+
+def verified_here_markdown(opened: Any, here: dict[str, Any]) -> str:
+    """The held-out report re-run here beside the one the author published, measure by measure."""
+    published = opened.record.fidelity if opened.record and isinstance(opened.record.fidelity, dict) else {}
+
+    def cell(report: dict[str, Any], key: str, fmt: str) -> str:
+        value = _figure(report, key)
+        return "n/a" if value is None else format(value, fmt)
+
+    def worst(report: dict[str, Any]) -> str:
+        fmt, by_format = report.get("worst_format"), report.get("by_format")
+        row = by_format.get(fmt) if isinstance(by_format, dict) and isinstance(fmt, str) else None
+        top1 = _figure(row, "top1_agreement") if isinstance(row, dict) else None
+        return "n/a" if top1 is None else f"{top1:.1%} ({_text(fmt)})"
+
+    def greedy(report: dict[str, Any]) -> str:
+        return f"{cell(report, 'greedy_prefix_mean', '.1f')} / {cell(report, 'greedy_tokens', '.0f')}"
+
+    rows = [
+        ("top-1 next-token agreement, all formats", cell(published, "top1_agreement", ".1%"),
+         cell(here, "top1_agreement", ".1%")),
+        ("top-1 in the worst format", worst(published), worst(here)),
+        ("KL ratio (0 = the hook, 1 = no steering)", cell(published, "kl_ratio", ".3g"), cell(here, "kl_ratio", ".3g")),
+        ("greedy tokens before first divergence", greedy(published), greedy(here)),
+        ("steering effect kept", cell(published, "effect_kept", ".0%"), cell(here, "effect_kept", ".0%")),
+        ("held-out tokens", cell(published, "tokens", ".0f"), cell(here, "tokens", ".0f")),
+        ("measured in", _text(published.get("dtype", "float32")) if published else "n/a", _text(here.get("dtype"))),
+    ]  # fmt: skip
+    table = "\n".join(f"| {name} | {theirs} | {ours} |" for name, theirs, ours in rows)
+    return (
+        f"### Verified here: `{opened.repo}` against its stored hook vector, on held-out text\n"
+        f"| measure | published by its author | measured on this server |\n|---|---|---|\n{table}\n\n"
+        "Both runs draw held-out text from the same corpus; a different dtype, or a different version of steer_core, "
+        "moves the figures a little."
+    )
+
+
+def derived_markdown(record: SteeringRecord, archive_kb: float) -> str:
+    """What 'Export for another engine' wrote, where it came from, and how to serve it."""
+    derived = record.extra.get("derived_from") or {}
+    return (
+        f"### ✅ Written for **{record.target}** from `{_code(derived.get('repo'))}` (commit "
+        f"`{_code(derived.get('commit', ''))[:12]}`), as it is: no refit\n"
+        f"The zip ({archive_kb:.0f} KB) holds the adapter folder and what {record.target} loads; steering.json keeps "
+        "its author's fidelity report (the function is the same) and records `derived_from`, which its card says "
+        "too. Push (step 5) pushes it." + serve_line(record)
+    )

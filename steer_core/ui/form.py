@@ -16,8 +16,11 @@ from steer_core.ui.limits import Limits
 from steer_core.ui.mix import FeatureMix, check_strength, unit_of
 from steer_core.vectors.recipe import VectorRecipe, file_recipe
 
-SOURCES = ("SAE features", "Contrastive prompts", "Vector file")
-SAE_FEATURES, CONTRASTIVE, VECTOR_FILE = SOURCES
+# The last source steers the preview with the served adapter's own stored vector (steer_core.ui.shared.own_vector):
+# a source of the form rather than a separate switch, so that opening a shared adapter sets it like any other choice
+# and every handler that builds a recipe refuses it by name instead of quietly building the form's other vector.
+SOURCES = ("SAE features", "Contrastive prompts", "Vector file", "Served adapter's own vector")
+SAE_FEATURES, CONTRASTIVE, VECTOR_FILE, SERVED_VECTOR = SOURCES
 DEFAULT_UNIT = "× residual norm"
 
 
@@ -52,6 +55,12 @@ class SteeringForm:
     def recipe(self, choose_sae: Callable[[], SAEChoice], limits: Limits, tokenizer: Any = None) -> VectorRecipe:
         """The recipe this form asks for, within `limits`. `choose_sae` resolves the form's SAE (the app knows which
         SAEs a visitor may use); it is called only for SAE features. Prompts are counted when a tokenizer is given."""
+        if self.source == SERVED_VECTOR:
+            raise ValueError(
+                "the served adapter's own vector steers the preview only: to write that adapter for another engine, "
+                "use 'Export for another engine' under Shared adapters; to export a new one, steer with its SAE "
+                "features, prompts or vector file"
+            )
         if self.source == SAE_FEATURES:
             features = FeatureMix.parse(self.mix or "", self.strength)
             limits.check_features(len(features.items))

@@ -369,7 +369,7 @@ class Workspace:
         own = access.cache_dir if access.visitor and token == access.visitor else None
         weights = limits.adapter_bytes if access.space else None
         try:
-            with _hub_errors(source, access, "an adapter"):
+            with hub_errors(source, access, "an adapter"):
                 return read_hub_adapter(
                     source, token=token, cache_dir=own, weights_bytes=weights, limits=self.hub_limits
                 )
@@ -560,7 +560,7 @@ def _hub_error(name: str, err: Exception, access: Access, what: str = "a model")
 
 
 @contextmanager
-def _hub_errors(name: str, access: Access, what: str = "a model") -> Iterator[None]:
+def hub_errors(name: str, access: Access, what: str = "a model") -> Iterator[None]:
     """Hub and network errors said for a visitor (_hub_error); our own refusals (ValueError, LookupError), and
     offline mode (which callers treat as "nothing will download"), pass as they are."""
     from huggingface_hub.errors import OfflineModeIsEnabled
@@ -582,7 +582,7 @@ def _hub_admission(
     from steer_core.hub import admit_model
 
     try:
-        with _hub_errors(name, access):
+        with hub_errors(name, access):
             return admit_model(name, token=token, limits=limits, check=check)
     except OfflineModeIsEnabled:
         return None
@@ -607,7 +607,7 @@ def _sae_admission(
 
     repo, token = _sae_repo(release, access)
     try:
-        with _hub_errors(repo, access, "an SAE repo"):
+        with hub_errors(repo, access, "an SAE repo"):
             return admit_sae(release, sae_id, token=token, limits=limits, d_model=d_model, n_layers=n_layers)
     except OfflineModeIsEnabled:
         return None
@@ -617,7 +617,7 @@ def _download_sae(release: str, sae_id: str, access: Access, revision: str | Non
     from steer_core.hub import download_sae
 
     repo, token = _sae_repo(release, access)
-    with _hub_errors(repo, access, "an SAE repo"):
+    with hub_errors(repo, access, "an SAE repo"):
         download_sae(release, sae_id, token=token, revision=revision)
 
 
