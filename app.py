@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from steer_core.sae import concept, search
 from steer_core.sae.feature import embedded_sae_for, is_embedded_sae
 from steer_core.sae.labels import active_features
 from steer_core.template import warm_up
-from steer_core.ui import catalog, explain, gate, shared
+from steer_core.ui import catalog, explain, gate, link, shared
 from steer_core.ui.exposure import exposure
 from steer_core.ui.form import (
     CONTRASTIVE,
@@ -45,6 +46,7 @@ from steer_core.ui.form import (
 )
 from steer_core.ui.gate import HEAVY, LIGHT, LOAD, PAGE, PREVIEW, PUSH
 from steer_core.ui.limits import SERVER_LIMITS as LIMITS
+from steer_core.ui.link import EXAMPLE_NEGATIVE, EXAMPLE_POSITIVE, EXAMPLE_PROMPT, MAX_NEW_RANGE, TEMPERATURE_RANGE
 from steer_core.ui.mix import SLIDER_RANGE, UNITS, FeatureMix, check_strength, unit_of
 from steer_core.ui.workspace import Workspace, make_work_room
 from steer_core.vectors.recipe import VectorRecipe
@@ -59,9 +61,6 @@ except ImportError:
         return fn if fn is not None else (lambda f: f)
 
 
-EXAMPLE_POSITIVE = "I love this, it is wonderful and makes me so happy!\nWhat a beautiful, joyful day."
-EXAMPLE_NEGATIVE = "I hate this, it is awful and makes me so sad.\nWhat a miserable, gloomy day."
-EXAMPLE_PROMPT = "Describe something you like."  # the default dog feature shows in its answer (README example)
 QUEUE_MAX = int(os.environ.get("STEER_QUEUE_MAX", "64"))  # waiting requests past which a new one is refused at once
 CSS_PATH = Path(__file__).with_name("app.css")
 USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError, OSError)
@@ -833,8 +832,8 @@ def build_demo() -> gr.Blocks:
                 max_length=gate.PROMPT_CHARS,
             )
             with gr.Row():
-                max_new = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
-                temperature = gr.Slider(0, 2, value=0, step=0.1, label="Temperature (0 = greedy)")
+                max_new = gr.Slider(*MAX_NEW_RANGE, value=48, step=8, label="Max new tokens")
+                temperature = gr.Slider(*TEMPERATURE_RANGE, value=0, step=0.1, label="Temperature (0 = greedy)")
                 seed = gr.Number(0, label="Seed", precision=0)
             served = gr.Textbox(
                 label="Served adapter: an adapter folder or Hub repo (an export fills it in)",
@@ -851,7 +850,12 @@ def build_demo() -> gr.Blocks:
                 "of the strength, which is what the scaled adapter stands for",
                 elem_id="served-scale",
             )
-            go = gr.Button("Generate", variant="primary")
+            with gr.Row(equal_height=True):
+                go = gr.Button("Generate", variant="primary", scale=3)
+                copy_btn = gr.Button("🔗 Copy link", scale=1, elem_id="copy-link")
+            link_box = gr.Textbox(show_label=False, interactive=False, buttons=["copy"], elem_id="link")
+            link_note = gr.Markdown(elem_id="link-note")
+            pending_link = gr.State(None)  # a link's model and steering, until the model's own defaults are set
             with gr.Row():
                 out_base = gr.Textbox(label="Unsteered", lines=7, elem_id="out-base")
                 out_steer = gr.Textbox(label="Steered (hook: what the steering means)", lines=7, elem_id="out-steered")
@@ -962,13 +966,29 @@ def build_demo() -> gr.Blocks:
         model_outputs = [model_status, sae_pick, feature, mix, strength, unit, source, refine_steps]
         # A page load shows the default model, loaded at startup (main), and never loads (a raw request can send any
         # model name with it); a visitor's own pick may download for minutes, in the load lane.
-        for triggers, (model_fn, sae_fn), lane, name in (
-            ([demo.load], (on_page, on_page_sae), PAGE, False),
-            ([load_btn.click, model_name.change], (on_model, on_sae), LOAD, "load_model"),
+        # A link (steer_core.ui.link) sets the page's own fields at once, and the model's steering after the model's
+        # defaults (on_page, on_model), which would overwrite it; a link to another model goes on in its load.
+        page_inputs = [prompt, max_new, temperature, seed, served, served_scale]
+        link_opened = demo.load(
+            link.on_open, model_name, [pending_link, link_note, model_name, *page_inputs], api_name=False,
+            **PAGE.events,
+        ).success(link.wait_for_model, pending_link, None, api_name=False, **PAGE.events)  # fmt: skip
+        link_outputs = [pending_link, feature, *(form[n] for n in link.STEERING_FIELDS)]
+        apply_link = {"fn": link.apply_pending, "inputs": [pending_link, model_name], "outputs": link_outputs,
+                      "api_name": False, **LIGHT.events}  # fmt: skip
+        for start, (model_fn, sae_fn), lane, name in (
+            (link_opened.success, (on_page, on_page_sae), PAGE, False),
+            (partial(gr.on, [load_btn.click, model_name.change]), (on_model, on_sae), LOAD, "load_model"),
         ):
-            gr.on(triggers, for_visitor(model_fn), model_name, model_outputs, api_name=name, **lane.events).success(
-                for_visitor(sae_fn), sae_inputs, sae_info, api_name=name and "load_sae", **lane.events
-            ).success(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False, **PREVIEW.events)
+            start(for_visitor(model_fn), model_name, model_outputs, api_name=name, **lane.events).success(
+                **apply_link
+            ).success(for_visitor(sae_fn), sae_inputs, sae_info, api_name=name and "load_sae", **lane.events).success(
+                for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False, **PREVIEW.events
+            )
+        copy_btn.click(
+            link.on_copy, [model_name, *page_inputs, *vector_inputs], [link_box, link_note], api_name=False,
+            **LIGHT.events,
+        ).then(None, link_box, link_box, js=link.COPY_JS, api_name=False, **LIGHT.events)  # fmt: skip
         source.change(show_source, source, [sae_box, feature_box, other_box], **LIGHT.events)
         gr.on(
             [sae_pick.input, sae_folder.submit], for_visitor(on_sae), sae_inputs, sae_info, api_name=False,
@@ -1001,7 +1021,7 @@ def build_demo() -> gr.Blocks:
         # them.
         go.click(
             for_visitor(preview),
-            [model_name, prompt, max_new, temperature, seed, served, served_scale, *vector_inputs],
+            [model_name, *page_inputs, *vector_inputs],
             [out_base, out_steer, out_served, steer_info],
             api_name="preview",
             **PREVIEW.events,

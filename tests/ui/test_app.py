@@ -463,7 +463,7 @@ def test_every_event_runs_in_a_named_lane_and_the_page_load_loads_nothing() -> N
     with pytest.raises(gr.Error, match="not loaded yet: load it first"):
         app.on_page("someone/any-model", **NO_PROGRESS)
     page_load = next(fn for fn in fns if "load" in [t[1] for t in fn.targets])
-    assert (page_load.name, page_load.concurrency_id) == ("on_page", "page")
+    assert (page_load.name, page_load.concurrency_id) == ("on_open", "page")  # a link; on_page follows it
 
 
 def test_a_public_server_exports_no_merged_model(on_a_space: None, sae_folder: str) -> None:

@@ -18,6 +18,7 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,4 +150,56 @@ def test_new_user_goes_from_page_to_downloaded_verified_adapter(served: tuple[st
             expect(page.get_by_label("Contrastive prompts")).to_be_checked()
             page.get_by_role("button", name="Generate").click()
             expect(page.locator("#steer-info")).to_contain_text("blocks.15.hook_resid_post")
+        browser.close()
+
+
+def test_a_copied_link_opens_the_same_state_and_the_same_greedy_preview(served: tuple[str, str | None]) -> None:
+    """The link round trip on the real app: a steered, greedy preview; its copied link opened in a fresh page gives the
+    same fields and, generated again, the same three columns. Prints the time from opening the link to the first
+    token of the preview (the page's load, the model's defaults, the link's steering, then Generate)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, stand_in = served
+    if stand_in:
+        pytest.skip("the embedded SAE's weights are not here (a stand-in SAE is not in a link)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url.rstrip("/"))
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        expect.set_options(timeout=120_000)
+        page.goto(url)
+        expect(page.get_by_text("features · reads").first).to_be_visible()
+        mix = page.get_by_label("Features to steer with")
+        mix.fill("676:0.5, 1743:0.25")
+        page.get_by_label("Prompt (the chat template is applied for instruct models)").fill("Tell me about your day.")
+        tokens = page.get_by_label("number input for Max new tokens", exact=True)
+        tokens.fill("16")
+        tokens.blur()
+
+        def columns(on: Any) -> tuple[str, str]:
+            on.get_by_role("button", name="Generate").click()
+            on.wait_for_function("document.querySelector('#out-steered textarea').value.length > 0")
+            expect(on.locator("#steer-info")).to_contain_text("vector norm")
+            on.wait_for_function("!document.querySelector('#out-steered').closest('.pending')", timeout=120_000)
+            time.sleep(2)  # the stream's last chunk
+            return on.locator("#out-base textarea").input_value(), on.locator("#out-steered textarea").input_value()
+
+        before = columns(page)
+        page.locator("#copy-link").click()
+        expect(page.locator("#link textarea")).to_have_value(re.compile(re.escape(url + "?v=1")))
+        link = page.locator("#link textarea").input_value()
+        assert "mix=676:0.5,+1743:0.25" in link and "max_new=16" in link, link
+
+        fresh = context.new_page()
+        start = time.perf_counter()
+        fresh.goto(link)
+        expect(fresh.get_by_label("Features to steer with")).to_have_value("676:0.5, 1743:0.25")
+        fresh.get_by_role("button", name="Generate").click()
+        fresh.wait_for_function("document.querySelector('#out-steered textarea').value.length > 0")
+        print(f"link opened to the first preview token: {time.perf_counter() - start:.1f} s")
+        for label in ("Prompt (the chat template is applied for instruct models)", "Features to steer with"):
+            assert fresh.get_by_label(label).input_value() == page.get_by_label(label).input_value()
+        assert columns(fresh) == before
         browser.close()
