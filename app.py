@@ -641,6 +641,18 @@ def open_shared(model_name: str, repo: str, *, access: Access | None = None) -> 
     )
 
 
+def open_linked(
+    model_name: str, served: str, source: str, opened: shared.Opened | None, *, access: Access | None = None
+) -> tuple[Any, Any]:
+    """A link to a shared adapter's own vector (`src=adapter&adapter=REPO`) opens it as Open does, keeping the link's
+    strength and scale: its recipe and report shown, and Verify here / Export ready. Anything else: no change."""
+    repo = (served or "").strip()
+    if source != SERVED_VECTOR or not repo or (opened is not None and opened.repo == repo):
+        return gr.update(), opened
+    *_, report, new = open_shared(model_name, repo, access=access)
+    return report, new
+
+
 def _opened(opened: shared.Opened | None) -> shared.Opened:
     if opened is None:
         raise gr.Error("Open a shared adapter first (list them, then click one, or type its repo).")
@@ -980,11 +992,15 @@ def build_demo() -> gr.Blocks:
             (link_opened.success, (on_page, on_page_sae), PAGE, False),
             (partial(gr.on, [load_btn.click, model_name.change]), (on_model, on_sae), LOAD, "load_model"),
         ):
-            start(for_visitor(model_fn), model_name, model_outputs, api_name=name, **lane.events).success(
-                **apply_link
-            ).success(for_visitor(sae_fn), sae_inputs, sae_info, api_name=name and "load_sae", **lane.events).success(
-                for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False, **PREVIEW.events
-            )
+            applied = start(for_visitor(model_fn), model_name, model_outputs, api_name=name, **lane.events)
+            applied = applied.success(**apply_link)
+            applied.success(
+                for_visitor(sae_fn), sae_inputs, sae_info, api_name=name and "load_sae", **lane.events
+            ).success(for_visitor(show_feature), [*sae_inputs, feature], card_md, api_name=False, **PREVIEW.events)
+            applied.success(
+                for_visitor(open_linked), [model_name, served, source, opened], [opened_md, opened], api_name=False,
+                **LOAD.events,
+            )  # fmt: skip
         copy_btn.click(
             link.on_copy, [model_name, *page_inputs, *vector_inputs], [link_box, link_note], api_name=False,
             **LIGHT.events,

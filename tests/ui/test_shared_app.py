@@ -178,6 +178,20 @@ def test_a_second_visitor_finds_opens_previews_verifies_and_reserves_a_shared_ad
     assert f"derived from {repo} at commit {SHA[:12]}" in card and "Exported for **llama.cpp**" in card
 
 
+def test_a_link_to_a_shared_adapter_opens_it_with_the_links_own_strength(hub: FakeHub, pushed: str) -> None:
+    from steer_core.ui.link import restore
+
+    values, notes = restore({"v": "1", "src": "adapter", "adapter": pushed, "scale": "1.5", "strength": "4"})
+    assert not notes and (values["served"], values["served_scale"], values["source"]) == (pushed, 1.5, SERVED_VECTOR)
+    panel, opened = app.open_linked("tiny", values["served"], values["source"], None, access=anonymous())
+    assert opened.repo == pushed and f"### Opened `{pushed}`" in panel
+    # opened already, or not a shared adapter's vector: nothing downloads again
+    requests = len(hub.log)
+    assert app.open_linked("tiny", pushed, SERVED_VECTOR, opened, access=anonymous())[1] is opened
+    assert app.open_linked("tiny", pushed, SAE_FEATURES, None, access=anonymous())[1] is None
+    assert len(hub.log) == requests
+
+
 def app_oauth(token: str) -> gr.OAuthToken:
     return gr.OAuthToken(token=token, scope="openid profile write-repos", expires_at=2**40)
 
