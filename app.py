@@ -865,7 +865,14 @@ def build_demo() -> gr.Blocks:
             with gr.Row(equal_height=True):
                 go = gr.Button("Generate", variant="primary", scale=3)
                 copy_btn = gr.Button("🔗 Copy link", scale=1, elem_id="copy-link")
-            link_box = gr.Textbox(show_label=False, interactive=False, buttons=["copy"], elem_id="link")
+            link_box = gr.Textbox(
+                label="Link to this page",  # named in the gate's refusals; the box shows the link, not its label
+                show_label=False,
+                interactive=False,
+                buttons=["copy"],
+                elem_id="link",
+                max_length=link.LINK_CHARS + gate.NAME_CHARS,  # the query and this page's address
+            )
             link_note = gr.Markdown(elem_id="link-note")
             pending_link = gr.State(None)  # a link's model and steering, until the model's own defaults are set
             with gr.Row():

@@ -395,7 +395,11 @@ def test_twenty_parallel_loads_stay_in_the_load_lane(space: Any, case: dict[str,
     """Twenty page loads (an event a raw request can send with any model) and twenty loads from twenty browser
     sessions of one address, at once: page loads never load, and the load lane takes its share per address."""
     _, hub, page, _ = space
-    page_load = next(d["id"] for d in page.dependencies if any(t[1] == "load" for t in d["targets"]))
+    opened = next(d["id"] for d in page.dependencies if any(t[1] == "load" for t in d["targets"]))  # link.on_open
+    # the page load's model step (on_page), after the link's: page load → wait_for_model → on_page
+    waited = next(d["id"] for d in page.dependencies if d.get("trigger_after") == opened)
+    page_load = next(d["id"] for d in page.dependencies if d.get("trigger_after") == waited)
+    assert call(page.url, opened, ["someone/public-tiny-x"]).success  # echoes the name; opens no model
     before = len([r for r in hub.log if "/resolve/" in r.path])
     start = time.perf_counter()
     with ThreadPoolExecutor(40) as pool:
