@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -19,6 +19,9 @@ from steer_core.model import LoadedModel
 from steer_core.steer import steering
 from steer_core.template import render_chat
 from steer_core.vectors.vector import SteeringVector
+
+if TYPE_CHECKING:
+    from steer_core.schedule import Scheduler
 
 # HF sampling draws from torch's one global RNG, so two sampled generations at once would interleave their draws and
 # neither would follow its seed. Sampled runs take turns; greedy runs use no RNG and never wait.
@@ -122,6 +125,7 @@ def stream_sides(
     *,
     config: GenerationConfig = GenerationConfig(),
     skip_bos: bool = False,
+    scheduler: Scheduler | None = None,
 ) -> Iterator[tuple[str, ...]]:
     """Yield every side's growing completion, all generated as rows of one batch, side by side.
 
@@ -129,12 +133,20 @@ def stream_sides(
     would generate alone, at little more than one row's cost: decoding a small model is memory-bound. With
     sampling, every row draws from the seeded generator in turn, so a seed reproduces the whole preview (the rows
     do not share their draws). Closing the iterator early stops the generation and removes the hooks.
+
+    With a `scheduler` (steer_core.schedule), the sides are rows of its running batch instead, beside other requests'
+    rows; each sampled side then draws from its own generator seeded with config.seed.
     """
     if not sides:
         raise ValueError("nothing to generate: give at least one side (None for unsteered)")
     text = format_prompt(lm, prompt)
     ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=not lm.is_chat).input_ids.to(lm.device)
     check_length(lm, ids.shape[1], config.max_new_tokens)
+    if scheduler is not None:
+        if scheduler.lm is not lm:
+            raise ValueError(f"the scheduler runs {scheduler.lm.name}, not {lm.name}")
+        yield from _scheduled(scheduler, ids[0].tolist(), sides, config, skip_bos)
+        return
     ids = ids.repeat(len(sides), 1)  # the same prompt in every row: no padding, so each row is as it runs alone
     streamer = _RowsStreamer(timeout=600)
     cancel = threading.Event()
@@ -188,6 +200,41 @@ def stream_sides(
             worker.join()
     if errors:
         raise errors[0]
+
+
+def _scheduled(
+    scheduler: Scheduler, ids: list[int], sides: Sequence[Side], config: GenerationConfig, skip_bos: bool
+) -> Iterator[tuple[str, ...]]:
+    """stream_sides through the scheduler: one request per side, their events on one queue, a yield per step."""
+    from steer_core.schedule import Event, Request
+
+    events: queue.Queue[Event] = queue.Queue()
+    requests = [Request(ids, side, config, skip_bos, out=events) for side in sides]
+    index = {id(r): i for i, r in enumerate(requests)}
+    tokens: list[list[int]] = [[] for _ in sides]
+    running = len(requests)
+    tokenizer = scheduler.lm.tokenizer
+    try:
+        for request in requests:
+            scheduler.submit(request)
+        while running:
+            changed = False
+            event: Event | None = events.get(timeout=600)
+            while event is not None:  # every event already there: a step's tokens of all sides make one yield
+                request, item = event
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    running -= 1
+                else:
+                    tokens[index[id(request)]].append(item)
+                    changed = True
+                event = events.get_nowait() if not events.empty() else None
+            if changed:
+                yield tuple(str(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens)
+    finally:
+        for request in requests:
+            request.cancel()
 
 
 def stream(

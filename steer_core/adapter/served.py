@@ -30,7 +30,7 @@ from steer_core.constants import (
     STEERING_JSON_FILENAME,
     STEERING_VECTOR_FILENAME,
 )
-from steer_core.steer import lowrank_updates
+from steer_core.steer import LowRank, RowSteering, lowrank_updates
 from steer_core.vectors.vector import SteeringVector
 
 # LoRA variants whose forward pass is not scaling·B(A·x) on a plain module; a served preview refuses them.
@@ -85,14 +85,23 @@ class ServedAdapter:
     @contextmanager
     def applied(self, model: nn.Module, rows: Sequence[int] | None = None) -> Iterator[None]:
         """The adapter on `model` in this context (on these batch rows only, when given)."""
+        self.check_modules(model)
+        with lowrank_updates(model, self.params, scaling=self.scaling, biases=self.biases, rows=rows):
+            yield
+
+    def row(self, model: nn.Module) -> RowSteering:
+        """The adapter as one row of `steer.batch_steering` on `model` (one object per adapter: rows holding the
+        same one share its computation)."""
+        self.check_modules(model)
+        return RowSteering(lowrank=LowRank(self.params, self.scaling, self.biases))
+
+    def check_modules(self, model: nn.Module) -> None:
         missing = [name for name in self.params if not _has_module(model, name)]
         if missing:
             raise ValueError(
                 f"{self.source} targets {missing[0]}, which this model ({type(model).__name__}) does not have: "
                 f"the adapter was made for {self.base_model or 'another model'}"
             )
-        with lowrank_updates(model, self.params, scaling=self.scaling, biases=self.biases, rows=rows):
-            yield
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
