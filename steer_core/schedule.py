@@ -222,7 +222,7 @@ class Scheduler:
             width = max(self._mask.shape[1], row.length)
             _pad_left(self._cache, width - self._mask.shape[1])
             _pad_left(cache, width - row.length)
-            for ours, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            for ours, theirs in zip(_layers(self._cache), _layers(cache), strict=True):
                 ours.keys = torch.cat([ours.keys, theirs.keys])
                 ours.values = torch.cat([ours.values, theirs.values])
             pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
@@ -263,8 +263,8 @@ class Scheduler:
             row.request.out.put((row.request, row.next))
             if row.done():
                 finished.append(row)
-        for row, err in failed:
-            self._drop([row], err)
+        for row, failure in failed:
+            self._drop([row], failure)
         self._drop(finished, None)
 
     def _culprit(self, ids: Tensor, mask: Tensor, positions: Tensor, width: int) -> _Row | None:
@@ -294,7 +294,7 @@ class Scheduler:
     ) -> Tensor:
         """The last position's logits [rows, vocab]; the cache grows by the new tokens. `rows` are the rows whose
         steering is on for this pass (None: one whose steering is off)."""
-        out = self.lm.model(  # type: ignore[operator]
+        out = self.lm.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions.to(ids.device),
@@ -365,22 +365,28 @@ class Scheduler:
         return None
 
 
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers, each with `keys` and `values` [batch, heads, positions, dim] (the layer classes of
+    transformers type them loosely: a linear-attention layer has none, and these models have no such layer)."""
+    return list(cache.layers)
+
+
 def _pad_left(cache: DynamicCache, n: int) -> None:
     if n:
-        for layer in cache.layers:
+        for layer in _layers(cache):
             layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, n, 0))
             layer.values = torch.nn.functional.pad(layer.values, (0, 0, n, 0))
 
 
 def _trim_left(cache: DynamicCache, n: int) -> None:
-    for layer in cache.layers:
+    for layer in _layers(cache):
         layer.keys = layer.keys[..., n:, :]
         layer.values = layer.values[..., n:, :]
 
 
 def _crop(cache: DynamicCache, width: int) -> None:
     """Undo a failed step's partial cache growth: back to `width` positions in every layer."""
-    for layer in cache.layers:
+    for layer in _layers(cache):
         if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > width:
             layer.keys = layer.keys[..., :width, :]
             layer.values = layer.values[..., :width, :]
