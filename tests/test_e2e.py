@@ -72,7 +72,7 @@ def test_smollm2_portable_at_4x(
     """SmolLM2, vector norm 4× the layer's median residual norm (the issue's bar: top-1 ≥ 95%), in every format:
     a plain-text prompt, a system-prompted chat, a single and a two-turn chat, each on its own held-out tokens."""
     vec = _random_vector(smollm2, HookPoint(layer, "resid_post"), 4.0, "resid")
-    result = export(smollm2, vec, tmp_path / "a")
+    result = export(smollm2, vec, tmp_path / "a", engine_scales=())
     rep = result.report
     print(f"smollm2 L{layer} 4x: {rep.summary()}; seconds {result.seconds}")
     assert rep.top1_agreement >= floor
@@ -89,7 +89,7 @@ def test_smollm2_early_layer_weighs_the_attention_sink(smollm2: LoadedModel, tmp
     On the broad held-out text (answer positions) this layer is far from the hook in every format: 32.1% / 0.0506,
     against 28.5% / 0.0855 (plain text 7.5%) with the earlier chat-only calibration, same vector (the closing note)."""
     vec = _random_vector(smollm2, HookPoint(6, "resid_post"), 4.0, "resid")
-    result = export(smollm2, vec, tmp_path / "a")
+    result = export(smollm2, vec, tmp_path / "a", engine_scales=())
     rep = result.report
     print(f"smollm2 L6 4x: {rep.summary()}; calibration {result.meta['calibration']}")
     assert result.meta["calibration"]["first_weight"] > 1
@@ -114,7 +114,7 @@ def test_smollm2_contrastive_vector_passes_verify(smollm2: LoadedModel, tmp_path
         positive=("I love this, it is wonderful and makes me so happy!", "What a beautiful, joyful day."),
         negative=("I hate this, it is awful and makes me so sad.", "What a miserable, gloomy day."),
     )  # fmt: skip
-    rep = export(smollm2, recipe.build(smollm2), tmp_path / "a").report
+    rep = export(smollm2, recipe.build(smollm2), tmp_path / "a", engine_scales=()).report
     print(f"smollm2 joy L10 0.3x: {rep.summary()}")
     # broad held-out text, answer positions: 92.3% / 0.019 (the earlier chat-only calibration and resid scale: 88.9%
     # / 0.0448 on the same text)
@@ -138,7 +138,7 @@ def test_gemma_portable_reports_its_fidelity(
     """Gemma 3 (post-norm): 0.25× the post-normed MLP output norm. No adapter is exact here (docs/math.md)."""
     assert gemma.arch.post_norm and not gemma.is_chat
     vec = _random_vector(gemma, HookPoint(layer, "resid_post"), 0.25, "writer")
-    result = export(gemma, vec, tmp_path / "a")
+    result = export(gemma, vec, tmp_path / "a", engine_scales=())
     rep = result.report
     print(f"gemma L{layer} 0.25x: {rep.summary()}; seconds {result.seconds}")
     assert result.meta["notes"] and "post-norm" in result.meta["notes"][0]
@@ -156,7 +156,7 @@ def test_gemma_refined_by_default_goes_far_past_the_closed_form(gemma: LoadedMod
     from steer_core.fit.refine import default_steps
 
     vec = _random_vector(gemma, HookPoint(9, "resid_post"), 1.0, "writer")
-    result = export(gemma, vec, tmp_path / "a", refine_steps=default_steps(gemma.model))
+    result = export(gemma, vec, tmp_path / "a", refine_steps=default_steps(gemma.model), engine_scales=())
     rep = result.report
     print(f"gemma L9 1x refined: {rep.summary()}; seconds {result.seconds}")
     assert result.meta["calibration"]["refine"]["steps"] == 60

@@ -64,7 +64,7 @@ def exported(smollm2: LoadedModel, llama_cpp: Path, tmp_path_factory: pytest.Tem
     recipe = VectorRecipe("sae", (spec.default_strength,), "resid", features=(spec.default_feature,))
     vector = recipe.build(smollm2)
     folder = tmp_path_factory.mktemp("llama") / "default"
-    result = export(smollm2, vector, folder, target="llama.cpp")
+    result = export(smollm2, vector, folder, target="llama.cpp", engine_scales=())
     theirs = folder.parent / "converted.gguf"
     run_llama_cpp_script(llama_cpp / "src", "convert_lora_to_gguf.py", "--base",
                          str(cache_dir() / "models" / "smollm2-135m-instruct"), "--outtype", "f32", "--outfile",

@@ -133,7 +133,7 @@ def test_ollamas_gguf_answers_in_llama_server_as_peft(smollm2: LoadedModel, llam
     spec = EMBEDDED_SAES["smollm2-135m-instruct-res-L15"]
     recipe = VectorRecipe("sae", (spec.default_strength,), "resid", features=(spec.default_feature,))
     vector = recipe.build(smollm2)
-    result = export(smollm2, vector, tmp_path / "ollama", target="ollama", calibration_tokens=2048,
+    result = export(smollm2, vector, tmp_path / "ollama", target="ollama", calibration_tokens=2048, engine_scales=(),
                     verify_tokens=256, writer="own")  # fmt: skip
     folder = result.folder
     modelfile = (folder / "Modelfile").read_text()
