@@ -11,7 +11,7 @@ The modules, in the order the data flows (each family a folder):
   `controlvector`.
 - `steer` (hook steering, per request), `generate` (the side-by-side preview), `schedule` (one batch for every preview).
 - `fit/`: `calibrate` (one rank-1 fit per site, from `ridge`, `position0`, `selection`, `shares`, `postnorm` and
-  `composite`), `refine` (end to end).
+  `composite`), `refine` (end to end), `passes` (the unsteered passes a map's cells share).
 - `adapter/`: `build` (the PEFT LoRA), `targets` (llama.cpp, Ollama, Fireworks files), `merged` (the model with
   the adapter merged in, for engines without LoRA), `record` (steering.json),
   `folder` (an adapter folder read back, every file once), `card`, `served` (an adapter applied per request),

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steer_core.activations import BlockCall, forward_from, recording_block_calls
+from steer_core.activations import BlockCall, recording_block_calls
 from steer_core.check.verify import heldout_batches
 from steer_core.constants import DEFAULT_MAX_DOC_TOKENS, MAP_CALIBRATION_TOKENS, MAP_EVAL_TOKENS, SERVABLE_TOP1, SITES
 from steer_core.divergence import kl_per_token
+from steer_core.fit import passes
 from steer_core.fit.calibrate import calibrate, statistics_plan
 from steer_core.fit.ridge import STATISTICS_KEPT, gather_at_sites
 from steer_core.fit.shares import SHARE_SAMPLE_TOKENS
@@ -63,7 +64,7 @@ class Reference:
         with torch.no_grad():
             for (ids, mask), keep in zip(self.batches, self.measured, strict=True):
                 with recording_block_calls(self.model, first) if self.first is not None else nullcontext() as calls:
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits[keep]
+                    logits = passes.logits_at(self.model, keep, input_ids=ids, attention_mask=mask)
                 self.calls.append(calls or [])
                 self.base.append(F.log_softmax(logits.float(), -1))
         self.n = sum(len(b) for b in self.base)
@@ -78,9 +79,9 @@ class Reference:
             for (ids, mask), keep, calls in zip(self.batches, self.measured, self.calls, strict=True):
                 with intervention():
                     if self.first is None or first < self.first:
-                        logits = self.model(input_ids=ids, attention_mask=mask).logits[keep]
+                        logits = passes.logits_at(self.model, keep, input_ids=ids, attention_mask=mask)
                     else:
-                        logits = forward_from(self.model, first, calls[first - self.first :], positions=keep)
+                        logits = passes.replayed_logits_at(self.model, first, calls[first - self.first :], keep)
                 out.append(F.log_softmax(logits.float(), -1))
         return out
 
@@ -305,19 +306,22 @@ def servability_map(
     # Cells at other sites: their writers' statistics from one pass over the calibration text per STATISTICS_KEPT
     # cells (a strength map's cells share one site, so its statistics are kept after the first cell anyway).
     group = STATISTICS_KEPT if recipe.layer is not None and all(len(v.points) == 1 for v in vectors) else 0
+    # Cells at one layer share the blocks before it on the held-in and unseen text, and the unsteered pass of the
+    # next writer's mean response (passes.shared_across_cells): their results are those of each cell alone.
     cells = []
-    for i, (r, vector) in enumerate(zip(recipes, vectors, strict=True)):
-        point = min(vector.points)
-        if group and i % group == 0:
+    with passes.shared_across_cells():
+        for i, (r, vector) in enumerate(zip(recipes, vectors, strict=True)):
+            point = min(vector.points)
+            if group and i % group == 0:
+                if progress:
+                    progress(i / len(recipes), f"calibration statistics of {len(vectors[i : i + group])} sites at once")
+                _share_statistics(lm, vectors[i : i + group], calibration_tokens, skip_bos)
             if progress:
-                progress(i / len(recipes), f"calibration statistics of {len(vectors[i : i + group])} sites at once")
-            _share_statistics(lm, vectors[i : i + group], calibration_tokens, skip_bos)
-        if progress:
-            progress(i / len(recipes), f"layer {point.layer} {point.site}, strength {r.strengths[0]:g}")
-        cells.append(
-            predict(lm, vector, point.layer, r.strengths[0], calibration_tokens, eval_tokens, skip_bos=skip_bos,
-                    site=point.site, reference=reference)
-        )  # fmt: skip
+                progress(i / len(recipes), f"layer {point.layer} {point.site}, strength {r.strengths[0]:g}")
+            cells.append(
+                predict(lm, vector, point.layer, r.strengths[0], calibration_tokens, eval_tokens, skip_bos=skip_bos,
+                        site=point.site, reference=reference)
+            )  # fmt: skip
     by_layer = recipe.layer is not None
     return ServabilityMap(
         cells,

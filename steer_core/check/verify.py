@@ -17,7 +17,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 
 from steer_core import corpus
-from steer_core.activations import forward_from, recording, recording_block_calls
+from steer_core.activations import recording, recording_block_calls
 from steer_core.adapter.build import check_tensors
 from steer_core.adapter.folder import AdapterFolder, read_folder
 from steer_core.adapter.record import SteeringRecord
@@ -28,6 +28,7 @@ from steer_core.constants import (
     DEFAULT_VERIFY_TOKENS,
 )
 from steer_core.divergence import kl_per_token
+from steer_core.fit import passes
 from steer_core.fit.ridge import steered_positions, writer_target
 from steer_core.generate import left_pad
 from steer_core.sites import pretrained
@@ -335,27 +336,30 @@ def _three_passes(
         fit_state["mask"] = torch.zeros_like(keep)
         fit_state["base_mask"] = mask.bool()  # the unsteered pass, for writers that read it
         fit_state["steered"] = steered_positions(ids, record.skip_bos, bos_id)
+        # The LM head at measured tokens only (a fifth of a pass; prompts and padding need none). The three passes put
+        # the same rows through the head in the same shape, so an exact adapter still matches the hook to float noise.
         if first is None:
-            base_logits = model(input_ids=ids, attention_mask=mask).logits
+            base_logits = passes.logits_at(model, keep, input_ids=ids, attention_mask=mask)
         else:
             with recording_block_calls(model, first) as calls:
-                base_logits = model(input_ids=ids, attention_mask=mask).logits
-        # Only measured tokens from here on: vocabulary-wide work on padding was a tenth of verify's time.
-        base = F.log_softmax(base_logits[keep].float(), -1)
+                base_logits = passes.logits_at(model, keep, input_ids=ids, attention_mask=mask)
+        base = F.log_softmax(base_logits.float(), -1)
         fit_state["mask"] = mask.bool()  # the fit: every real token, on the hook-steered pass only
         fit_state["base_mask"] = torch.zeros_like(keep)
         with reference(model, vector, record):
             hook_logits = (
-                model(input_ids=ids, attention_mask=mask).logits if first is None else forward_from(model, first, calls)
+                passes.logits_at(model, keep, input_ids=ids, attention_mask=mask)
+                if first is None
+                else passes.replayed_logits_at(model, first, calls, keep)
             )
-        hook = F.log_softmax(hook_logits[keep].float(), -1)
+        hook = F.log_softmax(hook_logits.float(), -1)
         fit_state["mask"] = torch.zeros_like(keep)
         adapt_logits = (
-            adapted(input_ids=ids, attention_mask=mask).logits
+            passes.logits_at(adapted, keep, input_ids=ids, attention_mask=mask)
             if first is None
-            else forward_from(cast(PeftModel, adapted).get_base_model(), first, calls)
+            else passes.replayed_logits_at(cast(PeftModel, adapted).get_base_model(), first, calls, keep)
         )
-        yield batch, keep, (base, hook, F.log_softmax(adapt_logits[keep].float(), -1))
+        yield batch, keep, (base, hook, F.log_softmax(adapt_logits.float(), -1))
 
 
 def _report(

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from steer_core import corpus
 from steer_core.activations import BlockCall, forward_until, recording, recording_block_calls, run_blocks
 from steer_core.constants import DEFAULT_MAX_DOC_TOKENS
+from steer_core.fit import passes
 from steer_core.fit.position0 import InputFit
 from steer_core.sites import HookPoint, architecture_for, num_layers
 from steer_core.steer import steering
@@ -108,7 +109,14 @@ def mean_responses(
         keep[:, 0] = False  # position 0 is a sink with massive norms; B is one vector for the rest
         outs: dict[float, Tensor] = {}
         calls: list[BlockCall] = []
+        # The unsteered pass (and the blocks before the steering) is the same for every cell of a map at this layer.
+        text = (module, layer, first, replay, *passes.text_key(model, ids, mask))
+        unsteered = passes.recall("responses", text) if 0.0 in already else None
+        if unsteered is not None:
+            outs[0.0], calls = unsteered
         for share in (*already, 1.0):
+            if share in outs:
+                continue
             got: list[Tensor] = []
             with (
                 recording(model, [module], lambda _n, y: got.append(y), what="output"),  # noqa: B023 (used at once)
@@ -121,6 +129,8 @@ def mean_responses(
                         forward_until(model, layer, input_ids=ids, attention_mask=mask)
                     calls = (recorded or [])[: layer - first + 1]
             outs[share] = got[0][keep].double().cpu()
+            if share == 0.0:
+                passes.keep("responses", text, (outs[0.0], calls))
         for s in already:
             total[s] += (outs[1.0] - outs[s]).sum(0)
         n += len(outs[1.0])

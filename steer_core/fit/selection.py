@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steer_core import corpus
-from steer_core.activations import forward_from, recording_block_calls
+from steer_core.activations import recording_block_calls
 from steer_core.divergence import kl_per_token
+from steer_core.fit import passes
 from steer_core.fit.position0 import choose_first_weight
 from steer_core.steer import lowrank_updates, steering
 from steer_core.vectors.vector import SteeringVector
@@ -116,6 +117,9 @@ def _mean_kl(
 ) -> dict[K, float]:
     device = next(model.parameters()).device
     replay = not skip_bos and first_layer > 0
+    # The blocks before the first adapted one are the same for the hook and every candidate, and (where the steering
+    # changes nothing before it either) for every cell of a map at this layer: passes.shared_across_cells.
+    shared = replay and vector.first_block >= first_layer
     total = dict.fromkeys(candidates, 0.0)
     n = 0
     with torch.no_grad():
@@ -124,18 +128,27 @@ def _mean_kl(
             keep = positions(batch).to(device)
             if not keep.any():
                 continue
-            with steering(model, vector, skip_bos=skip_bos), recording_block_calls(model, first_layer) as calls:
-                hook = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[keep].float(), -1)
+            text = (first_layer, *passes.text_key(model, ids, mask))
+            calls = passes.recall("prefixes", text) if shared else None
+            with steering(model, vector, skip_bos=skip_bos):
+                if calls is not None:
+                    hook_logits = passes.replayed_logits_at(model, first_layer, calls, keep)
+                else:
+                    with recording_block_calls(model, first_layer) as calls:
+                        hook_logits = passes.logits_at(model, keep, input_ids=ids, attention_mask=mask)
+                    if shared:
+                        passes.keep("prefixes", text, passes.first_input_only(calls))
+            hook = F.log_softmax(hook_logits.float(), -1)
             hook_p = hook.exp()
             for key, params in candidates.items():
                 on_device = {m: (a.to(device), b.to(device)) for m, (a, b) in params.items()}
                 with lowrank_updates(model, on_device):
                     logits = (
-                        forward_from(model, first_layer, calls)
+                        passes.replayed_logits_at(model, first_layer, calls, keep)
                         if replay
-                        else model(input_ids=ids, attention_mask=mask).logits
+                        else passes.logits_at(model, keep, input_ids=ids, attention_mask=mask)
                     )
-                adapted = F.log_softmax(logits[keep].float(), -1)
+                adapted = F.log_softmax(logits.float(), -1)
                 total[key] += float(kl_per_token(hook, adapted, hook_p).sum())
             n += int(keep.sum())
     return {k: t / max(n, 1) for k, t in total.items()}

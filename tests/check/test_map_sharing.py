@@ -119,3 +119,32 @@ def test_one_pass_keeps_each_sites_statistics_as_its_own_pass_makes_them(family:
             for mine, theirs in ((body, kept[name][0]), (head, kept[name][1])):
                 assert torch.equal(mine.xtx, theirs.xtx) and torch.equal(mine.xty, theirs.xty) and mine.n == theirs.n
         assert all(torch.equal(a, b) for n in sampled for a, b in zip(sampled[n], kept_sampled[n], strict=True))
+
+
+def test_a_strength_maps_cells_share_their_layers_prefixes_and_predict_each_cell_as_alone() -> None:
+    """The cells of a strength map steer one layer: the blocks before it on the held-in and unseen text, and the
+    next writer's unsteered response pass, run once (passes.shared_across_cells)."""
+    from steer_core.check.servability import STRENGTH_FACTORS
+    from steer_core.fit import passes
+
+    lm = tiny_lm("llama")
+    vector = SteeringVector(
+        {HookPoint(1, "resid_post"): torch.randn(D_MODEL, generator=torch.Generator().manual_seed(5))}
+    )
+    kept: list[str] = []
+    original = passes.keep
+
+    def counted(saving: str, key: tuple, value: object) -> None:
+        kept.append(saving)
+        original(saving, key, value)
+
+    recipe = VectorRecipe("sae", (1.0,), "abs", features=(0,))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(passes, "keep", counted)
+        result = servability_map(lm, recipe, calibration_tokens=512, eval_tokens=512, build=lambda _r: vector)
+    assert {"prefixes", "responses"} <= set(kept)
+    for cell, f in zip(result.cells, STRENGTH_FACTORS, strict=True):
+        forget_statistics(lm.model)
+        own = predict(lm, vector.scaled(f), 1, f, 512, 512)
+        assert cell.top1 == pytest.approx(own.top1, abs=1 / own.tokens) and cell.tokens == own.tokens
+        assert cell.kl_ratio == pytest.approx(own.kl_ratio, rel=1e-3)

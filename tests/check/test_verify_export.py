@@ -241,3 +241,24 @@ def test_export_refuses_a_calibration_of_other_sites(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="got mode 'exact'"):
         export(lm, _vec(), tmp_path / "b", calibration=cal, mode="exact")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_verify_with_the_head_at_measured_tokens_only_equals_the_full_head(
+    tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LM head applied to the measured rows alone computes the same rows in a product of another shape: logits
+    equal up to the order of float sums (~1e-6), so a top-1 can flip only where the hook's two best tokens are that
+    close; at most one such token is allowed, and KL within 1e-3 (relative)."""
+    from steer_core.fit import passes
+
+    lm = tiny_lm(family)
+    folder = export(lm, _vec(), tmp_path / "a", calibration_tokens=1024, verify_tokens=256).folder
+    at_measured = verify(lm.model, lm.tokenizer, folder, tokens=256, greedy_prompts=0)
+    monkeypatch.setattr(passes, "SAVINGS", passes.SAVINGS - {"head"})
+    full = verify(lm.model, lm.tokenizer, folder, tokens=256, greedy_prompts=0)
+    assert at_measured.tokens == full.tokens
+    assert at_measured.top1_agreement == pytest.approx(full.top1_agreement, abs=1 / full.tokens)
+    assert at_measured.kl_hook_adapter == pytest.approx(full.kl_hook_adapter, rel=1e-3, abs=1e-7)
+    assert at_measured.kl_hook_base == pytest.approx(full.kl_hook_base, rel=1e-3)
+    assert at_measured.max_abs_logit_diff == pytest.approx(full.max_abs_logit_diff, rel=1e-3, abs=1e-5)
