@@ -104,6 +104,7 @@ def main() -> None:
                 0,
                 0,
                 "",
+                1,
                 *SteeringForm(CONTRASTIVE, positive=many, negative="I hate it").values(),
                 api_name="/preview",
             )

@@ -113,9 +113,9 @@ def test_the_app_names_the_limit_too() -> None:
     contrastive = ["Contrastive prompts", "", "", "", 1.0, "× residual norm", "I love it\nso good",
                    "I hate it\nso bad", 1, "resid_post", None]  # fmt: skip
     with pytest.raises(gr.Error, match="context of 512 tokens"):  # within the server's prompt limit, past the model's
-        list(app.preview("tiny", "hello " * 100, 8, 0, 0, "", *contrastive))
+        list(app.preview("tiny", "hello " * 100, 8, 0, 0, "", 1, *contrastive))
     with pytest.raises(gr.Error, match="max new tokens must be between 1 and 256 on this server, got 5000"):
-        list(app.preview("tiny", "hello", 5000, 0, 0, "", *contrastive))
+        list(app.preview("tiny", "hello", 5000, 0, 0, "", 1, *contrastive))
 
 
 def test_a_full_disk_leaves_nothing_under_out(folders: tuple[Path, Path], tmp_path: Path, monkeypatch, capsys) -> None:
