@@ -182,8 +182,9 @@ def test_a_copied_link_opens_the_same_state_and_the_same_greedy_preview(served: 
             on.get_by_role("button", name="Generate").click()
             on.wait_for_function("document.querySelector('#out-steered textarea').value.length > 0")
             expect(on.locator("#steer-info")).to_contain_text("vector norm")
-            on.wait_for_function("!document.querySelector('#out-steered').closest('.pending')", timeout=120_000)
-            time.sleep(2)  # the stream's last chunk
+            # Gradio marks an output block `generating` (or `pending`) until its event's stream has ended
+            busy = "#out-steered.generating, #out-steered .generating, #out-steered.pending, #out-steered .pending"
+            on.wait_for_function(f"!document.querySelector('{busy}')", timeout=120_000)
             return on.locator("#out-base textarea").input_value(), on.locator("#out-steered textarea").input_value()
 
         before = columns(page)
